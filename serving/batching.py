@@ -1,0 +1,610 @@
+"""Server-side dynamic batching: many small requests in, one model run per batch.
+
+One ``Batcher`` serves one (model, version, signature). Callers block in
+``submit`` while their rows ride in a batch with other callers' rows; the batch
+runs once, and each caller gets back exactly its own rows.
+
+Semantics follow TF Serving's ``SharedBatchScheduler`` / ``BatchingSession``:
+
+- The queue holds *batches*, at most ``max_enqueued_batches`` of them (a batch a
+  thread has taken no longer counts). A request that needs a new batch when the
+  queue is full fails at once with ``Unavailable`` (``retry_after`` = 1 s).
+- The batch at the tail is open: a request joins it while its rows fit, else the
+  batch closes and a new one opens. A thread runs the head batch as soon as it is
+  closed or full, or ``batch_timeout_micros`` after its first request arrived
+  (with the default timeout 0, whatever is queued runs as soon as a thread is
+  free, so batches grow only under load).
+- Each input is concatenated along dimension 0; the batch is padded up to the
+  next ``allowed_batch_sizes`` entry by repeating its first row; padding rows are
+  never returned. Every output must have the padded batch size as dimension 0,
+  else the whole batch fails with ``Internal``.
+- A request larger than ``max_batch_size`` is ``InvalidArgument`` unless
+  ``enable_large_batch_splitting`` is on; then any request is split into parts
+  that fill the open batch's room first and then whole batches of
+  ``max_execution_batch_size`` rows, and its outputs are reassembled in order.
+- A request whose deadline (``time.monotonic()``) passes while queued is never
+  run: it gets ``DeadlineExceeded``, at its deadline. A request already running
+  at its deadline also gets ``DeadlineExceeded`` at its deadline (its rows'
+  results are discarded).
+- Requests whose inputs differ in dtype or in non-batch dimensions never share
+  a batch: the open batch closes and the request starts a new one. With
+  ``pad_variable_length_inputs`` they may share one when only the sizes of
+  non-batch dimensions differ: each input is padded at the end of every such
+  dimension to the largest size in the batch, with that request's first
+  element (as TF Serving does); outputs are returned as the model produced them.
+- An error raised by the run function reaches every request of that batch and
+  no other; a non-``ServingError`` becomes ``Internal``.
+
+A request with zero rows runs directly on the caller's thread (nothing to batch).
+"""
+
+from __future__ import annotations
+
+import bisect
+import copy
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Protocol
+
+import numpy as np
+
+from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+RunFunction = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+
+# Retry-After for a full queue: one second is the smallest value HTTP can state
+# and is long enough for a few batches to drain at any realistic batch latency.
+QUEUE_FULL_RETRY_AFTER_S = 1.0
+
+
+def _default_threads() -> int:
+    # TF Serving defaults to port::MaxParallelism(): the CPUs this process may use.
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """TF Serving's ``BatchingParameters``, with TF Serving's defaults.
+
+    ``max_execution_batch_size`` (None: ``max_batch_size``) caps the rows of one
+    run when large-batch splitting is on; it is ignored otherwise. Invalid values
+    raise ``ValueError`` naming the field.
+    """
+
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = field(default_factory=_default_threads)
+    thread_pool_name: str = "batch_threads"
+    allowed_batch_sizes: tuple[int, ...] = ()
+    enable_large_batch_splitting: bool = False
+    max_execution_batch_size: int | None = None
+    pad_variable_length_inputs: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_batch_sizes", tuple(int(s) for s in self.allowed_batch_sizes))
+        for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_timeout_micros < 0:
+            raise ValueError(f"batch_timeout_micros must not be negative, got {self.batch_timeout_micros}")
+        sizes = self.allowed_batch_sizes
+        if sizes:
+            if sizes[0] < 1:
+                raise ValueError(f"allowed_batch_sizes must be positive, got {list(sizes)}")
+            if any(b <= a for a, b in zip(sizes, sizes[1:])):
+                raise ValueError(f"allowed_batch_sizes must be strictly increasing, got {list(sizes)}")
+            if sizes[-1] != self.max_batch_size:
+                raise ValueError(
+                    f"allowed_batch_sizes must end with max_batch_size ({self.max_batch_size}), got {list(sizes)}"
+                )
+        mx = self.max_execution_batch_size
+        if mx is not None and not 1 <= mx <= self.max_batch_size:
+            raise ValueError(f"max_execution_batch_size must be in 1..max_batch_size ({self.max_batch_size}), got {mx}")
+
+    @property
+    def execution_batch_size(self) -> int:
+        """The most rows one run takes: ``max_execution_batch_size`` when splitting, else ``max_batch_size``."""
+        if self.enable_large_batch_splitting and self.max_execution_batch_size is not None:
+            return self.max_execution_batch_size
+        return self.max_batch_size
+
+
+def batching_config_from_proto(msg) -> BatchingConfig:
+    """A ``BatchingConfig`` from a ``BatchingParameters`` message; unset fields keep the defaults."""
+    kwargs: dict = {}
+    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
+                 "max_execution_batch_size"):
+        if msg.HasField(name):
+            kwargs[name] = int(getattr(msg, name).value)
+    if msg.HasField("thread_pool_name"):
+        kwargs["thread_pool_name"] = msg.thread_pool_name.value
+    if msg.HasField("enable_large_batch_splitting"):
+        kwargs["enable_large_batch_splitting"] = bool(msg.enable_large_batch_splitting.value)
+    kwargs["allowed_batch_sizes"] = tuple(msg.allowed_batch_sizes)
+    kwargs["pad_variable_length_inputs"] = bool(msg.pad_variable_length_inputs)
+    return BatchingConfig(**kwargs)
+
+
+def parse_batching_parameters(text: str) -> BatchingConfig:
+    """Parse TF Serving's ``BatchingParameters`` text format (``--batching_parameters_file``).
+
+    Raises ``ValueError`` naming the field for unknown fields, bad syntax or
+    invalid values.
+    """
+    from google.protobuf import text_format
+
+    from serving.protos.graft import batching_pb2
+
+    msg = batching_pb2.BatchingParameters()
+    try:
+        text_format.Parse(text, msg)
+    except text_format.ParseError as err:
+        raise ValueError(f"invalid batching parameters: {err}") from None
+    return batching_config_from_proto(msg)
+
+
+def read_batching_parameters_file(path: str | os.PathLike) -> BatchingConfig:
+    """Read and parse a ``BatchingParameters`` text file; ``ValueError`` names the file on failure."""
+    text = Path(path).read_text()
+    try:
+        return parse_batching_parameters(text)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+class BatchObserver(Protocol):
+    """What a ``Batcher`` reports, so metrics can watch it without the batcher importing them."""
+
+    def on_batch(self, size: int, padded_size: int, queue_delays: list[float], run_seconds: float) -> None:
+        """One batch ran: real rows, rows after padding, each part's seconds in queue, the run's seconds."""
+
+    def on_queue_depth(self, depth: int) -> None:
+        """The number of rows now waiting in the queue (not yet taken by a thread)."""
+
+
+_QUEUED, _TAKEN, _CANCELLED = 0, 1, 2
+_QUEUED_DEADLINE_MESSAGE = "deadline exceeded while the request waited in the batch queue"
+
+
+class _Request:
+    """What one ``submit`` call waits on; completed once, by whoever finishes it."""
+
+    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished")
+
+    def __init__(self) -> None:
+        self.done = threading.Lock()
+        # Held until the result is in: the waiter blocks on a second acquire.
+        self.done.acquire()
+        self.outputs: dict[str, np.ndarray] | None = None
+        self.error: BaseException | None = None
+        self.tasks: list[_Task] = []
+        self.remaining = 0
+        self.parts: list | None = None
+        self.mutex: threading.Lock | None = None
+        self.finished = False
+
+
+class _Task:
+    """One queued unit: a whole request, or one part of a split one."""
+
+    __slots__ = ("request", "index", "inputs", "rows", "key", "deadline", "enqueued", "state", "batch")
+
+    def __init__(self, request, index, inputs, rows, key, deadline, enqueued) -> None:
+        self.request = request
+        self.index = index
+        self.inputs = inputs
+        self.rows = rows
+        self.key = key
+        self.deadline = deadline
+        self.enqueued = enqueued
+        self.state = _QUEUED
+        self.batch: _Batch | None = None
+
+
+class _Batch:
+    __slots__ = ("tasks", "rows", "key", "created", "open")
+
+    def __init__(self, key, created) -> None:
+        self.tasks: list[_Task] = []
+        self.rows = 0
+        self.key = key
+        self.created = created
+        self.open = True
+
+
+class Batcher:
+    """Dynamic batcher for one servable signature (see the module docstring for the semantics).
+
+    ``run`` takes a dict of batched numpy inputs and returns a dict of outputs
+    whose dimension 0 is the batch size. It is called from this batcher's
+    ``config.num_batch_threads`` threads, at most that many at once.
+    """
+
+    def __init__(self, run: RunFunction, config: BatchingConfig, *,
+                 observer: BatchObserver | None = None, name: str = "") -> None:
+        self._run = run
+        self.config = config
+        self.name = name
+        self._observer = observer
+        self._cap = config.execution_batch_size
+        self._allowed = list(config.allowed_batch_sizes)
+        self._timeout_s = config.batch_timeout_micros / 1e6
+        self._pad_var = config.pad_variable_length_inputs
+        self._cond = threading.Condition(threading.Lock())
+        self._batches: deque[_Batch] = deque()
+        self._queued_rows = 0
+        self._closing = False
+        label = f"{config.thread_pool_name}-{name}" if name else config.thread_pool_name
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"{label}-{i}", daemon=True)
+            for i in range(config.num_batch_threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- caller side -------------------------------------------------------
+
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Run ``inputs`` in a batch; block until this request's own output rows are back.
+
+        Raises ``Unavailable`` (queue full, ``retry_after`` set; or closed),
+        ``DeadlineExceeded`` (``deadline``, a ``time.monotonic()`` value, passed
+        first), ``InvalidArgument`` (inputs that cannot be batched, or too many
+        rows with splitting off), or the error the batch's run raised.
+        """
+        rows, key = self._check(inputs)
+        if rows == 0:
+            return dict(self._run(dict(inputs)))
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded("deadline exceeded before the request was queued")
+        request = _Request()
+        with self._cond:
+            if self._closing:
+                raise Unavailable(f"the batcher{' of ' + self.name if self.name else ''} is closed")
+            tasks = self._plan(request, inputs, rows, key, deadline, now)
+            self._enqueue(tasks)
+            self._queued_rows += rows
+            depth = self._queued_rows
+            self._cond.notify()
+        self._report_depth(depth)
+        return self._wait(request, deadline)
+
+    def _check(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
+        if not inputs:
+            raise InvalidArgument("a batched request needs at least one input")
+        rows = None
+        first = None
+        for name, arr in inputs.items():
+            if not isinstance(arr, np.ndarray):
+                raise InvalidArgument(f"input '{name}' is not an array")
+            if arr.ndim == 0:
+                raise InvalidArgument(f"input '{name}' is a scalar: batching needs a batch dimension (dimension 0)")
+            if rows is None:
+                rows, first = arr.shape[0], name
+            elif arr.shape[0] != rows:
+                raise InvalidArgument(
+                    f"inputs disagree on batch size (dimension 0): "
+                    f"'{first}' has {rows} rows, '{name}' has {arr.shape[0]}"
+                )
+        cfg = self.config
+        if not cfg.enable_large_batch_splitting:
+            if rows > cfg.max_batch_size:
+                raise InvalidArgument(
+                    f"request has {rows} rows, more than max_batch_size ({cfg.max_batch_size}); "
+                    "send smaller requests or enable enable_large_batch_splitting"
+                )
+        elif rows > self._cap * cfg.max_enqueued_batches:
+            raise InvalidArgument(
+                f"request has {rows} rows, more than the queue can ever hold "
+                f"(max_enqueued_batches {cfg.max_enqueued_batches} x batches of {self._cap} rows)"
+            )
+        if self._pad_var:
+            key = tuple((n, a.dtype, a.ndim) for n, a in sorted(inputs.items()))
+        else:
+            key = tuple((n, a.dtype, a.shape[1:]) for n, a in sorted(inputs.items()))
+        return rows, key
+
+    def _open_room(self, key) -> int:
+        """Rows the open tail batch can still take for a request with ``key`` (0: none open or incompatible)."""
+        if self._batches:
+            tail = self._batches[-1]
+            if tail.open and tail.key == key:
+                return self._cap - tail.rows
+        return 0
+
+    def _plan(self, request, inputs, rows, key, deadline, now) -> list[_Task]:
+        """Cut the request into tasks and check the queue has room for them (under the lock)."""
+        room = self._open_room(key)
+        if rows <= room:
+            sizes, new_batches = [rows], 0
+        elif not self.config.enable_large_batch_splitting or (room == 0 and rows <= self._cap):
+            sizes, new_batches = [rows], 1
+        else:
+            # Fill the open batch's room first, as TF Serving's splitting does.
+            sizes = [room] if room else []
+            left = rows - room
+            new_batches = math.ceil(left / self._cap)
+            sizes += [self._cap] * (left // self._cap)
+            if left % self._cap:
+                sizes.append(left % self._cap)
+        if new_batches and len(self._batches) + new_batches > self.config.max_enqueued_batches:
+            raise Unavailable(
+                f"batch queue{' of ' + self.name if self.name else ''} is full "
+                f"(max_enqueued_batches={self.config.max_enqueued_batches}); retry later",
+                retry_after=QUEUE_FULL_RETRY_AFTER_S,
+            )
+        if len(sizes) == 1:
+            tasks = [_Task(request, 0, inputs, rows, key, deadline, now)]
+        else:
+            tasks = []
+            start = 0
+            for i, size in enumerate(sizes):
+                part = {n: a[start:start + size] for n, a in inputs.items()}
+                tasks.append(_Task(request, i, part, size, key, deadline, now))
+                start += size
+            request.parts = [None] * len(tasks)
+            request.mutex = threading.Lock()
+        request.tasks = tasks
+        request.remaining = len(tasks)
+        return tasks
+
+    def _enqueue(self, tasks: list[_Task]) -> None:
+        batches = self._batches
+        cap = self._cap
+        for task in tasks:
+            tail = batches[-1] if batches else None
+            if tail is None or not tail.open or tail.key != task.key or tail.rows + task.rows > cap:
+                if tail is not None:
+                    tail.open = False
+                tail = _Batch(task.key, task.enqueued)
+                batches.append(tail)
+            tail.tasks.append(task)
+            tail.rows += task.rows
+            task.batch = tail
+            if tail.rows >= cap:
+                tail.open = False
+
+    def _wait(self, request: _Request, deadline: float | None) -> dict[str, np.ndarray]:
+        if deadline is None:
+            request.done.acquire()
+        elif not request.done.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            with self._cond:
+                finished = request.done.acquire(blocking=False)
+                if not finished:
+                    request.finished = True
+                    depth = self._cancel(request)
+            if not finished:
+                self._report_depth(depth)
+                raise DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE)
+        if request.error is not None:
+            raise request.error
+        return request.outputs
+
+    def _cancel(self, request: _Request) -> int:
+        """Withdraw the request's still-queued tasks (under the lock); return the new depth."""
+        for task in request.tasks:
+            if task.state == _QUEUED:
+                task.state = _CANCELLED
+                task.batch.rows -= task.rows
+                self._queued_rows -= task.rows
+        return self._queued_rows
+
+    def queue_depth(self) -> int:
+        """Rows waiting in the queue, not yet taken by a batch thread."""
+        with self._cond:
+            return self._queued_rows
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests, then stop the threads.
+
+        ``drain=True`` runs everything already queued first (without waiting for
+        batch timeouts); ``drain=False`` fails queued requests with
+        ``Unavailable``. Batches already running always finish. Waits up to
+        ``timeout`` seconds (None: no limit) for the threads to end.
+        """
+        dropped: list[_Task] = []
+        with self._cond:
+            self._closing = True
+            if not drain:
+                while self._batches:
+                    for task in self._batches.popleft().tasks:
+                        if task.state == _QUEUED:
+                            task.state = _TAKEN
+                            dropped.append(task)
+                self._queued_rows = 0
+            self._cond.notify_all()
+        for task in dropped:
+            self._finish(task, None, Unavailable("the batcher was closed before this request ran"))
+        current = threading.current_thread()
+        end = None if timeout is None else time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not current:
+                thread.join(None if end is None else max(0.0, end - time.monotonic()))
+        if drain:
+            self._report_depth(0)
+
+    # -- batch threads -------------------------------------------------------
+
+    def _take(self) -> tuple[list[_Task], list[_Task], int, float] | None:
+        """Block until a batch is due; pop it (None: closed and empty)."""
+        cond = self._cond
+        timeout_s = self._timeout_s
+        with cond:
+            while True:
+                batches = self._batches
+                if batches:
+                    head = batches[0]
+                    if head.rows == 0:
+                        batches.popleft()
+                        continue
+                    if head.open and not self._closing and timeout_s > 0:
+                        wait = head.created + timeout_s - time.monotonic()
+                        if wait > 0:
+                            cond.wait(wait)
+                            continue
+                    break
+                if self._closing:
+                    return None
+                cond.wait()
+            batch = batches.popleft()
+            batch.open = False
+            now = time.monotonic()
+            live: list[_Task] = []
+            expired: list[_Task] = []
+            for task in batch.tasks:
+                if task.state != _QUEUED:
+                    continue
+                task.state = _TAKEN
+                if task.deadline is not None and task.deadline <= now:
+                    expired.append(task)
+                else:
+                    live.append(task)
+            self._queued_rows -= batch.rows
+            depth = self._queued_rows
+            if batches:
+                cond.notify()
+        return live, expired, depth, now
+
+    def _worker(self) -> None:
+        while True:
+            taken = self._take()
+            if taken is None:
+                return
+            live, expired, depth, started = taken
+            self._report_depth(depth)
+            for task in expired:
+                self._finish(task, None, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
+            if live:
+                try:
+                    self._run_batch(live, started)
+                except BaseException as err:  # never leave a caller hanging on a bug here
+                    log.exception("batcher %s: batch failed unexpectedly", self.name)
+                    for task in live:
+                        self._finish(task, None, Internal(f"batching failed: {err!r}"))
+
+    def _padded_size(self, rows: int) -> int:
+        if not self._allowed:
+            return rows
+        return self._allowed[bisect.bisect_left(self._allowed, rows)]
+
+    def _merge(self, tasks: list[_Task], rows: int, target: int) -> dict[str, np.ndarray]:
+        first = tasks[0].inputs
+        if len(tasks) == 1 and target == rows:
+            return dict(first)
+        merged = {}
+        for name, head in first.items():
+            if self._pad_var:
+                trailing = tuple(max(t.inputs[name].shape[d] for t in tasks) for d in range(1, head.ndim))
+            else:
+                trailing = head.shape[1:]
+            out = np.empty((target, *trailing), dtype=head.dtype)
+            pos = 0
+            for task in tasks:
+                arr = task.inputs[name]
+                end = pos + task.rows
+                if arr.shape[1:] == trailing:
+                    out[pos:end] = arr
+                else:
+                    # TF Serving pads with the tensor's own first element.
+                    out[pos:end] = arr.flat[0] if arr.size else 0
+                    out[(slice(pos, end), *(slice(0, s) for s in arr.shape[1:]))] = arr
+                pos = end
+            if target > rows:
+                out[rows:] = out[0]
+            merged[name] = out
+        return merged
+
+    def _run_batch(self, tasks: list[_Task], started: float) -> None:
+        rows = sum(t.rows for t in tasks)
+        target = self._padded_size(rows)
+        error: BaseException | None = None
+        outputs = None
+        run_seconds = None
+        try:
+            inputs = self._merge(tasks, rows, target)
+            t0 = time.perf_counter()
+            try:
+                outputs = self._run(inputs)
+            finally:
+                run_seconds = time.perf_counter() - t0
+            if not isinstance(outputs, Mapping):
+                raise Internal(f"model run returned {type(outputs).__name__}, not a mapping of outputs")
+            for name, value in outputs.items():
+                if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != target:
+                    shape = getattr(value, "shape", None)
+                    raise Internal(
+                        f"output '{name}' has shape {shape}, but its dimension 0 must be the batch size "
+                        f"{target}; this signature cannot be batched (serve it with batching off)"
+                    )
+        except ServingError as err:
+            error = err
+        except Exception as err:
+            error = Internal(f"model run failed: {err}")
+        if error is not None:
+            for task in tasks:
+                # Each caller raises its own copy: one instance raised in many threads would share a traceback.
+                self._finish(task, None, copy.copy(error))
+        else:
+            pos = 0
+            for task in tasks:
+                end = pos + task.rows
+                self._finish(task, {n: v[pos:end] for n, v in outputs.items()}, None)
+                pos = end
+        if run_seconds is not None and self._observer is not None:
+            try:
+                self._observer.on_batch(rows, target, [started - t.enqueued for t in tasks], run_seconds)
+            except Exception:
+                log.exception("batcher %s: observer failed", self.name)
+
+    def _finish(self, task: _Task, outputs, error) -> None:
+        """Hand one task's result to its request; complete the request when it is whole."""
+        request = task.request
+        if request.mutex is None:
+            if request.finished:
+                return
+            request.finished = True
+            request.outputs, request.error = outputs, error
+            request.done.release()
+            return
+        with request.mutex:
+            if request.finished:
+                return
+            if error is None:
+                request.parts[task.index] = outputs
+                request.remaining -= 1
+                if request.remaining:
+                    return
+            request.finished = True
+        if error is None:
+            try:
+                parts = request.parts
+                request.outputs = {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
+            except ValueError as err:
+                error = Internal(f"parts of a split request came back with different output shapes: {err}")
+        else:
+            # The request failed: its other queued parts need not run.
+            with self._cond:
+                depth = self._cancel(request)
+            self._report_depth(depth)
+        request.error = error
+        request.done.release()
+
+    def _report_depth(self, depth: int) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.on_queue_depth(depth)
+            except Exception:
+                log.exception("batcher %s: observer failed", self.name)

@@ -1,0 +1,8 @@
+"""Python modules generated from the ``.proto`` files under ``protos/``.
+
+``serving.protos.graft.batching_pb2`` (BatchingParameters) and
+``serving.protos.graft.ssl_config_pb2`` (SSLConfig) mirror TF Serving's config
+messages field for field, so users' text files parse unchanged. Regenerate with
+``python -m serving.protos.generate`` (``make protos``); never edit the
+generated modules by hand.
+"""

@@ -1,0 +1,1 @@
+"""Generated from protos/graft/ by serving.protos.generate; do not edit."""
