@@ -1,0 +1,179 @@
+"""One model's directory on disk: its versions, which are complete, which to serve, labels.
+
+Layout: ``<base_path>/<version>/saved_model.pb`` with integer version names, plus
+an optional ``<base_path>/labels.json`` (``{"stable": 3, "canary": 4}``). Hidden
+and non-integer entries are ignored (writers stage versions in hidden temp dirs).
+
+Completeness: a version directory is loadable only once two consecutive scans see
+the same (relative file list, sizes, mtimes). A new version is therefore seen on
+one scan and becomes loadable on the next one that finds it unchanged, so a copy
+made by a tool that does not rename atomically is never loaded half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from serving.config import VersionPolicy
+
+log = logging.getLogger(__name__)
+
+SAVED_MODEL_FILE = "saved_model.pb"
+LABELS_FILE = "labels.json"
+
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+@dataclass(frozen=True)
+class Scan:
+    """The result of one scan: complete versions (-> their dirs) and those still settling."""
+
+    versions: Mapping[int, str] = field(default_factory=dict)
+    pending: frozenset[int] = frozenset()
+
+
+def list_version_dirs(base_path: str | os.PathLike) -> dict[int, str]:
+    """Integer-named subdirectories of ``base_path`` holding ``saved_model.pb``, by version.
+
+    Raises OSError when ``base_path`` cannot be listed.
+    """
+    base = os.fspath(base_path)
+    entries = list(os.scandir(base))
+    found: dict[int, str] = {}
+    for entry in sorted(entries, key=lambda e: e.name):
+        name = entry.name
+        if name.startswith(".") or not (name.isascii() and name.isdigit()):
+            continue
+        try:
+            if not entry.is_dir() or not os.path.isfile(os.path.join(entry.path, SAVED_MODEL_FILE)):
+                continue
+        except OSError:
+            continue
+        version = int(name)
+        if version in found:
+            log.warning("ignoring %s: version %d already found at %s", entry.path, version, found[version])
+            continue
+        found[version] = entry.path
+    return found
+
+
+def fingerprint(path: str | os.PathLike) -> Fingerprint:
+    """(relative path, size, mtime_ns) of every file under ``path``, sorted."""
+    root = os.fspath(path)
+    items: list[tuple[str, int, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for filename in filenames:
+            full = os.path.join(dirpath, filename)
+            stat = os.stat(full)
+            items.append((os.path.relpath(full, root), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(items))
+
+
+def select_versions(policy: VersionPolicy, versions: Iterable[int]) -> set[int]:
+    """The versions ``policy`` wants served, out of the complete ones available."""
+    available = set(versions)
+    if policy.kind == "all":
+        return available
+    if policy.kind == "specific":
+        return available & set(policy.versions)
+    return set(sorted(available, reverse=True)[: policy.num_versions])
+
+
+def parse_labels(text: str) -> dict[str, int]:
+    """Parse ``labels.json``: an object of non-empty label names to non-negative int versions."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{LABELS_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{LABELS_FILE} must be a JSON object of label -> version")
+    labels: dict[str, int] = {}
+    for label, version in data.items():
+        if not label:
+            raise ValueError(f"{LABELS_FILE} has an empty label name")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"{LABELS_FILE}: label {label!r} must map to a version number, not {version!r}")
+        labels[label] = version
+    return labels
+
+
+def read_labels(base_path: str | os.PathLike) -> dict[str, int] | None:
+    """The labels in ``<base_path>/labels.json``; None when there is no such file.
+
+    Raises ValueError when the file exists but is unreadable or malformed.
+    """
+    path = os.path.join(os.fspath(base_path), LABELS_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    return parse_labels(text)
+
+
+class Repository:
+    """Scans one model's base path, remembering fingerprints between scans.
+
+    Not thread-safe: one poller calls :meth:`scan` at a time.
+    """
+
+    def __init__(self, base_path: str | os.PathLike):
+        self.base_path = os.fspath(base_path)
+        self._seen: dict[int, tuple[str, Fingerprint]] = {}
+        self._complete: dict[int, str] = {}
+        self._list_error = ""
+
+    def scan(self) -> Scan:
+        """List versions; return those found complete and those still settling.
+
+        A missing or unreadable base path has no versions (logged once per change),
+        not an error: the model has nothing to serve until versions appear.
+        """
+        try:
+            listed = list_version_dirs(self.base_path)
+            error = ""
+        except OSError as exc:
+            listed, error = {}, str(exc)
+        if error != self._list_error:
+            if error:
+                log.warning("cannot list model base path %s: %s", self.base_path, error)
+            else:
+                log.info("model base path %s is readable again", self.base_path)
+            self._list_error = error
+        # A version that vanished (or was replaced at another path) starts over.
+        for version in list(self._complete):
+            if listed.get(version) != self._complete[version]:
+                del self._complete[version]
+        for version in list(self._seen):
+            if version not in listed:
+                del self._seen[version]
+        pending: set[int] = set()
+        for version, path in listed.items():
+            if version in self._complete:
+                continue
+            try:
+                current = fingerprint(path)
+            except OSError:
+                # Files moving under us: certainly not complete.
+                self._seen.pop(version, None)
+                pending.add(version)
+                continue
+            previous = self._seen.get(version)
+            if previous == (path, current):
+                self._complete[version] = path
+                del self._seen[version]
+            else:
+                self._seen[version] = (path, current)
+                pending.add(version)
+        return Scan(versions=dict(self._complete), pending=frozenset(pending))
+
+    def read_labels(self) -> dict[str, int] | None:
+        """``labels.json`` of this model (see :func:`read_labels`)."""
+        return read_labels(self.base_path)

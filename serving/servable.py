@@ -1,0 +1,222 @@
+"""One loaded model version: its signatures, their tensor specs, and running them.
+
+Signature defs (with TF Serving method names, which ``tf.saved_model.load`` does not
+expose) are read from ``saved_model.pb``; the callable functions come from
+``tf.saved_model.load``. ``run`` takes numpy arrays that the service has already
+validated and returns numpy arrays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2
+
+from serving.errors import Internal, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+SERVE_TAG = "serve"
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+LINEAGE_FILE = os.path.join("assets.extra", "graft.json")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a signature, keyed by its alias."""
+
+    name: str
+    dtype: np.dtype
+    tf_dtype: tf.DType
+    shape: tuple[int | None, ...] | None
+
+    @classmethod
+    def from_tensor_info(cls, alias: str, info: meta_graph_pb2.TensorInfo) -> "TensorSpec":
+        """Build the spec of ``alias`` from a SignatureDef's TensorInfo."""
+        tf_dtype = tf.as_dtype(info.dtype)
+        if info.tensor_shape.unknown_rank:
+            shape = None
+        else:
+            shape = tuple(d.size if d.size >= 0 else None for d in info.tensor_shape.dim)
+        return cls(alias, np.dtype(tf_dtype.as_numpy_dtype), tf_dtype, shape)
+
+
+@dataclass(frozen=True)
+class SignatureSpec:
+    """A signature's method name and its input and output specs."""
+
+    name: str
+    method_name: str
+    inputs: Mapping[str, TensorSpec]
+    outputs: Mapping[str, TensorSpec]
+
+    @classmethod
+    def from_signature_def(cls, name: str, sig: meta_graph_pb2.SignatureDef) -> "SignatureSpec":
+        """Build a spec from a SignatureDef proto."""
+        inputs = {k: TensorSpec.from_tensor_info(k, v) for k, v in sorted(sig.inputs.items())}
+        outputs = {k: TensorSpec.from_tensor_info(k, v) for k, v in sorted(sig.outputs.items())}
+        return cls(name, sig.method_name, MappingProxyType(inputs), MappingProxyType(outputs))
+
+
+def read_signature_defs(path: str | os.PathLike) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """The SignatureDefs of the ``serve`` meta graph in ``path/saved_model.pb``.
+
+    Internal entries such as ``__saved_model_init_op`` are left out. Raises
+    ``ValueError`` when the file is not a SavedModel or has no ``serve`` graph.
+    """
+    pb_path = os.path.join(os.fspath(path), "saved_model.pb")
+    with open(pb_path, "rb") as f:
+        data = f.read()
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString(data)
+    except Exception as exc:  # protobuf raises DecodeError, or others on truncated data
+        raise ValueError(f"{pb_path} is not a valid SavedModel: {exc}") from exc
+    for meta_graph in saved.meta_graphs:
+        if SERVE_TAG in meta_graph.meta_info_def.tags:
+            return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
+    raise ValueError(f"{pb_path} has no meta graph tagged {SERVE_TAG!r}")
+
+
+class Servable:
+    """One loaded version of a model. Built by :meth:`load`; thread-safe to ``run``."""
+
+    def __init__(self, name: str, version: int, path: str,
+                 signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
+                 loaded, device: str | None = None, lineage: dict | None = None):
+        self.name = name
+        self.version = version
+        self.path = path
+        self.device = device
+        self._signature_defs = dict(signature_defs)
+        self.signatures: Mapping[str, SignatureSpec] = MappingProxyType({
+            k: SignatureSpec.from_signature_def(k, v) for k, v in sorted(self._signature_defs.items())
+        })
+        self._loaded = loaded
+        # Only signatures present in both saved_model.pb and the loaded object can run.
+        self._functions = {k: loaded.signatures[k] for k in self.signatures if k in loaded.signatures}
+        self._lineage = lineage
+
+    @classmethod
+    def load(cls, name: str, version: int, path: str | os.PathLike,
+             device: str | None = None) -> "Servable":
+        """Load the SavedModel at ``path`` (optionally with variables placed on ``device``)."""
+        path = os.fspath(path)
+        signature_defs = read_signature_defs(path)
+        placement = tf.device(device) if device else contextlib.nullcontext()
+        with placement:
+            loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
+        return cls(name, version, path, signature_defs, loaded, device, _read_lineage(path))
+
+    def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one signature on validated numpy inputs; return its outputs as numpy arrays.
+
+        Raises NotFound for an unknown signature, InvalidArgument when the model rejects
+        its input (TF's InvalidArgumentError, e.g. undecodable image bytes or a failed
+        assertion; TF Serving reports these as INVALID_ARGUMENT too), and Internal for any
+        other failure inside the model.
+        """
+        fn = self._functions.get(signature_name)
+        if fn is None:
+            raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
+        specs = self.signatures[signature_name].inputs
+        tensors = {}
+        for key, value in inputs.items():
+            spec = specs.get(key)
+            if spec is None:
+                raise InvalidArgument(f"signature {signature_name!r} has no input {key!r}")
+            try:
+                tensors[key] = _to_tensor(value, spec)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"input {key!r} cannot be converted to {spec.tf_dtype.name}: "
+                                      f"{tf_error_message(exc)}") from exc
+        if len(tensors) != len(specs):
+            missing = sorted(set(specs) - set(tensors))
+            raise InvalidArgument(f"signature {signature_name!r} is missing input(s) {missing}")
+        try:
+            if self.device:
+                with tf.device(self.device):
+                    outputs = fn(**tensors)
+            else:
+                outputs = fn(**tensors)
+            return {k: v.numpy() for k, v in outputs.items()}
+        except tf.errors.InvalidArgumentError as exc:
+            raise InvalidArgument(tf_error_message(exc)) from exc
+        except TypeError as exc:
+            # A missing or extra keyword reaches the concrete function as a TypeError.
+            raise InvalidArgument(f"inputs do not match signature {signature_name!r}: {exc}") from exc
+        except Exception as exc:
+            raise Internal(f"model {self.name} version {self.version} failed: {tf_error_message(exc)}") from exc
+
+    def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
+        """The SignatureDefMap for GetModelMetadata (a fresh message each call)."""
+        result = get_model_metadata_pb2.SignatureDefMap()
+        for key, sig in self._signature_defs.items():
+            result.signature_def[key].CopyFrom(sig)
+        return result
+
+    def lineage(self) -> dict | None:
+        """The lineage record from ``assets.extra/graft.json``, read at load time, if any."""
+        return copy.deepcopy(self._lineage)
+
+    def unload(self) -> None:
+        """Drop the loaded graph so its memory can be freed; ``run`` fails afterwards."""
+        self._functions = {}
+        self._loaded = None
+        # The loaded object graph holds reference cycles; collect now rather than at
+        # some later allocation, so memory does not grow across version swaps.
+        gc.collect()
+
+    def __repr__(self) -> str:
+        return f"Servable({self.name!r}, {self.version}, {self.path!r})"
+
+
+def _to_tensor(value, spec: TensorSpec) -> tf.Tensor:
+    """A tensor of the spec's dtype; inference from a matching numpy dtype is the fast path."""
+    if getattr(value, "dtype", None) == spec.dtype:
+        return tf.constant(value)
+    return tf.constant(value, dtype=spec.tf_dtype)
+
+
+def _read_lineage(path: str) -> dict | None:
+    """Parse ``assets.extra/graft.json``; a missing file is None, a bad one is logged and None."""
+    lineage_path = os.path.join(path, LINEAGE_FILE)
+    try:
+        with open(lineage_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.error("ignoring unreadable lineage file %s: %s", lineage_path, exc)
+        return None
+    if not isinstance(data, dict):
+        log.error("ignoring lineage file %s: expected a JSON object", lineage_path)
+        return None
+    return data
+
+
+# Lines TF adds around a graph error that tell a client nothing about its request.
+_TF_NOISE = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[{{node")
+
+
+def tf_error_message(exc: BaseException) -> str:
+    """The useful part of an error message (TF graph-location noise removed), on one line."""
+    message = getattr(exc, "message", None) or str(exc)
+    lines = [line.strip() for line in message.splitlines()]
+    kept = [line for line in lines if line and not line.startswith(_TF_NOISE)]
+    text = " ".join(kept) or " ".join(lines)
+    return re.sub(r"\s*\[Op:[^\]]*\]\s*$", "", text)

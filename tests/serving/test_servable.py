@@ -1,0 +1,158 @@
+"""Servable: loading real SavedModels, signature specs, running, metadata, lineage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import get_model_metadata_pb2
+
+from serving.errors import InvalidArgument, NotFound
+from serving.servable import (
+    CLASSIFY_METHOD,
+    PREDICT_METHOD,
+    REGRESS_METHOD,
+    Servable,
+    read_signature_defs,
+)
+from tests import models
+
+
+@pytest.fixture(scope="module")
+def cnn(tiny_cnn_savedmodel):
+    return Servable.load("cnn", 1, tiny_cnn_savedmodel)
+
+
+@pytest.fixture(scope="module")
+def two(two_input_savedmodel):
+    return Servable.load("two", 7, two_input_savedmodel)
+
+
+def test_cnn_run_matches_direct_signature_call(cnn, tiny_cnn_savedmodel, tiny_cnn_keras):
+    batch = np.random.default_rng(1).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    out = cnn.run("serving_default", {"images": batch})
+    assert set(out) == {"output_0"}
+    assert isinstance(out["output_0"], np.ndarray) and out["output_0"].shape == (5, 3)
+    direct = tf.saved_model.load(str(tiny_cnn_savedmodel)).signatures["serving_default"]
+    expected = direct(images=tf.constant(batch))["output_0"].numpy()
+    np.testing.assert_allclose(out["output_0"], expected, atol=1e-5)
+    np.testing.assert_allclose(out["output_0"], tiny_cnn_keras.predict(batch, verbose=0), atol=1e-5)
+    # Rows differ, so a servable answering the same thing for every input would fail above.
+    assert np.abs(out["output_0"][0] - out["output_0"][1]).max() > 1e-4
+
+
+def test_cnn_signature_specs(cnn):
+    assert cnn.name == "cnn" and cnn.version == 1
+    assert set(cnn.signatures) == {"serving_default", "serve"}
+    sig = cnn.signatures["serving_default"]
+    assert sig.name == "serving_default" and sig.method_name == PREDICT_METHOD
+    images = sig.inputs["images"]
+    assert images.name == "images"
+    assert images.dtype == np.float32 and images.tf_dtype == tf.float32
+    assert images.shape == (None, 32, 32, 3)
+    assert sig.outputs["output_0"].shape == (None, 3)
+
+
+def test_two_input_specs_and_rewritten_method_names(two):
+    assert set(two.signatures) == {"serving_default", "checked", "classify", "regress"}
+    assert two.signatures["serving_default"].method_name == PREDICT_METHOD
+    assert two.signatures["classify"].method_name == CLASSIFY_METHOD
+    assert two.signatures["regress"].method_name == REGRESS_METHOD
+    predict = two.signatures["serving_default"]
+    assert set(predict.inputs) == {"x", "tag"}
+    assert predict.inputs["tag"].dtype == np.dtype(object) and predict.inputs["tag"].tf_dtype == tf.string
+    assert predict.inputs["tag"].shape == (None,)
+    assert predict.outputs["tag_len"].dtype == np.int64
+    assert predict.outputs["label_bytes"].tf_dtype == tf.string
+    assert set(two.signatures["classify"].outputs) == {"classes", "scores"}
+    assert set(two.signatures["regress"].outputs) == {"outputs"}
+
+
+def test_two_input_run_predict_classify_regress(two):
+    x = np.array([[1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]], dtype=np.float32)
+    tag = np.array([b"ab", b"\xff\x00z"], dtype=object)
+    out = two.run("serving_default", {"x": x, "tag": tag})
+    np.testing.assert_allclose(out["y"], models.two_input_expected(x), atol=1e-5)
+    assert out["tag_len"].tolist() == [2, 3]
+    assert out["label_bytes"].tolist() == [b"ab", b"\xff\x00z"]
+
+    serialized = np.array([models.make_example(r).SerializeToString() for r in x], dtype=object)
+    y = models.two_input_expected(x)
+    cls = two.run("classify", {"inputs": serialized})
+    expected_scores = np.exp(y) / np.exp(y).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(cls["scores"], expected_scores, atol=1e-5)
+    assert cls["classes"].tolist() == [[b"neg", b"pos"]] * 2
+    reg = two.run("regress", {"inputs": serialized})
+    np.testing.assert_allclose(reg["outputs"], y.sum(axis=1), atol=1e-5)
+
+
+def test_run_errors(two):
+    with pytest.raises(NotFound, match="nope"):
+        two.run("nope", {})
+    # A model-side assertion is the client's fault: INVALID_ARGUMENT, with TF's message.
+    with pytest.raises(InvalidArgument, match="x must be >= 0") as info:
+        two.run("checked", {"x": np.array([[-1.0, 0.0, 1.0]], dtype=np.float32)})
+    assert "Detected at node" not in str(info.value)
+    with pytest.raises(InvalidArgument):
+        two.run("checked", {"x": np.zeros((1, 3), np.float32), "extra": np.zeros(1)})
+    with pytest.raises(InvalidArgument):
+        two.run("serving_default", {"x": np.zeros((1, 3), np.float32)})  # tag missing
+    with pytest.raises(InvalidArgument, match="'x' cannot be converted to float32"):
+        two.run("checked", {"x": np.array([["a", "b", "c"]], dtype=object)})
+    ok = two.run("checked", {"x": np.array([[4.0, 9.0, 0.0]], dtype=np.float32)})
+    np.testing.assert_allclose(ok["root"], [[2.0, 3.0, 0.0]])
+
+
+def test_signature_def_map_is_tf_serving_message(two):
+    sig_map = two.signature_def_map()
+    assert isinstance(sig_map, get_model_metadata_pb2.SignatureDefMap)
+    assert set(sig_map.signature_def) == {"serving_default", "checked", "classify", "regress"}
+    assert sig_map.signature_def["classify"].method_name == CLASSIFY_METHOD
+    assert sig_map.signature_def["serving_default"].inputs["x"].dtype == tf.float32.as_datatype_enum
+    # Callers may mutate the message they get; the servable's copy must not change.
+    sig_map.signature_def["classify"].method_name = "changed"
+    assert two.signature_def_map().signature_def["classify"].method_name == CLASSIFY_METHOD
+
+
+def test_lineage(tmp_path, two_input_savedmodel, two):
+    assert two.lineage() is None
+    version = tmp_path / "3"
+    shutil.copytree(two_input_savedmodel, version)
+    record = {"base": "tiny", "scenario": "fine_tune", "metrics": {"accuracy": 0.5}}
+    (version / "assets.extra").mkdir()
+    (version / "assets.extra" / "graft.json").write_text(json.dumps(record))
+    servable = Servable.load("two", 3, version)
+    assert servable.lineage() == record
+    servable.lineage()["base"] = "mutated"
+    assert servable.lineage() == record
+    (version / "assets.extra" / "graft.json").write_text("{not json")
+    assert Servable.load("two", 3, version).lineage() is None
+
+
+def test_device_placement_and_unload(tiny_cnn_savedmodel):
+    servable = Servable.load("cnn", 2, tiny_cnn_savedmodel, device="/CPU:0")
+    batch = np.zeros((1, 32, 32, 3), np.float32)
+    assert servable.run("serving_default", {"images": batch})["output_0"].shape == (1, 3)
+    servable.unload()
+    with pytest.raises(NotFound):
+        servable.run("serving_default", {"images": batch})
+
+
+def test_bad_saved_model_files(tmp_path, two_input_savedmodel):
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "saved_model.pb").write_bytes(b"\x00not a protobuf\xff" * 10)
+    with pytest.raises(ValueError, match="not a valid SavedModel"):
+        Servable.load("bad", 1, garbage)
+
+    broken_vars = tmp_path / "broken_vars"
+    shutil.copytree(two_input_savedmodel, broken_vars)
+    for f in (broken_vars / "variables").iterdir():
+        f.write_bytes(b"corrupt")
+    with pytest.raises(Exception):
+        Servable.load("bad", 1, broken_vars)
+
+    assert set(read_signature_defs(two_input_savedmodel)) == {"serving_default", "checked", "classify", "regress"}
