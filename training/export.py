@@ -1,0 +1,242 @@
+"""Export a trained classifier as the next version of a TF-Serving model repository.
+
+The SavedModel carries three signatures (docs/internals.md, "export contract"):
+
+- ``serving_default``: ``images`` float32 [N,H,W,3] raw 0..255 -> ``scores`` [N,C],
+  ``class_ids`` int64 [N], ``class_names`` string [N];
+- ``predict_images``: ``image_bytes`` string [N] (JPEG/PNG/GIF/BMP) decoded and resized
+  in the graph -> the same outputs;
+- ``classify``: TF Serving's classify method, ``inputs`` = serialized tf.Example with
+  ``image/encoded`` -> ``classes`` string [N,C], ``scores`` float32 [N,C].
+
+It also writes ``assets/labels.txt``, ``assets.extra/graft.json`` (lineage) and
+``assets.extra/tf_serving_warmup_requests``. Everything is written into a hidden
+staging directory and renamed into place as one step (training.repo).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+from training import repo as model_repo
+from training.data import decode_and_resize
+
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+IMAGE_FEATURE = "image/encoded"
+LINEAGE_FILE = "graft.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+LABELS_FILE = "labels.txt"
+# Enough to trace the common batch shapes without slowing every load.
+WARMUP_BATCH_SIZES = (1, 4)
+_PACKAGES = ("graft", "tensorflow", "keras", "numpy", "tensorflow-serving-api")
+
+
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """Normalise an image size given as N or (H, W) to ``(H, W)``."""
+    if isinstance(image_size, (int, np.integer)):
+        return int(image_size), int(image_size)
+    height, width = (int(v) for v in image_size)
+    return height, width
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape an exported model."""
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+class _Signatures:
+    """Builds the three endpoint functions around one Keras model."""
+
+    def __init__(self, model: keras.Model, class_names: Sequence[str], height: int, width: int):
+        self.model = model
+        self.class_names = [str(name) for name in class_names]
+        self.height = height
+        self.width = width
+
+    def _scores(self, images: tf.Tensor) -> tf.Tensor:
+        # Mixed-precision models may compute in float16; the contract is float32.
+        return tf.cast(self.model(images, training=False), tf.float32)
+
+    def _outputs(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores = self._scores(images)
+        class_ids = tf.argmax(scores, axis=-1, output_type=tf.int64)
+        names = tf.gather(tf.constant(self.class_names, dtype=tf.string), class_ids)
+        return {"scores": scores, "class_ids": class_ids, "class_names": names}
+
+    def _decode_batch(self, image_bytes: tf.Tensor) -> tf.Tensor:
+        return tf.map_fn(
+            # Training's own decoding rule, so served images see the pixels training saw.
+            lambda data: decode_and_resize(data, (self.height, self.width)),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([self.height, self.width, 3], tf.float32),
+        )
+
+    def functions(self) -> dict[str, tf.types.experimental.GenericFunction]:
+        """The endpoint name -> tf.function map, each with its input signature."""
+        h, w = self.height, self.width
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="images")])
+        def serving_default(images):
+            return self._outputs(images)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def predict_images(image_bytes):
+            return self._outputs(self._decode_batch(image_bytes))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def classify(inputs):
+            features = tf.io.parse_example(
+                inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+            scores = self._scores(self._decode_batch(features[IMAGE_FEATURE]))
+            names = tf.constant(self.class_names, dtype=tf.string)
+            classes = tf.tile(names[tf.newaxis, :], [tf.shape(scores)[0], 1])
+            return {"classes": classes, "scores": scores}
+
+        return {
+            "serving_default": serving_default,
+            "predict_images": predict_images,
+            "classify": classify,
+        }
+
+
+def set_method_names(export_dir: str | os.PathLike, methods: Mapping[str, str]) -> None:
+    """Rewrite signature method names in ``saved_model.pb`` (TF 2.21 writes predict for all).
+
+    TF Serving's Classify and Regress APIs refuse signatures whose method name is not
+    ``tensorflow/serving/classify`` / ``.../regress``.
+    """
+    pb_path = Path(export_dir) / "saved_model.pb"
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString(pb_path.read_bytes())
+    for meta_graph in saved.meta_graphs:
+        for name, method in methods.items():
+            if name not in meta_graph.signature_def:
+                raise KeyError(f"signature {name!r} not found in {pb_path}")
+            meta_graph.signature_def[name].method_name = method
+    tmp = pb_path.with_name(".saved_model.pb.tmp")
+    tmp.write_bytes(saved.SerializeToString())
+    os.replace(tmp, pb_path)
+
+
+def write_warmup_requests(path: str | os.PathLike, model_name: str, images: np.ndarray) -> int:
+    """Write PredictionLog records for ``serving_default`` (TF Serving's warmup format).
+
+    One record per batch size in WARMUP_BATCH_SIZES (capped by the images given);
+    returns the number written.
+    """
+    # Imported here: the serving API protos are only needed while exporting.
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    images = np.asarray(images, dtype=np.float32)
+    sizes = sorted({min(size, len(images)) for size in WARMUP_BATCH_SIZES if len(images)})
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for size in sizes:
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default"))
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto(images[:size]))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return len(sizes)
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (Path, _dt.datetime)):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _check_model(model: keras.Model, class_names: Sequence[str], height: int, width: int) -> None:
+    if len(class_names) < 2:
+        raise ValueError(f"a classifier needs at least 2 class names, got {list(class_names)}")
+    if len(set(class_names)) != len(class_names):
+        raise ValueError(f"class names must be unique, got {list(class_names)}")
+    if any(not str(name) or "\n" in str(name) for name in class_names):
+        raise ValueError("class names must be non-empty single-line strings")
+    probe = model(np.zeros((1, height, width, 3), np.float32), training=False)
+    if probe.shape[-1] != len(class_names):
+        raise ValueError(
+            f"the model outputs {probe.shape[-1]} scores but {len(class_names)} class names were given")
+
+
+def export_version(
+    model: keras.Model,
+    class_names: Sequence[str],
+    repo: str | os.PathLike,
+    model_name: str,
+    *,
+    image_size: int | Sequence[int],
+    lineage: Mapping,
+    warmup_images: np.ndarray | None = None,
+) -> str:
+    """Write ``model`` as the next version of ``<repo>/<model_name>`` and return its path.
+
+    ``model`` maps raw 0..255 RGB float32 [N,H,W,3] to class probabilities.
+    ``lineage`` is stored in ``assets.extra/graft.json`` with ``class_names``,
+    ``model_name``, ``image_size``, ``signatures``, ``package_versions`` and
+    ``created_at`` added (the version is the directory name, known only at
+    publish). ``warmup_images`` (float32 [K,H,W,3]) feed the warmup records; when None, mid-grey images are used.
+    """
+    height, width = image_hw(image_size)
+    class_names = [str(name) for name in class_names]
+    _check_model(model, class_names, height, width)
+    target_dir = model_repo.model_dir(repo, model_name)
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    for name, fn in _Signatures(model, class_names, height, width).functions().items():
+        archive.add_endpoint(name, fn)
+
+    if warmup_images is None:
+        warmup_images = np.full((max(WARMUP_BATCH_SIZES), height, width, 3), 128.0, np.float32)
+    warmup_images = np.asarray(warmup_images, np.float32)
+    if warmup_images.ndim != 4 or warmup_images.shape[1:] != (height, width, 3):
+        raise ValueError(f"warmup images must be [K,{height},{width},3], got {warmup_images.shape}")
+
+    with model_repo.staging_dir(target_dir) as tmp:
+        archive.write_out(str(tmp), verbose=False)
+        set_method_names(tmp, {"classify": CLASSIFY_METHOD})
+        (tmp / "assets").mkdir(exist_ok=True)
+        (tmp / "assets" / LABELS_FILE).write_text("\n".join(class_names) + "\n", encoding="utf-8")
+        extra = tmp / "assets.extra"
+        extra.mkdir(exist_ok=True)
+        write_warmup_requests(extra / WARMUP_FILE, model_name, warmup_images)
+        record = dict(lineage)
+        record.update({
+            "model_name": model_name,
+            "class_names": class_names,
+            "image_size": [height, width],
+            "signatures": {
+                "serving_default": PREDICT_METHOD,
+                "predict_images": PREDICT_METHOD,
+                "classify": CLASSIFY_METHOD,
+            },
+            "package_versions": package_versions(),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        })
+        (extra / LINEAGE_FILE).write_text(
+            json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
+        _, path = model_repo.publish_dir(tmp, target_dir)
+    return str(path)

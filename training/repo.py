@@ -1,0 +1,188 @@
+"""Model-repository helpers: version numbering, atomic publish, and labels.json.
+
+The repository layout is ``<repo>/<model_name>/<N>/`` with integer version
+directories plus ``labels.json`` (``{"stable": 3, "canary": 4}``). Writers build a
+version inside a hidden temporary directory in the model directory (same file
+system, so the final ``os.rename`` is atomic) and only then rename it to the next
+integer; the server skips hidden and non-integer names, so it never sees a
+half-written version. A file lock in the model directory serialises publishers
+so that two concurrent exports cannot claim the same number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from filelock import FileLock
+
+LABELS_FILE = "labels.json"
+LOCK_FILE = ".graft-publish.lock"
+TEMP_PREFIX = ".tmp-"
+
+
+def model_dir(repo: str | os.PathLike, model_name: str) -> Path:
+    """Return ``<repo>/<model_name>`` after checking the name is one safe path component."""
+    if not model_name or model_name in (".", "..") or "/" in model_name or "\\" in model_name:
+        raise ValueError(f"invalid model name {model_name!r}: it must be one path component")
+    if model_name.startswith("."):
+        raise ValueError(f"invalid model name {model_name!r}: hidden names are ignored by the server")
+    return Path(repo) / model_name
+
+
+def list_versions(directory: str | os.PathLike) -> list[int]:
+    """Sorted integer version numbers present in a model directory (empty if it is absent)."""
+    path = Path(directory)
+    if not path.is_dir():
+        return []
+    versions = set()
+    for entry in path.iterdir():
+        # The server reads "007" as version 7, so it must count here too; any directory
+        # counts, complete or not, so that a number is never handed out twice.
+        if entry.is_dir() and entry.name.isascii() and entry.name.isdigit():
+            versions.add(int(entry.name))
+    return sorted(versions)
+
+
+def next_version(directory: str | os.PathLike) -> int:
+    """The version number the next publish will get: one more than the largest, or 1."""
+    versions = list_versions(directory)
+    return versions[-1] + 1 if versions else 1
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    # Flush the files before the rename publishes them: after a crash, a visible
+    # version must not have empty or truncated files.
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
+
+
+def _umask_mode(base: int) -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return base & ~current
+
+
+@contextlib.contextmanager
+def staging_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh hidden temporary directory inside ``directory``; remove it on error.
+
+    The caller fills it and passes it to :func:`publish_dir` before the block ends.
+    Whatever is still there when the block exits (an error, or nothing published)
+    is deleted, so failed exports leave no debris visible to anyone.
+    """
+    parent = Path(directory)
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+    # mkdtemp makes 0700; a server running as another user must be able to read it.
+    os.chmod(tmp, _umask_mode(0o777))
+    try:
+        yield tmp
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: str | os.PathLike, directory: str | os.PathLike,
+                version: int | None = None) -> tuple[int, Path]:
+    """Atomically rename a complete staging directory to ``<directory>/<version>``.
+
+    With ``version`` None the next free number is taken under the publish lock.
+    Returns ``(version, path)``. Raises ``FileExistsError`` if an explicit
+    version already exists, and ``ValueError`` if ``tmp`` is not inside ``directory``
+    (a cross-file-system rename would not be atomic).
+    """
+    tmp = Path(tmp)
+    parent = Path(directory)
+    if tmp.resolve().parent != parent.resolve():
+        raise ValueError(f"staging directory {tmp} is not directly inside {parent}")
+    _fsync_tree(tmp)
+    with FileLock(str(parent / LOCK_FILE)):
+        number = next_version(parent) if version is None else int(version)
+        if number < 0:
+            raise ValueError(f"version must be an integer >= 0, got {number}")
+        target = parent / str(number)
+        # os.rename would silently replace an existing *empty* directory on POSIX.
+        if target.exists():
+            raise FileExistsError(f"version {number} already exists at {target}")
+        os.rename(tmp, target)
+    _fsync_dir(parent)
+    return number, target
+
+
+def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
+    checked: dict[str, int] = {}
+    for name, version in labels.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"label names must be non-empty strings, got {name!r}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"label {name!r} must map to a version number (int >= 0), got {version!r}")
+        checked[name] = version
+    return checked
+
+
+def read_labels(directory: str | os.PathLike) -> dict[str, int]:
+    """Read ``<directory>/labels.json``; an absent file means no labels.
+
+    Raises ``ValueError`` naming the file when it is not a JSON object of
+    label -> version number (an int >= 0, as the server reads it).
+    """
+    path = Path(directory) / LABELS_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of label -> version")
+    try:
+        return _check_labels(data)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def write_labels(directory: str | os.PathLike, labels: Mapping[str, int]) -> Path:
+    """Atomically replace ``<directory>/labels.json`` (temp file, fsync, ``os.replace``)."""
+    parent = Path(directory)
+    parent.mkdir(parents=True, exist_ok=True)
+    data = _check_labels(labels)
+    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp_name, _umask_mode(0o666))
+        target = parent / LABELS_FILE
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(parent)
+    return target
