@@ -11,6 +11,14 @@ they are rewritten to ``from serving.protos.graft import x_pb2`` so the modules
 work as part of the installed ``serving`` package without touching ``sys.path``.
 The descriptor file names stay ``graft/x.proto``, as ``import`` lines in the
 ``.proto`` files expect.
+
+Modules of the directories in ``PRIVATE_POOL_DIRS`` register their descriptors
+in a descriptor pool of their own instead of protobuf's default pool. The V2
+protocol's package ``inference`` is also defined by tritonclient (and Triton's
+other Python packages) in the default pool; two files defining one
+fully-qualified name there make the second import fail, in whichever order they
+come. With a private pool both load into one process. Such a file may not import
+other ``.proto`` files (its pool would lack them); the generator refuses it.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ PACKAGE = "serving.protos"
 OUT_DIR = Path(__file__).resolve().parent
 PROTO_ROOT = OUT_DIR.parents[1] / "protos"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+# Proto directories whose modules use a private descriptor pool (see the module docstring).
+PRIVATE_POOL_DIRS = ("inference",)
+_DEFAULT_POOL_CALL = "_descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL_CALL = "_descriptor_pool.DescriptorPool().AddSerializedFile("
 _INIT_TEXT = '"""Generated from protos/{rel}/ by serving.protos.generate; do not edit."""\n'
 
 
@@ -55,7 +67,20 @@ def _files_with_services(descriptor_set: Path) -> list[str]:
     from google.protobuf import descriptor_pb2
 
     fds = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes())
+    for f in fds.file:
+        if _uses_private_pool(f.name) and f.dependency:
+            raise ValueError(f"{f.name} imports {list(f.dependency)}, which its private descriptor pool lacks")
     return [f.name for f in fds.file if f.service]
+
+
+def _uses_private_pool(rel: str) -> bool:
+    return rel.split("/", 1)[0] in PRIVATE_POOL_DIRS and "/" in rel
+
+
+def _use_private_pool(text: str) -> str:
+    if text.count(_DEFAULT_POOL_CALL) != 1:
+        raise RuntimeError("protoc's output no longer registers its descriptor the expected way")
+    return text.replace(_DEFAULT_POOL_CALL, _PRIVATE_POOL_CALL)
 
 
 def _rewrite_imports(text: str, tops: set[str], top_modules: set[str], package: str) -> str:
@@ -113,7 +138,10 @@ def generate(out_dir: Path = OUT_DIR, proto_root: Path = PROTO_ROOT, package: st
         for suffix in GENERATED_SUFFIXES:
             path = stem.parent / (stem.name + suffix)
             if path.exists():
-                path.write_text(_rewrite_imports(path.read_text(), tops, top_modules, package))
+                text = _rewrite_imports(path.read_text(), tops, top_modules, package)
+                if suffix == "_pb2.py" and _uses_private_pool(rel):
+                    text = _use_private_pool(text)
+                path.write_text(text)
                 written.append(path)
         # Sub-packages need an __init__.py so setuptools' find_packages ships them.
         parent = stem.parent

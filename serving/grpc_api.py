@@ -1,0 +1,327 @@
+"""The gRPC adapter: TF Serving's PredictionService and ModelService, health, reflection.
+
+The servicers only translate protos to service calls and back; every
+``ServingError`` becomes ``context.abort(grpc.StatusCode[err.code], message)`` in
+one decorator (``_rpc``), so no method maps errors by itself.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from concurrent import futures
+from typing import TYPE_CHECKING, Callable
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    inference_pb2,
+    model_management_pb2,
+    model_service_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+    regression_pb2,
+    status_pb2,
+)
+
+from serving import codec
+from serving.config import model_configs_from_proto
+from serving.errors import InvalidArgument, ServingError
+from serving.service import (
+    CLASSIFY_METHOD,
+    REGRESS_METHOD,
+    ClassifyResult,
+    ExamplesCall,
+    InferenceTask,
+    MultiInferenceCall,
+    PredictCall,
+)
+
+if TYPE_CHECKING:
+    from serving.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PREDICTION_SERVICE = prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name
+MODEL_SERVICE = model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+SIGNATURE_DEF_FIELD = "signature_def"
+LINEAGE_FIELD = "graft"
+
+_STATE = get_model_status_pb2.ModelVersionStatus.State
+_ERROR_CODE = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enum_type
+
+
+def _rpc(method: Callable) -> Callable:
+    """Run one RPC; map ServingError (and, as a logged bug, anything else) to a gRPC status."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except ServingError as err:
+            if err.retry_after is not None:
+                context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(err.retry_after)))),))
+            context.abort(grpc.StatusCode[err.code], err.message)
+        except Exception as err:  # a bug: answer INTERNAL rather than drop the call
+            log.exception("unhandled error in %s", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(err).__name__}: {err}")
+
+    return wrapper
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _version_and_label(spec) -> tuple[int | None, str | None]:
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return spec.version.value, None
+    if choice == "version_label":
+        return None, spec.version_label
+    return None, None
+
+
+def _model_spec(target, name: str, version: int, signature_name: str | None = None) -> None:
+    target.name = name
+    target.version.value = version
+    if signature_name is not None:
+        target.signature_name = signature_name
+
+
+def _examples(input_proto) -> tuple[list[bytes], bytes | None]:
+    kind = input_proto.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in input_proto.example_list.examples], None
+    if kind == "example_list_with_context":
+        listed = input_proto.example_list_with_context
+        return [e.SerializeToString() for e in listed.examples], listed.context.SerializeToString()
+    raise InvalidArgument("Input is empty")
+
+
+def _fill_classification(result_proto, result: ClassifyResult) -> None:
+    for row in result.classifications:
+        classifications = result_proto.classifications.add()
+        for label, score in row:
+            classifications.classes.add(label=label, score=score)
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """tensorflow.serving.PredictionService over an InferenceService."""
+
+    def __init__(self, service: InferenceService, max_elements: int):
+        self._service = service
+        self._max_elements = max_elements
+
+    def _decode(self, inputs) -> dict:
+        arrays = {}
+        for name, tensor in inputs.items():
+            try:
+                arrays[name] = codec.tensor_proto_to_numpy(tensor, max_elements=self._max_elements)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"input '{name}': {exc.message}") from None
+        return arrays
+
+    @_rpc
+    def Predict(self, request, context):
+        """Run a signature; the response's model_spec names the version that served."""
+        version, label = _version_and_label(request.model_spec)
+        result = self._service.predict(PredictCall(
+            model=request.model_spec.name, version=version, label=label,
+            signature_name=request.model_spec.signature_name, inputs=self._decode(request.inputs),
+            output_filter=list(request.output_filter), deadline=_deadline(context), protocol="grpc"))
+        response = predict_pb2.PredictResponse()
+        _model_spec(response.model_spec, result.model, result.version, result.signature_name)
+        for name, value in result.outputs.items():
+            response.outputs[name].CopyFrom(codec.numpy_to_tensor_proto(value))
+        return response
+
+    def _examples_call(self, request, context) -> ExamplesCall:
+        version, label = _version_and_label(request.model_spec)
+        examples, example_context = _examples(request.input)
+        return ExamplesCall(model=request.model_spec.name, version=version, label=label,
+                            signature_name=request.model_spec.signature_name, examples=examples,
+                            context=example_context, deadline=_deadline(context), protocol="grpc")
+
+    @_rpc
+    def Classify(self, request, context):
+        """Run a classify signature over the request's tf.Examples."""
+        result = self._service.classify(self._examples_call(request, context))
+        response = classification_pb2.ClassificationResponse()
+        _model_spec(response.model_spec, result.model, result.version, result.signature_name)
+        _fill_classification(response.result, result)
+        return response
+
+    @_rpc
+    def Regress(self, request, context):
+        """Run a regress signature over the request's tf.Examples."""
+        result = self._service.regress(self._examples_call(request, context))
+        response = regression_pb2.RegressionResponse()
+        _model_spec(response.model_spec, result.model, result.version, result.signature_name)
+        for value in result.values:
+            response.result.regressions.add(value=value)
+        return response
+
+    @_rpc
+    def MultiInference(self, request, context):
+        """Several classify/regress signatures of one model version over the same examples."""
+        if not request.tasks:
+            raise InvalidArgument("MultiInferenceRequest has no tasks")
+        first = request.tasks[0].model_spec
+        for task in request.tasks[1:]:
+            if task.model_spec.name != first.name:
+                raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same model name")
+            if _version_and_label(task.model_spec) != _version_and_label(first):
+                raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same version")
+        version, label = _version_and_label(first)
+        examples, example_context = _examples(request.input)
+        results = self._service.multi_inference(MultiInferenceCall(
+            model=first.name, version=version, label=label,
+            tasks=[InferenceTask(t.model_spec.signature_name, t.method_name) for t in request.tasks],
+            examples=examples, context=example_context, deadline=_deadline(context), protocol="grpc"))
+        response = inference_pb2.MultiInferenceResponse()
+        for task, result in zip(request.tasks, results):
+            out = response.results.add()
+            _model_spec(out.model_spec, result.model, result.version, result.signature_name)
+            if task.method_name == CLASSIFY_METHOD:
+                _fill_classification(out.classification_result, result)
+            elif task.method_name == REGRESS_METHOD:
+                for value in result.values:
+                    out.regression_result.regressions.add(value=value)
+        return response
+
+    @_rpc
+    def GetModelMetadata(self, request, context):
+        """The version's SignatureDefMap under "signature_def"; its lineage (a Struct) under "graft"."""
+        fields = list(request.metadata_field)
+        if not fields:
+            raise InvalidArgument("GetModelMetadataRequest must specify at least one metadata_field")
+        for field in fields:
+            if field not in (SIGNATURE_DEF_FIELD, LINEAGE_FIELD):
+                raise InvalidArgument(f"Metadata field {field} is not supported")
+        version, label = _version_and_label(request.model_spec)
+        result = self._service.model_metadata(request.model_spec.name, version, label)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        _model_spec(response.model_spec, result.model, result.version)
+        if SIGNATURE_DEF_FIELD in fields:
+            response.metadata[SIGNATURE_DEF_FIELD].Pack(result.signature_def_map)
+        if LINEAGE_FIELD in fields and result.lineage is not None:
+            # Lineage is JSON (assets.extra/graft.json); Struct is its protobuf form.
+            response.metadata[LINEAGE_FIELD].Pack(json_format.ParseDict(result.lineage, struct_pb2.Struct()))
+        return response
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """tensorflow.serving.ModelService: version status and whole-list config reload."""
+
+    def __init__(self, service: InferenceService):
+        self._service = service
+
+    @_rpc
+    def GetModelStatus(self, request, context):
+        """The versions of a model and their states, as TF Serving reports them."""
+        version, label = _version_and_label(request.model_spec)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for status in self._service.model_status(request.model_spec.name, version, label):
+            item = response.model_version_status.add(version=status.version)
+            item.state = _STATE.Value(status.state) if status.state in _STATE.keys() else _STATE.Value("UNKNOWN")
+            code = _ERROR_CODE.values_by_name.get(status.error_code)
+            item.status.error_code = code.number if code is not None else _ERROR_CODE.values_by_name["UNKNOWN"].number
+            item.status.error_message = status.error_message
+        return response
+
+    @_rpc
+    def HandleReloadConfigRequest(self, request, context):
+        """Replace the served model list with ``request.config`` (missing models unload)."""
+        try:
+            configs = model_configs_from_proto(request.config)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        self._service.reload_config(configs)
+        return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
+
+
+class HealthServicer(health.HealthServicer):
+    """grpc.health.v1 whose answers follow the service: SERVING once ready, NOT_SERVING while draining.
+
+    The status is refreshed from the service on every Check and Watch, so it can
+    never lag behind /readyz.
+    """
+
+    SERVICES = (health.OVERALL_HEALTH, PREDICTION_SERVICE, MODEL_SERVICE)
+
+    def __init__(self, service: InferenceService):
+        super().__init__(experimental_non_blocking=True)
+        self._service = service
+        self._status = None
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Set every served name's status from the service's readiness (watchers hear changes only)."""
+        status = (health_pb2.HealthCheckResponse.SERVING if self._service.ready()
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        with self._lock:
+            if status == self._status:
+                return
+            self._status = status
+            for name in self.SERVICES:
+                self.set(name, status)
+
+    def Check(self, request, context):
+        """Answer from the service's current readiness."""
+        self.refresh()
+        return super().Check(request, context)
+
+    def Watch(self, request, context, send_response_callback=None):
+        """Stream status changes, starting from the current readiness."""
+        self.refresh()
+        return super().Watch(request, context, send_response_callback)
+
+
+def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8500,
+                 max_threads: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
+                 on_bound: Callable[[int], None] | None = None) -> grpc.Server:
+    """A gRPC server (not started) with every servicer, health and reflection, bound to host:port.
+
+    ``on_bound`` receives the port actually bound (useful with ``port=0``).
+    Raises ``RuntimeError`` when the address cannot be bound.
+    """
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # One process per pod: refuse a second server on the same port, not share it.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
+                                                    thread_name_prefix="grpc"),
+                         options=options)
+    # A tensor needs at least one byte per element on the wire except when a single
+    # value is broadcast; capping elements at the message size stops that abuse.
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(service, max_elements=max_message_bytes), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)
+    from serving.grpc_v2 import add_inference_servicer  # imports this module: not at the top
+
+    add_inference_servicer(service, server)
+    reflection.enable_server_reflection(
+        (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"cannot bind gRPC to {address}")
+    if on_bound is not None:
+        on_bound(bound)
+    return server
+

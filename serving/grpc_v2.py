@@ -1,0 +1,129 @@
+"""The V2 gRPC adapter: ``inference.GRPCInferenceService`` over an InferenceService.
+
+Served by the same ``grpc.Server`` as TF Serving's services (``grpc_api.build_server``
+calls :func:`add_inference_servicer`). Inputs arrive as typed ``contents`` or as
+``raw_input_contents``; outputs always leave as ``raw_output_contents``, as Triton
+sends them. Errors leave through ``grpc_api``'s one mapping (``_rpc``).
+
+The message classes come from ``serving.protos.inference``, which lives in a
+descriptor pool of its own (see ``serving/protos/generate.py``), so this module
+and ``tritonclient.grpc`` can share a process. Server reflection reads only the
+default pool and therefore does not list this service.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from serving import v2
+from serving.errors import InvalidArgument, NotFound
+from serving.grpc_api import _rpc
+from serving.protos.inference import grpc_service_pb2 as pb
+from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from serving.service import InferenceService
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PROTOCOL = "grpc_v2"
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _parameter_value(param: pb.InferParameter):
+    choice = param.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(param, choice)
+
+
+def _parameters(params) -> dict:
+    return {key: _parameter_value(value) for key, value in params.items()}
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> list[v2.InferInput]:
+    """The request's input tensors, from typed contents or from raw_input_contents."""
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {len(raw)} entries but the request has {len(request.inputs)} inputs")
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        shape = list(tensor.shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(
+                    f"input '{tensor.name}' sets contents although raw_input_contents is used")
+            array = v2.raw_to_array(tensor.name, tensor.datatype, shape, raw[index])
+        else:
+            array = v2.contents_to_array(tensor.name, tensor.datatype, shape, tensor.contents)
+        inputs.append(v2.InferInput(tensor.name, tensor.datatype, array))
+    return inputs
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService: health, metadata and inference."""
+
+    def __init__(self, service: InferenceService):
+        self._service = service
+
+    @_rpc
+    def ServerLive(self, request, context):
+        """Whether the server can answer at all."""
+        return pb.ServerLiveResponse(live=self._service.live())
+
+    @_rpc
+    def ServerReady(self, request, context):
+        """Whether every configured model has a version loaded (false while draining)."""
+        return pb.ServerReadyResponse(ready=self._service.ready())
+
+    @_rpc
+    def ModelReady(self, request, context):
+        """Whether the model (version) is loaded; an unknown model or version is simply not ready."""
+        try:
+            ready = v2.model_ready(self._service, request.name, request.version)
+        except NotFound:
+            ready = False
+        return pb.ModelReadyResponse(ready=ready)
+
+    @_rpc
+    def ServerMetadata(self, request, context):
+        """Server name, version and extensions."""
+        return pb.ServerMetadataResponse(**v2.server_metadata())
+
+    @_rpc
+    def ModelMetadata(self, request, context):
+        """The model's tensors and versions; lineage as JSON text in ``properties["graft"]``."""
+        meta = v2.model_metadata(self._service, request.name, request.version)
+        response = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform)
+        for target, tensors in ((response.inputs, meta.inputs), (response.outputs, meta.outputs)):
+            for t in tensors:
+                target.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        if meta.lineage is not None:
+            response.properties[v2.LINEAGE_KEY] = json.dumps(meta.lineage, sort_keys=True)
+        return response
+
+    @_rpc
+    def ModelInfer(self, request, context):
+        """Run the model; every output is returned in raw_output_contents."""
+        infer_request = v2.InferRequest(
+            model=request.model_name, version=request.model_version, id=request.id,
+            inputs=decode_inputs(request),
+            outputs=[v2.RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs],
+            parameters=_parameters(request.parameters), deadline=_deadline(context), protocol=PROTOCOL)
+        result = v2.infer(self._service, infer_request)
+        response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
+        for out in result.outputs:
+            response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+            response.raw_output_contents.append(v2.array_to_raw(out.array))
+        return response
+
+
+def add_inference_servicer(service: InferenceService, server: grpc.Server) -> None:
+    """Register the V2 servicer on ``server`` (before it starts)."""
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)

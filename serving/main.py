@@ -1,0 +1,297 @@
+"""graft-serve: one process serving gRPC and REST over one InferenceService.
+
+Flags use TF Serving's names and defaults (``--port``, ``--rest_api_port``,
+``--model_config_file`` ...), including its ``--flag=true/false`` booleans.
+SIGTERM / SIGINT drain instead of dropping work: readiness turns false at once,
+new requests get UNAVAILABLE / 503, requests already admitted finish (bounded by
+``--drain_seconds``), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger("graft-serve")
+
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
+DEFAULT_DRAIN_SECONDS = 30.0
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "t", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "f", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser (TF Serving's flag names and defaults where it has them)."""
+    from serving.service import DEFAULT_MAX_IMAGE_PIXELS
+
+    p = argparse.ArgumentParser(
+        prog="graft-serve",
+        description="Serve versioned TensorFlow SavedModels over TF-Serving-compatible gRPC and REST.")
+    p.add_argument("--port", type=_port, default=8500, help="gRPC port (default 8500; 0 picks a free one)")
+    p.add_argument("--rest_api_port", type=_port, default=8501, help="REST port (default 8501; 0 disables REST)")
+    p.add_argument("--host", default="0.0.0.0", help="bind address for both servers (default 0.0.0.0)")
+    p.add_argument("--model_name", default="default", help="model name with --model_base_path (default 'default')")
+    p.add_argument("--model_base_path", default="", help="directory holding the model's version directories")
+    p.add_argument("--model_config_file", default="",
+                   help="TF Serving ModelServerConfig text proto (model_config_list); overrides --model_name/--model_base_path")
+    p.add_argument("--model_config_file_poll_wait_seconds", type=float, default=0.0,
+                   help="re-read --model_config_file this often (default 0: read once)")
+    p.add_argument("--file_system_poll_wait_seconds", type=float, default=1.0,
+                   help="scan model directories for new versions this often (default 1; 0: only at start)")
+    p.add_argument("--rest_api_timeout_in_ms", type=_positive_int, default=30000,
+                   help="deadline of one REST request in milliseconds (default 30000)")
+    p.add_argument("--rest_api_num_threads", type=_positive_int, default=max(8, 4 * _cpus()),
+                   help="REST worker threads (default 4 x CPUs, at least 8)")
+    p.add_argument("--grpc_max_threads", type=_positive_int, default=4 * _cpus(),
+                   help="gRPC worker threads (default 4 x CPUs)")
+    p.add_argument("--max_request_bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="largest REST body (after gunzip) and gRPC message, in bytes (default 64 MiB)")
+    p.add_argument("--drain_seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
+                   help="on SIGTERM, wait at most this long for in-flight requests (default 30)")
+    p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=False,
+                   help="batch requests on the server (default false)")
+    p.add_argument("--batching_parameters_file", default="",
+                   help="TF Serving BatchingParameters text proto (implies --enable_batching)")
+    p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
+                   help="threads inside one op (default 0: TensorFlow decides)")
+    p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
+                   help="ops run in parallel (default 0: TensorFlow decides)")
+    p.add_argument("--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
+                   help=f"largest encoded image accepted, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
+    p.add_argument("--enable_metrics", type=_bool, nargs="?", const=True, default=True,
+                   help="serve Prometheus metrics at /metrics and /monitoring/prometheus/metrics (default true)")
+    p.add_argument("--log_level", default="INFO", help="logging level (default INFO)")
+    return p
+
+
+class GraftServer:
+    """The wired process: manager, service, gRPC and REST servers, config polling, draining."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.grpc_port: int | None = None
+        self.rest_port: int | None = None
+        self._stop = threading.Event()
+        self._stop_requested = False
+        self._grpc = None
+        self._rest = None
+
+    def start(self) -> None:
+        """Load the configuration, start the manager and both servers; raise on bad config."""
+        args = self.args
+        _configure_tensorflow(args)
+        from prometheus_client import CollectorRegistry
+
+        from serving.grpc_api import build_server
+        from serving.manager import ModelManager
+        from serving.metrics import ServingMetrics
+        from serving.rest import RestOptions, create_app
+        from serving.service import InferenceService
+
+        configs = self._read_configs()
+        batching = _batching_config(args)
+        registry = CollectorRegistry() if args.enable_metrics else None
+        metrics = ServingMetrics(registry) if registry is not None else None
+        self.manager = ModelManager(configs, poll_seconds=args.file_system_poll_wait_seconds,
+                                    listener=metrics)
+        self.service = InferenceService(self.manager, metrics=metrics, batching=batching,
+                                        max_image_pixels=args.max_image_pixels)
+        self.manager.start()
+        self._grpc = build_server(self.service, args.host, args.port, args.grpc_max_threads,
+                                  args.max_request_bytes, on_bound=self._set_grpc_port)
+        self._grpc.start()
+        log.info("Running gRPC ModelServer at %s:%d ...", args.host, self.grpc_port)
+        if args.rest_api_port:
+            from waitress import create_server
+
+            app = create_app(self.service, RestOptions(args.max_request_bytes, args.rest_api_timeout_in_ms),
+                             metrics_registry=registry)
+            self._rest_map: dict = {}
+            self._rest = create_server(
+                app, map=self._rest_map, host=args.host, port=args.rest_api_port,
+                threads=args.rest_api_num_threads,
+                # Our own limit answers 413 with a JSON body; waitress's must not be lower.
+                max_request_body_size=max(args.max_request_bytes + 1, 1 << 30),
+                ident="graft-serve", clear_untrusted_proxy_headers=True)
+            # Several listen sockets (a name resolving to IPv4 and IPv6) share one port.
+            self.rest_port = int(self._rest.effective_port if hasattr(self._rest, "effective_port")
+                                 else self._rest.effective_listen[0][1])
+            self._rest_thread = self._spawn("graft-rest", self._rest.run)
+            log.info("Exporting HTTP/REST API at:%s:%d ...", args.host, self.rest_port)
+        if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
+            self._spawn("graft-config-poller", self._poll_config)
+
+    def _set_grpc_port(self, port: int) -> None:
+        self.grpc_port = port
+
+    def _spawn(self, name: str, target) -> threading.Thread:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def _read_configs(self):
+        from serving.config import read_model_config_file, single_model_config
+
+        if self.args.model_config_file:
+            return read_model_config_file(self.args.model_config_file)
+        return [single_model_config(self.args.model_name, self.args.model_base_path)]
+
+    def _poll_config(self) -> None:
+        path = self.args.model_config_file
+        last = _file_signature(path)
+        while not self._stop.wait(self.args.model_config_file_poll_wait_seconds):
+            current = _file_signature(path)
+            if current == last:
+                continue
+            last = current
+            try:
+                configs = self._read_configs()
+            except (OSError, ValueError) as exc:
+                log.error("keeping the current models: %s", exc)
+                continue
+            log.info("model config file changed; serving %s", ", ".join(c.name for c in configs))
+            self.service.reload_config(configs)
+
+    def request_stop(self) -> None:
+        """Ask :meth:`wait` to return; safe from a signal handler (takes no lock)."""
+        self._stop_requested = True
+
+    def wait(self) -> None:
+        """Block until :meth:`request_stop` is called."""
+        # Polling a plain flag, not Event.wait: a signal handler that set an Event could
+        # deadlock on the Event's lock if it interrupted this thread inside wait().
+        while not self._stop_requested:
+            time.sleep(0.05)
+
+    def drain_and_stop(self) -> bool:
+        """Refuse new work, let admitted requests finish (bounded), stop everything.
+
+        Returns True when every in-flight request finished within ``--drain_seconds``.
+        """
+        self._stop.set()
+        self.service.begin_drain()
+        log.info("draining: readiness is off, new requests get UNAVAILABLE")
+        drained = self.service.wait_idle(self.args.drain_seconds)
+        if not drained:
+            log.warning("requests still in flight after %.1fs; stopping anyway", self.args.drain_seconds)
+        if self._rest is not None:
+            _stop_waitress(self._rest, self._rest_map, self._rest_thread)
+        if self._grpc is not None:
+            self._grpc.stop(grace=1.0).wait()
+        self.manager.stop(timeout=max(1.0, self.args.drain_seconds))
+        self.service.close()
+        log.info("stopped")
+        return drained
+
+
+def _configure_tensorflow(args: argparse.Namespace) -> None:
+    if not (args.tensorflow_intra_op_parallelism or args.tensorflow_inter_op_parallelism):
+        return
+    import tensorflow as tf
+
+    # Only possible before TensorFlow's runtime starts, i.e. before any model loads.
+    if args.tensorflow_intra_op_parallelism:
+        tf.config.threading.set_intra_op_parallelism_threads(args.tensorflow_intra_op_parallelism)
+    if args.tensorflow_inter_op_parallelism:
+        tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_inter_op_parallelism)
+
+
+def _batching_config(args: argparse.Namespace):
+    if not (args.enable_batching or args.batching_parameters_file):
+        return None
+    from serving.batching import BatchingConfig, read_batching_parameters_file
+
+    if args.batching_parameters_file:
+        return read_batching_parameters_file(args.batching_parameters_file)
+    return BatchingConfig()
+
+
+def _file_signature(path: str) -> tuple | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _stop_waitress(server, socket_map: dict, thread: threading.Thread, timeout: float = 5.0) -> None:
+    """Finish the responses being written, then close every socket from waitress's own loop."""
+    from waitress import trigger, wasyncore
+
+    server.task_dispatcher.shutdown(cancel_pending=False, timeout=timeout)
+    end = time.monotonic() + timeout
+    # Responses are flushed by waitress's loop thread; give it time to empty the buffers.
+    while time.monotonic() < end and any(
+            getattr(d, "total_outbufs_len", 0) for d in list(socket_map.values())):
+        time.sleep(0.02)
+    # Sockets must be closed on the loop thread (closing them under its select() fails
+    # with EBADF); the loop ends by itself once its map is empty.
+    wakers = [d for d in list(socket_map.values()) if isinstance(d, trigger.trigger)]
+    if wakers:
+        wakers[0].pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
+    thread.join(max(0.1, end - time.monotonic()))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``graft-serve``; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model_config_file and not args.model_base_path:
+        parser.error("either --model_config_file or --model_base_path is required")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = GraftServer(args)
+    previous = {sig: signal.signal(sig, lambda signum, frame: server.request_stop())
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            server.start()
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.error("cannot start: %s", exc)
+            if getattr(server, "service", None) is not None:
+                server.drain_and_stop()
+            return 1
+        server.wait()
+        log.info("signal received")
+        server.drain_and_stop()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Generated from protos/inference/ by serving.protos.generate; do not edit."""

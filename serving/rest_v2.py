@@ -1,0 +1,270 @@
+"""The V2 (Open Inference Protocol) REST routes, and the OpenAPI document, as a Flask Blueprint.
+
+``v2_blueprint(service, options)`` is registered by ``rest.create_app``; errors
+raise ``ServingError`` and leave through that app's one handler as
+``{"error": "..."}`` with the status from ``serving.errors``. Health answers
+follow the protocol: 200 for true, 400 for false, with an empty body.
+
+The binary tensor data extension (Triton's, used by ``tritonclient.http``) is
+supported both ways. A request whose JSON header is followed by raw tensor data
+says so with ``Inference-Header-Content-Length`` (the JSON's byte length), and
+each such input gives ``parameters.binary_data_size`` instead of ``data``; the
+raw parts follow in input order. An output is returned as raw data when it asks
+for it (``parameters.binary_data``) or, failing that, when the request's
+``parameters.binary_data_output`` is true; the response then carries the same
+header and the raw parts after its JSON, in output order.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from flask import Blueprint, Response, request
+
+from serving import codec, v2
+from serving.errors import InvalidArgument, PayloadTooLarge, ServingError
+
+if TYPE_CHECKING:
+    from serving.rest import RestOptions
+    from serving.service import InferenceService
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+OPENAPI_FILE = "openapi.json"
+PROTOCOL = "rest_v2"
+_READY = {True: 200, False: 400}
+
+
+def openapi_document() -> bytes:
+    """The OpenAPI 3 document of the whole REST surface (package data ``serving/openapi.json``)."""
+    return resources.files("serving").joinpath(OPENAPI_FILE).read_bytes()
+
+
+def v2_blueprint(service: InferenceService, options: RestOptions) -> Blueprint:
+    """The Blueprint serving V2 over ``service`` and ``/openapi.json``; limits from ``options``."""
+    bp = Blueprint("v2", __name__)
+    document = openapi_document()
+
+    @bp.get("/openapi.json")
+    def _openapi():
+        return Response(document, mimetype=JSON_TYPE)
+
+    @bp.get("/v2")
+    @bp.get("/v2/")
+    def _server_metadata():
+        return _json(v2.server_metadata())
+
+    @bp.get("/v2/health/live")
+    def _live():
+        return _empty(_READY[service.live()])
+
+    @bp.get("/v2/health/ready")
+    def _ready():
+        return _empty(_READY[service.ready()])
+
+    @bp.get("/v2/models/<name>/ready")
+    @bp.get("/v2/models/<name>/versions/<version>/ready")
+    def _model_ready(name: str, version: str = ""):
+        try:
+            ready = v2.model_ready(service, name, version)
+        except ServingError as err:
+            # Any 4xx means "false" in the protocol; keep the code (404: unknown model or version).
+            return _empty(err.status if 400 <= err.status < 500 else _READY[False])
+        return _empty(_READY[ready])
+
+    @bp.get("/v2/models/<name>")
+    @bp.get("/v2/models/<name>/versions/<version>")
+    def _model_metadata(name: str, version: str = ""):
+        return _json(v2.model_metadata(service, name, version).to_json())
+
+    @bp.post("/v2/models/<name>/infer")
+    @bp.post("/v2/models/<name>/versions/<version>/infer")
+    def _infer(name: str, version: str = ""):
+        deadline = time.monotonic() + options.timeout_ms / 1000.0
+        body = _read_body(options.max_request_bytes)
+        infer_request = decode_request(body, request.headers.get(HEADER_LENGTH), name, version)
+        infer_request.deadline = deadline
+        return encode_response(v2.infer(service, infer_request), infer_request)
+
+    return bp
+
+
+# --------------------------------------------------------------------- requests
+
+
+def decode_request(body: bytes, header_length: str | None, model: str, version: str) -> v2.InferRequest:
+    """A V2 REST infer body (JSON, optionally followed by binary tensor data) -> InferRequest."""
+    binary = memoryview(b"")
+    if header_length is not None:
+        try:
+            size = int(header_length)
+        except ValueError:
+            size = -1
+        if not 0 <= size <= len(body):
+            raise InvalidArgument(
+                f"{HEADER_LENGTH} must be an integer between 0 and the body size ({len(body)}), "
+                f"got {header_length!r}")
+        binary = memoryview(body)[size:]
+        body = body[:size]
+    if not body:
+        raise InvalidArgument("JSON Parse error: The document is empty")
+    doc = codec.parse_json(body)
+    if not isinstance(doc, dict):
+        raise InvalidArgument("inference request must be a JSON object")
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidArgument("'id' must be a string")
+    parameters = _parameters(doc.get("parameters"), "request")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise InvalidArgument("'inputs' must be a non-empty list of tensors")
+    inputs = []
+    offset = 0
+    for index, item in enumerate(raw_inputs):
+        tensor, used = _decode_input(item, index, binary, offset)
+        inputs.append(tensor)
+        offset += used
+    if offset != len(binary):
+        raise InvalidArgument(
+            f"the binary tensor data holds {len(binary)} bytes but the inputs' binary_data_size "
+            f"add up to {offset}")
+    outputs = _requested_outputs(doc.get("outputs"))
+    return v2.InferRequest(model=model, version=version, id=request_id, inputs=inputs,
+                           outputs=outputs, parameters=parameters, protocol=PROTOCOL)
+
+
+def _decode_input(item: Any, index: int, binary: memoryview, offset: int) -> tuple[v2.InferInput, int]:
+    if not isinstance(item, dict):
+        raise InvalidArgument(f"inputs[{index}] must be a JSON object")
+    name = item.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"inputs[{index}] needs a 'name' string")
+    for key in ("datatype", "shape"):
+        if key not in item:
+            raise InvalidArgument(f"input '{name}' needs '{key}'")
+    datatype, shape = item["datatype"], item["shape"]
+    parameters = _parameters(item.get("parameters"), f"input '{name}'")
+    size = parameters.get("binary_data_size")
+    if size is None:
+        if "data" not in item:
+            raise InvalidArgument(f"input '{name}' needs 'data' or parameters.binary_data_size")
+        return v2.InferInput(name, datatype, v2.json_to_array(name, datatype, shape, item["data"])), 0
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidArgument(f"input '{name}': binary_data_size must be a non-negative integer")
+    if "data" in item:
+        raise InvalidArgument(f"input '{name}' gives both 'data' and binary_data_size")
+    if offset + size > len(binary):
+        raise InvalidArgument(
+            f"input '{name}': binary_data_size {size} runs past the {len(binary)} bytes of binary data"
+            + ("" if binary else f" (is the {HEADER_LENGTH} header missing?)"))
+    raw = binary[offset:offset + size]
+    return v2.InferInput(name, datatype, v2.raw_to_array(name, datatype, shape, raw)), size
+
+
+def _requested_outputs(value: Any) -> list[v2.RequestedOutput]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument("'outputs' must be a list of {\"name\": ...} objects")
+    outputs = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidArgument(f"outputs[{index}] needs a 'name' string")
+        outputs.append(v2.RequestedOutput(item["name"], _parameters(item.get("parameters"),
+                                                                    f"output '{item['name']}'")))
+    return outputs
+
+
+def _parameters(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where}: 'parameters' must be a JSON object")
+    return value
+
+
+# -------------------------------------------------------------------- responses
+
+
+def encode_response(result: v2.InferResponse, infer_request: v2.InferRequest) -> Response:
+    """JSON response, with binary tensor data appended for the outputs that asked for it."""
+    default_binary = _flag(infer_request.parameters.get("binary_data_output"), "binary_data_output")
+    per_output = {o.name: o.parameters for o in infer_request.outputs}
+    outputs, parts = [], []
+    for out in result.outputs:
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        asked = per_output.get(out.name, {}).get("binary_data")
+        if asked is None:
+            binary = default_binary
+        else:
+            binary = _flag(asked, f"output '{out.name}' binary_data")
+        if binary:
+            raw = v2.array_to_raw(out.array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            parts.append(raw)
+        else:
+            entry["data"] = v2.array_to_json_data(out.name, out.array)
+        outputs.append(entry)
+    body: dict[str, Any] = {"model_name": result.model, "model_version": result.version}
+    if result.id:
+        body["id"] = result.id
+    body["outputs"] = outputs
+    header = codec.dump_json(body)
+    if not parts:
+        return Response(header, mimetype=JSON_TYPE)
+    response = Response(b"".join([header, *parts]), mimetype=BINARY_TYPE)
+    response.headers[HEADER_LENGTH] = str(len(header))
+    return response
+
+
+def _flag(value: Any, what: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"parameter {what} must be true or false")
+    return value
+
+
+# ----------------------------------------------------------------------- bodies
+
+
+def _read_body(limit: int) -> bytes:
+    """The request body, decompressed (gzip or deflate), at most ``limit`` bytes after decompression."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}")
+    raw = request.stream.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    if encoding == "gzip":
+        wbits = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        wbits = zlib.MAX_WBITS  # HTTP's "deflate" is the zlib format, as tritonclient sends it
+    else:
+        raise InvalidArgument(f"Unsupported Content-Encoding: {encoding}")
+    inflater = zlib.decompressobj(wbits=wbits)
+    try:
+        out = inflater.decompress(raw, limit + 1)
+    except zlib.error as exc:
+        raise InvalidArgument(f"Request body is not valid {encoding}: {exc}") from None
+    # The limit applies after decompression, so a small bomb is refused too.
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(f"Decompressed request body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise InvalidArgument(f"Request body is truncated {encoding}")
+    return out
+
+
+def _json(payload: Any, status: int = 200) -> Response:
+    return Response(codec.dump_json(payload), status=status, mimetype=JSON_TYPE)
+
+
+def _empty(status: int) -> Response:
+    # The protocol's health answers carry their result in the status alone.
+    return Response(b"", status=status, content_type=None)

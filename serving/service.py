@@ -1,0 +1,591 @@
+"""InferenceService: the one protocol-neutral core that the REST and gRPC adapters call.
+
+It resolves model / version / label through the manager, validates inputs against
+the signature (each error names the input), decodes encoded images for image
+signatures, runs through the version's batcher when batching is on, records
+metrics, and refuses new work while draining. It knows no wire format except the
+tf.Example bytes that Classify/Regress are defined over.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from serving import codec
+from serving.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServingError, Unavailable
+
+if TYPE_CHECKING:
+    from serving.batching import Batcher, BatchingConfig
+    from serving.manager import ModelManager, VersionStatus
+    from serving.metrics import ServingMetrics
+    from serving.servable import Servable, SignatureSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIGNATURE = "serving_default"
+PREDICT_METHOD = "tensorflow/serving/predict"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+REGRESS_METHOD = "tensorflow/serving/regress"
+# Large enough for any real photo, small enough that one request cannot exhaust memory.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# Seconds a client should wait before retrying a server that is shutting down.
+DRAIN_RETRY_AFTER = 1.0
+
+Inputs = Mapping[str, np.ndarray]
+
+
+@dataclass
+class PredictCall:
+    """One Predict request, whatever protocol carried it.
+
+    ``inputs`` is either the arrays themselves or a function from the resolved
+    signature to the arrays, for formats (REST JSON) whose decoding needs the
+    signature's dtypes. An object array of ``bytes`` for a float image input means
+    encoded images. ``deadline`` is a ``time.monotonic()`` instant.
+    """
+
+    model: str
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = ""
+    inputs: Inputs | Callable[[SignatureSpec], Inputs] = field(default_factory=dict)
+    output_filter: Sequence[str] = ()
+    deadline: float | None = None
+    protocol: str = "grpc"
+
+
+@dataclass
+class PredictResult:
+    """Outputs of a Predict, with the version that served it."""
+
+    model: str
+    version: int
+    signature_name: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class ExamplesCall:
+    """One Classify or Regress request: serialized tf.Example protos plus an optional context.
+
+    The context's serialized bytes are prepended to each example, which is how TF
+    Serving merges ``example_list_with_context`` (protobuf concatenation = merge).
+    """
+
+    model: str
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = ""
+    examples: Sequence[bytes] = ()
+    context: bytes | None = None
+    deadline: float | None = None
+    protocol: str = "grpc"
+
+
+@dataclass
+class ClassifyResult:
+    """Per example, a list of ``(label, score)`` pairs in the signature's class order."""
+
+    model: str
+    version: int
+    signature_name: str
+    classifications: list[list[tuple[str, float]]]
+
+
+@dataclass
+class RegressResult:
+    """One regression value per example."""
+
+    model: str
+    version: int
+    signature_name: str
+    values: list[float]
+
+
+@dataclass
+class InferenceTask:
+    """One task of a MultiInference: a signature and the method it must have."""
+
+    signature_name: str
+    method_name: str
+
+
+@dataclass
+class MultiInferenceCall:
+    """Several classify/regress tasks on one model version over the same examples."""
+
+    model: str
+    version: int | None = None
+    label: str | None = None
+    tasks: Sequence[InferenceTask] = ()
+    examples: Sequence[bytes] = ()
+    context: bytes | None = None
+    deadline: float | None = None
+    protocol: str = "grpc"
+
+
+@dataclass
+class MetadataResult:
+    """A version's SignatureDefMap (tensorflow_serving.apis.get_model_metadata_pb2) and lineage."""
+
+    model: str
+    version: int
+    signature_def_map: Any
+    lineage: dict | None = None   # assets.extra/graft.json, when the version has one
+
+
+class InferenceService:
+    """The serving core. Thread-safe; one instance per process, shared by every adapter."""
+
+    def __init__(self, manager: ModelManager, *, metrics: ServingMetrics | None = None,
+                 batching: BatchingConfig | None = None,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+        self._manager = manager
+        self._metrics = metrics
+        self._batching = batching
+        self._max_image_pixels = max_image_pixels
+        self._lock = threading.Lock()
+        self._batchers: dict[tuple[str, int, str], Batcher | None] = {}
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self._draining = False
+        # on_unload closes the batchers of a version once the manager has drained it.
+        manager.add_listener(self)
+
+    # ------------------------------------------------------------------ inference
+
+    def predict(self, request: PredictCall) -> PredictResult:
+        """Run a signature on validated inputs; only the filtered outputs are returned."""
+        with self._request(request.protocol, "predict", request.model) as record:
+            with self._manager.acquire(request.model, request.version, request.label) as servable:
+                sig = self._signature(servable, request.signature_name)
+                wanted = _output_filter(sig, request.output_filter)
+                raw = request.inputs(sig) if callable(request.inputs) else request.inputs
+                inputs = self._validate(sig, raw)
+                record(servable.version, sig.name, _batch_size(sig, inputs))
+                outputs = self._run(servable, sig, inputs, request.deadline)
+                if wanted:
+                    outputs = {name: outputs[name] for name in wanted}
+                return PredictResult(servable.name, servable.version, sig.name, outputs)
+
+    def classify(self, request: ExamplesCall) -> ClassifyResult:
+        """Run a classify signature over tf.Examples."""
+        with self._request(request.protocol, "classify", request.model) as record:
+            with self._manager.acquire(request.model, request.version, request.label) as servable:
+                sig = self._method_signature(servable, request.signature_name, CLASSIFY_METHOD)
+                inputs = _examples_tensor(sig, request.examples, request.context)
+                record(servable.version, sig.name, len(request.examples))
+                outputs = self._run(servable, sig, inputs, request.deadline)
+                return ClassifyResult(servable.name, servable.version, sig.name,
+                                      _classifications(outputs, len(request.examples)))
+
+    def regress(self, request: ExamplesCall) -> RegressResult:
+        """Run a regress signature over tf.Examples."""
+        with self._request(request.protocol, "regress", request.model) as record:
+            with self._manager.acquire(request.model, request.version, request.label) as servable:
+                sig = self._method_signature(servable, request.signature_name, REGRESS_METHOD)
+                inputs = _examples_tensor(sig, request.examples, request.context)
+                record(servable.version, sig.name, len(request.examples))
+                outputs = self._run(servable, sig, inputs, request.deadline)
+                return RegressResult(servable.name, servable.version, sig.name,
+                                     _regressions(outputs, len(request.examples)))
+
+    def multi_inference(self, request: MultiInferenceCall) -> list[ClassifyResult | RegressResult]:
+        """Run several classify/regress tasks on one version, in task order."""
+        if not request.tasks:
+            raise InvalidArgument("MultiInferenceRequest has no tasks")
+        seen = set()
+        for task in request.tasks:
+            if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+                raise InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
+            key = task.signature_name or DEFAULT_SIGNATURE
+            if key in seen:
+                raise InvalidArgument(f"Duplicate evaluation of signature: {key}")
+            seen.add(key)
+        with self._request(request.protocol, "multi_inference", request.model) as record:
+            with self._manager.acquire(request.model, request.version, request.label) as servable:
+                sigs = [self._method_signature(servable, t.signature_name, t.method_name)
+                        for t in request.tasks]
+                record(servable.version, ",".join(s.name for s in sigs), len(request.examples))
+                results: list[ClassifyResult | RegressResult] = []
+                n = len(request.examples)
+                for task, sig in zip(request.tasks, sigs):
+                    inputs = _examples_tensor(sig, request.examples, request.context)
+                    outputs = self._run(servable, sig, inputs, request.deadline)
+                    if task.method_name == CLASSIFY_METHOD:
+                        results.append(ClassifyResult(servable.name, servable.version, sig.name,
+                                                      _classifications(outputs, n)))
+                    else:
+                        results.append(RegressResult(servable.name, servable.version, sig.name,
+                                                     _regressions(outputs, n)))
+                return results
+
+    # ------------------------------------------------------------------- metadata
+
+    def model_status(self, name: str, version: int | None = None,
+                     label: str | None = None) -> list[VersionStatus]:
+        """TF Serving's GetModelStatus: the versions of ``name`` and their states."""
+        return self._manager.status(name, version, label)
+
+    def model_metadata(self, name: str, version: int | None = None,
+                       label: str | None = None) -> MetadataResult:
+        """The SignatureDefMap of the resolved version."""
+        with self._manager.acquire(name, version, label) as servable:
+            return MetadataResult(servable.name, servable.version, servable.signature_def_map(),
+                                  servable.lineage())
+
+    def list_models(self) -> list[dict]:
+        """Every configured model with its versions (TF Serving's status shape) and labels."""
+        models = []
+        for name in self._manager.model_names():
+            statuses = self._manager.status(name)
+            models.append({
+                "name": name,
+                "model_version_status": [self._with_training_summary(name, s) for s in statuses],
+                "labels": dict(self._manager.labels(name)),
+            })
+        return models
+
+    def _with_training_summary(self, name: str, status: VersionStatus) -> dict:
+        """A version's status JSON plus, when it is AVAILABLE with a lineage, its training summary."""
+        entry = version_status_json(status)
+        if status.state == "AVAILABLE":
+            try:
+                with self._manager.acquire(name, status.version) as servable:
+                    lineage = servable.lineage()
+            except ServingError:  # unloaded since the status was read
+                lineage = None
+            if lineage is not None:
+                entry["graft"] = training_summary(lineage)
+        return entry
+
+    def ready(self) -> bool:
+        """True when not draining and every configured model has an AVAILABLE version."""
+        return not self._draining and self._manager.ready()
+
+    def live(self) -> bool:
+        """True while the process can answer at all (also while draining)."""
+        return True
+
+    @property
+    def draining(self) -> bool:
+        """Whether :meth:`begin_drain` was called."""
+        return self._draining
+
+    def reload_config(self, configs) -> None:
+        """Replace the served model list (models missing from it unload)."""
+        self._manager.reload_config(list(configs))
+
+    # -------------------------------------------------------------------- shutdown
+
+    def begin_drain(self) -> None:
+        """Refuse new inference requests with Unavailable; those already admitted finish."""
+        with self._idle:
+            self._draining = True
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no request is in flight; False if ``timeout`` seconds passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def close(self) -> None:
+        """Close every batcher (after a drain); the manager is stopped by its owner."""
+        with self._lock:
+            batchers = [b for b in self._batchers.values() if b is not None]
+            self._batchers.clear()
+        for batcher in batchers:
+            batcher.close(drain=True)
+
+    # ---------------------------------------------------------- ManagerListener
+
+    def on_state(self, name: str, version: int, state: str) -> None:
+        """ManagerListener hook; the service keeps no per-state data."""
+
+    def on_load(self, name: str, version: int, seconds: float, error: str | None) -> None:
+        """ManagerListener hook; the service keeps no per-load data."""
+
+    def on_unload(self, name: str, version: int) -> None:
+        """Close that version's batchers: its in-flight requests are already done."""
+        with self._lock:
+            keys = [k for k in self._batchers if k[0] == name and k[1] == version]
+            batchers = [self._batchers.pop(k) for k in keys]
+        for batcher in batchers:
+            if batcher is not None:
+                batcher.close(drain=True)
+
+    # -------------------------------------------------------------------- helpers
+
+    @contextmanager
+    def _request(self, protocol: str, method: str, model: str) -> Iterator[Callable]:
+        """Admit one inference request (or refuse it while draining) and record its metrics."""
+        with self._idle:
+            if self._draining:
+                raise Unavailable("Server is shutting down", retry_after=DRAIN_RETRY_AFTER)
+            self._in_flight += 1
+        start = time.perf_counter()
+        served: dict[str, Any] = {}
+
+        def record(version: int, signature: str, examples: int) -> None:
+            served.update(version=version, signature=signature, examples=examples)
+
+        code = "OK"
+        try:
+            yield record
+        except Exception as exc:
+            code = getattr(exc, "code", "INTERNAL")
+            raise
+        finally:
+            if self._metrics is not None:
+                version, signature = served.get("version"), served.get("signature", "")
+                self._metrics.observe_request(model, version, signature, method, protocol, code,
+                                              time.perf_counter() - start)
+                if code == "OK":
+                    self._metrics.observe_examples(model, version, signature, method,
+                                                   served.get("examples", 0))
+            with self._idle:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.notify_all()
+
+    @staticmethod
+    def _signature(servable: Servable, name: str) -> SignatureSpec:
+        key = name or DEFAULT_SIGNATURE
+        sig = servable.signatures.get(key)
+        if sig is None:
+            # TF Serving's code and wording for an unknown Predict signature.
+            raise FailedPrecondition(f'Serving signature key "{key}" not found.')
+        return sig
+
+    @staticmethod
+    def _method_signature(servable: Servable, name: str, method: str) -> SignatureSpec:
+        key = name or DEFAULT_SIGNATURE
+        sig = servable.signatures.get(key)
+        if sig is None:
+            raise InvalidArgument(f"No signature was found with the name: {key}")
+        if sig.method_name != method:
+            kind = "classification" if method == CLASSIFY_METHOD else "regression"
+            # TF Serving reports this as INVALID_ARGUMENT with exactly this wording.
+            raise InvalidArgument(
+                f"Expected {kind} signature method_name to be {method}. Was: {sig.method_name}")
+        if len(sig.inputs) != 1:
+            raise InvalidArgument("Expected one input Tensor.")
+        return sig
+
+    def _validate(self, sig: SignatureSpec, inputs: Inputs) -> dict[str, np.ndarray]:
+        """Check names, dtypes, shapes and batch agreement; decode encoded images."""
+        expected = ", ".join(sig.inputs)
+        for name in inputs:
+            if name not in sig.inputs:
+                raise InvalidArgument(
+                    f"unknown input '{name}' for signature '{sig.name}'; expected: {expected}")
+        for name in sig.inputs:
+            if name not in inputs:
+                raise InvalidArgument(
+                    f"missing input '{name}' for signature '{sig.name}'; expected: {expected}")
+        out = {}
+        for name, spec in sig.inputs.items():
+            arr = self._coerce(sig, name, spec, np.asarray(inputs[name]))
+            if spec.shape is not None:
+                if arr.ndim != len(spec.shape) or any(
+                        want is not None and want != got for want, got in zip(spec.shape, arr.shape)):
+                    raise InvalidArgument(
+                        f"input '{name}' expects shape {_shape_text(spec.shape)} "
+                        f"but got {list(arr.shape)}")
+            out[name] = arr
+        batched = {n: a.shape[0] for n, a in out.items() if _is_batched(sig.inputs[n])}
+        if len(set(batched.values())) > 1:
+            sizes = ", ".join(f"{n}={b}" for n, b in batched.items())
+            raise InvalidArgument(f"inputs have inconsistent batch sizes: {sizes}")
+        return out
+
+    def _coerce(self, sig: SignatureSpec, name: str, spec, arr: np.ndarray) -> np.ndarray:
+        if spec.dtype.kind == "O":
+            if arr.dtype.kind == "O":
+                return arr
+            if arr.dtype.kind == "S":
+                return arr.astype(object)
+            if arr.dtype.kind == "U":
+                return np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(arr)
+            raise InvalidArgument(f"input '{name}' expects string but got {arr.dtype.name}")
+        if arr.dtype == spec.dtype:
+            return arr
+        if arr.dtype.kind in "OS" and _is_image_signature(sig):
+            return self._decode_images(name, spec, arr)
+        got = "string" if arr.dtype.kind in "OSU" else arr.dtype.name
+        raise InvalidArgument(f"input '{name}' expects {spec.dtype.name} but got {got}")
+
+    def _decode_images(self, name: str, spec, arr: np.ndarray) -> np.ndarray:
+        _, height, width, _ = spec.shape
+        if height is None or width is None:
+            raise InvalidArgument(
+                f"input '{name}' has no fixed height and width, so encoded images cannot be resized")
+        if arr.ndim != 1:
+            raise InvalidArgument(
+                f"input '{name}': encoded images must be a list of {{\"b64\": ...}} values, "
+                f"got shape {list(arr.shape)}")
+        images = []
+        for i, data in enumerate(arr.tolist()):
+            if not isinstance(data, bytes):
+                raise InvalidArgument(f"input '{name}': item {i} is not image bytes")
+            try:
+                images.append(codec.decode_image(data, height, width, max_pixels=self._max_image_pixels))
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"input '{name}' item {i}: {exc.message}") from None
+        if not images:
+            return np.zeros((0, height, width, 3), dtype=spec.dtype)
+        return np.stack(images).astype(spec.dtype, copy=False)
+
+    def _run(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
+             deadline: float | None) -> dict[str, np.ndarray]:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("Deadline exceeded before the request could run")
+        batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
+        if batcher is None:
+            return servable.run(sig.name, inputs)
+        return batcher.submit(inputs, deadline)
+
+    def _batcher(self, servable: Servable, sig: SignatureSpec) -> Batcher | None:
+        if self._batching is None or not _is_batchable(sig):
+            return None
+        key = (servable.name, servable.version, sig.name)
+        with self._lock:
+            if key not in self._batchers:
+                from serving.batching import Batcher  # only when batching is configured
+
+                observer = (self._metrics.batch_observer(servable.name, servable.version, sig.name)
+                            if self._metrics is not None else None)
+                self._batchers[key] = Batcher(
+                    functools.partial(servable.run, sig.name), self._batching,
+                    observer=observer, name=f"{servable.name}/{servable.version}/{sig.name}")
+            return self._batchers[key]
+
+
+def version_status_json(status: VersionStatus) -> dict:
+    """One VersionStatus in TF Serving's REST shape."""
+    return {
+        "version": str(status.version),
+        "state": status.state,
+        "status": {"error_code": status.error_code, "error_message": status.error_message},
+    }
+
+
+def _output_filter(sig: SignatureSpec, names: Sequence[str]) -> list[str]:
+    seen: list[str] = []
+    for name in names:
+        if name not in sig.outputs:
+            raise InvalidArgument(
+                f"output tensor alias not found in signature: {name} Outputs expected to be "
+                f"in the set {{{','.join(sig.outputs)}}}.")
+        if name in seen:
+            raise InvalidArgument(f"duplicate output tensor alias: {name}")
+        seen.append(name)
+    return seen
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join("-1" if d is None else str(d) for d in shape) + "]"
+
+
+def _is_batched(spec) -> bool:
+    return spec.shape is not None and len(spec.shape) >= 1 and spec.shape[0] is None
+
+
+def _is_batchable(sig: SignatureSpec) -> bool:
+    # Rows from several requests may only be concatenated when every input and output
+    # has a free leading (batch) dimension.
+    return all(_is_batched(s) for s in sig.inputs.values()) and all(
+        _is_batched(s) for s in sig.outputs.values())
+
+
+def _batch_size(sig: SignatureSpec, inputs: dict[str, np.ndarray]) -> int:
+    sizes = [a.shape[0] for n, a in inputs.items() if _is_batched(sig.inputs[n]) and a.ndim]
+    return sizes[0] if sizes else 0
+
+
+def _is_image_signature(sig: SignatureSpec) -> bool:
+    if len(sig.inputs) != 1:
+        return False
+    spec = next(iter(sig.inputs.values()))
+    return (spec.dtype.kind == "f" and spec.shape is not None and len(spec.shape) == 4
+            and spec.shape[3] in (3, None))
+
+
+def _examples_tensor(sig: SignatureSpec, examples: Sequence[bytes],
+                     context: bytes | None) -> dict[str, np.ndarray]:
+    if not examples:
+        raise InvalidArgument("Input is empty")
+    (name, spec), = sig.inputs.items()
+    if spec.dtype.kind != "O":
+        raise InvalidArgument(f"signature '{sig.name}' input '{name}' is not a string tensor")
+    arr = np.empty(len(examples), dtype=object)
+    arr[:] = [context + e for e in examples] if context else list(examples)
+    return {name: arr}
+
+
+def _classifications(outputs: dict[str, np.ndarray], n: int) -> list[list[tuple[str, float]]]:
+    classes = outputs.get("classes")
+    scores = outputs.get("scores")
+    if classes is None and scores is None:
+        raise InvalidArgument(
+            'Expected classification signature outputs to contain at least one of "classes" or "scores".')
+    for what, tensor in (("classes", classes), ("scores", scores)):
+        if tensor is None:
+            continue
+        if tensor.ndim != 2:
+            raise InvalidArgument(
+                f"Expected Tensor shape: [batch_size num_classes] but got {list(tensor.shape)} for {what}")
+        if tensor.shape[0] != n:
+            raise InvalidArgument(f"Expected {what} output batch size of {n}. Got: {tensor.shape[0]}")
+    if classes is not None and scores is not None and classes.shape[1] != scores.shape[1]:
+        raise InvalidArgument(
+            f"Tensors class and score should match in dim_size(1). Got {classes.shape[1]} vs. {scores.shape[1]}")
+    width = (classes if classes is not None else scores).shape[1]
+    labels = ([[_text(c) for c in row] for row in classes.tolist()] if classes is not None
+              else [[""] * width for _ in range(n)])
+    values = scores.astype(np.float32).tolist() if scores is not None else [[0.0] * width] * n
+    return [list(zip(lab, val)) for lab, val in zip(labels, values)]
+
+
+def _regressions(outputs: dict[str, np.ndarray], n: int) -> list[float]:
+    values = outputs.get("outputs")
+    if values is None:
+        raise InvalidArgument('No regression outputs found in signature: expected "outputs".')
+    if values.ndim == 2 and values.shape[1] == 1:
+        values = values[:, 0]
+    if values.ndim != 1 or values.shape[0] != n:
+        raise InvalidArgument(
+            f"Expected output Tensor shape to be either [batch_size] or [batch_size, 1] "
+            f"but got {list(values.shape)}")
+    return values.astype(np.float32).tolist()
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def training_summary(lineage: Mapping[str, Any]) -> dict:
+    """The training summary of a lineage record: base, scenario, accuracy and created_at.
+
+    ``scenario`` is the scenario's name when the record describes it as an object;
+    ``accuracy`` is the validation accuracy, else the training accuracy, else None.
+    """
+    scenario = lineage.get("scenario")
+    if isinstance(scenario, Mapping):
+        scenario = scenario.get("name", scenario.get("scenario"))
+    metrics = lineage.get("metrics")
+    metrics = metrics if isinstance(metrics, Mapping) else {}
+    accuracy = next((metrics[key] for key in ("val_accuracy", "accuracy")
+                     if isinstance(metrics.get(key), int | float) and not isinstance(metrics.get(key), bool)),
+                    None)
+    return {"base": lineage.get("base"), "scenario": scenario, "accuracy": accuracy,
+            "created_at": lineage.get("created_at")}

@@ -1,0 +1,138 @@
+"""Start a real graft-serve for tests: in-process (threads) or as a subprocess.
+
+Both paths go through ``serving.main``'s own flag parser and wiring, so a test
+exercises exactly what ``graft-serve`` runs; nothing is stubbed. Servers bind
+127.0.0.1: gRPC on port 0 (the bound port is read back), REST on a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import requests
+from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
+
+from serving.main import GraftServer, build_parser
+
+READY_TIMEOUT_S = 90.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def write_model_config(path: Path, models: dict[str, Path], extra: dict[str, str] | None = None) -> Path:
+    """Write a TF Serving models.config naming each model's base path (``extra``: text per model)."""
+    extra = extra or {}
+    entries = "".join(
+        f'  config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" {extra.get(name, "")} }}\n'
+        for name, base in models.items())
+    path.write_text(f"model_config_list {{\n{entries}}}\n")
+    return path
+
+
+class Client:
+    """Handles on a running server: REST base URL, a gRPC channel and the TF Serving stubs."""
+
+    def __init__(self, grpc_port: int, rest_port: int | None):
+        self.grpc_port = grpc_port
+        self.rest_port = rest_port
+        self.rest = f"http://127.0.0.1:{rest_port}" if rest_port else None
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        self.predict = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
+        self.models = model_service_pb2_grpc.ModelServiceStub(self.channel)
+        self.http = requests.Session()
+
+    def close(self) -> None:
+        """Close the channel and the HTTP session."""
+        self.channel.close()
+        self.http.close()
+
+
+def _wait_ready(rest: str, timeout: float = READY_TIMEOUT_S) -> None:
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        try:
+            last = requests.get(f"{rest}/readyz", timeout=2)
+            if last.status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"server not ready after {timeout}s: {last and last.text}")
+
+
+@contextmanager
+def serving(flags: Sequence[str]) -> Iterator[tuple[GraftServer, Client]]:
+    """Run graft-serve in this process with ``flags`` (ports and host are added) until the block ends."""
+    rest_port = free_port()
+    args = build_parser().parse_args(
+        ["--host", "127.0.0.1", "--port", "0", "--rest_api_port", str(rest_port), *flags])
+    server = GraftServer(args)
+    server.start()
+    client = Client(server.grpc_port, server.rest_port)
+    try:
+        _wait_ready(client.rest)
+        yield server, client
+    finally:
+        client.close()
+        server.drain_and_stop()
+
+
+class Subprocess:
+    """A graft-serve child process; ports come from its startup log lines."""
+
+    _GRPC = re.compile(r"Running gRPC ModelServer at [^:\s]+:(\d+)")
+    _REST = re.compile(r"Exporting HTTP/REST API at:[^:\s]+:(\d+)")
+
+    def __init__(self, flags: Sequence[str], log_path: Path):
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+        script = Path(sys.executable).with_name("graft-serve")
+        command = [str(script)] if script.exists() else [sys.executable, "-m", "serving.main"]
+        self.proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", *flags],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.grpc_port, self.rest_port = self._ports()
+        self.client = Client(self.grpc_port, self.rest_port)
+        _wait_ready(self.client.rest)
+
+    def _ports(self) -> tuple[int, int]:
+        end = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < end:
+            text = self.log()
+            grpc_match, rest_match = self._GRPC.search(text), self._REST.search(text)
+            if grpc_match and rest_match:
+                return int(grpc_match[1]), int(rest_match[1])
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"graft-serve exited with {self.proc.returncode}:\n{text}")
+            time.sleep(0.1)
+        raise TimeoutError(f"graft-serve printed no ports:\n{self.log()}")
+
+    def log(self) -> str:
+        """Everything the process wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (if still running) and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.client.close()
+            self._log.close()

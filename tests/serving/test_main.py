@@ -1,0 +1,186 @@
+"""graft-serve's command line, wiring and graceful shutdown (a real subprocess gets SIGTERM)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import tensorflow as tf
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tensorflow_serving.apis import predict_pb2
+
+from serving.main import GraftServer, build_parser, main
+from tests import models
+from tests.serving.server import Client, Subprocess, free_port, serving, write_model_config
+
+X = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]], dtype=np.float32)
+
+
+def test_defaults_are_tf_servings():
+    args = build_parser().parse_args([])
+    assert (args.port, args.rest_api_port, args.host) == (8500, 8501, "0.0.0.0")
+    assert args.model_name == "default"
+    assert args.file_system_poll_wait_seconds == 1.0
+    assert args.model_config_file_poll_wait_seconds == 0.0
+    assert args.rest_api_timeout_in_ms == 30000
+    assert args.enable_batching is False
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], False), (["--enable_batching"], True), (["--enable_batching=true"], True),
+    (["--enable_batching=false"], False), (["--enable_batching=0"], False),
+    (["--enable_batching", "TRUE"], True),
+])
+def test_boolean_flags_accept_tf_serving_forms(flags, expected):
+    assert build_parser().parse_args(flags).enable_batching is expected
+
+
+@pytest.mark.parametrize("argv", [
+    [],                                              # neither a config file nor a base path
+    ["--model_base_path", "/m", "--enable_batching=maybe"],
+    ["--model_base_path", "/m", "--port", "70000"],
+])
+def test_bad_command_lines_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "graft-serve" in capsys.readouterr().err
+
+
+def test_bad_model_config_exits_1(tmp_path, caplog):
+    config = tmp_path / "models.config"
+    config.write_text("model_config_list { config { name: 'm' base_path: '/x' nonsense: 1 } }")
+    assert main(["--model_config_file", str(config), "--port", "0",
+                 "--rest_api_port", str(free_port()), "--host", "127.0.0.1"]) == 1
+    assert "cannot start" in caplog.text
+
+
+def _predict(client: Client, model: str, timeout: float = 30):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(X))
+    request.inputs["tag"].CopyFrom(tf.make_tensor_proto(np.array([b"a", b"b"])))
+    return client.predict.Predict(request, timeout=timeout)
+
+
+def test_rest_port_zero_disables_rest(tmp_path, two_input_savedmodel):
+    models.install_version(two_input_savedmodel, tmp_path / "two", 1)
+    args = build_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--rest_api_port", "0",
+                                      "--model_name", "two", "--model_base_path", str(tmp_path / "two")])
+    server = GraftServer(args)
+    server.start()
+    client = Client(server.grpc_port, None)
+    try:
+        assert server.rest_port is None
+        server.manager.wait_until_available("two")
+        y = tf.make_ndarray(_predict(client, "two").outputs["y"])
+        np.testing.assert_allclose(y, models.two_input_expected(X), atol=1e-5)
+    finally:
+        client.close()
+        assert server.drain_and_stop()
+
+
+def test_model_config_file_is_polled(tmp_path, two_input_savedmodel):
+    for name in ("a", "b"):
+        models.install_version(two_input_savedmodel, tmp_path / name, 1)
+    config = write_model_config(tmp_path / "models.config", {"a": tmp_path / "a"})
+    flags = ["--model_config_file", str(config), "--model_config_file_poll_wait_seconds", "0.2"]
+    with serving(flags) as (_, client):
+        with pytest.raises(grpc.RpcError):
+            _predict(client, "b")
+        time.sleep(0.05)  # a different mtime, whatever the file system's resolution
+        write_model_config(config, {"a": tmp_path / "a", "b": tmp_path / "b"})
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                y = tf.make_ndarray(_predict(client, "b").outputs["y"])
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline, "model b never became available"
+                time.sleep(0.1)
+        np.testing.assert_allclose(y, models.two_input_expected(X), atol=1e-5)
+
+
+def _queued_rows(client: Client) -> float:
+    text = requests.get(f"{client.rest}/metrics", timeout=5).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "graft_batch_queue_depth":
+            return sum(sample.value for sample in family.samples)
+    return 0.0
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, two_input_savedmodel):
+    models.install_version(two_input_savedmodel, tmp_path / "two", 1)
+    # A 4 s batch timeout holds the first requests in the queue: they are in flight at SIGTERM.
+    batching = tmp_path / "batching.config"
+    batching.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 4000000 }\n"
+                        "num_batch_threads { value: 1 }\n")
+    server = Subprocess(["--port", "0", "--rest_api_port", str(free_port()), "--model_name", "two",
+                         "--model_base_path", str(tmp_path / "two"),
+                         "--batching_parameters_file", str(batching), "--drain_seconds", "30"],
+                        tmp_path / "serve.log")
+    client = server.client
+    answers: dict[str, object] = {}
+
+    def rest_call(key):
+        r = requests.post(f"{client.rest}/v1/models/two:predict",
+                          json={"inputs": {"x": X.tolist(), "tag": ["a", "b"]}}, timeout=60)
+        answers[key] = (r.status_code, r.json())
+
+    def grpc_call(key):
+        answers[key] = _predict(client, "two", timeout=60)
+
+    def guarded(fn, key):
+        try:
+            fn(key)
+        except Exception as exc:  # recorded and asserted on below
+            answers[key] = exc
+
+    threads = [threading.Thread(target=guarded, args=(fn, f"{fn.__name__}{i}"))
+               for i in range(3) for fn in (rest_call, grpc_call)]
+    try:
+        for t in threads:
+            t.start()
+        # SIGTERM only once all 6 requests (12 rows) are admitted and queued.
+        deadline = time.monotonic() + 10
+        while _queued_rows(client) < 12:
+            assert time.monotonic() < deadline, f"requests not queued: {answers}"
+            time.sleep(0.05)
+        assert not answers, "requests finished before SIGTERM; the batch timeout did not hold them"
+        server.proc.terminate()
+        # Readiness and health turn at once; new work is refused, not queued.
+        deadline = time.monotonic() + 5
+        while requests.get(f"{client.rest}/readyz", timeout=5).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        health = health_pb2_grpc.HealthStub(client.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        late = requests.post(f"{client.rest}/v1/models/two:predict",
+                             json={"inputs": {"x": X.tolist(), "tag": ["a", "b"]}}, timeout=10)
+        assert late.status_code == 503 and late.headers["Retry-After"] == "1"
+        assert "shutting down" in late.json()["error"]
+        with pytest.raises(grpc.RpcError) as info:
+            _predict(client, "two", timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(60)
+        code = server.proc.wait(60)
+    finally:
+        exit_code = server.stop()
+    expected = models.two_input_expected(X)
+    assert len(answers) == 6
+    for key, answer in answers.items():
+        assert not isinstance(answer, Exception), (key, answer, server.log())
+        if key.startswith("rest"):
+            status, body = answer
+            assert status == 200, body
+            np.testing.assert_allclose(body["outputs"]["y"], expected, atol=1e-5)
+        else:
+            np.testing.assert_allclose(tf.make_ndarray(answer.outputs["y"]), expected, atol=1e-5)
+    assert code == 0 and exit_code == 0, server.log()
+    assert "draining" in server.log()
