@@ -79,9 +79,18 @@ def _rpc(method: Callable) -> Callable:
     return wrapper
 
 
-def _deadline(context: grpc.ServicerContext) -> float | None:
+# A deadline further away than this (a year) means "none".
+NO_DEADLINE_S = 365 * 24 * 3600.0
+
+
+def deadline_of(context: grpc.ServicerContext) -> float | None:
+    """The call's deadline on the ``time.monotonic()`` clock, or None when the client set none."""
     remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
+    # Without a client deadline grpc reports the time left until a far-future
+    # instant, too large for the waits that a deadline feeds.
+    if remaining is None or remaining > NO_DEADLINE_S:
+        return None
+    return time.monotonic() + remaining
 
 
 def _version_and_label(spec) -> tuple[int | None, str | None]:
@@ -140,7 +149,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         result = self._service.predict(PredictCall(
             model=request.model_spec.name, version=version, label=label,
             signature_name=request.model_spec.signature_name, inputs=self._decode(request.inputs),
-            output_filter=list(request.output_filter), deadline=_deadline(context), protocol="grpc"))
+            output_filter=list(request.output_filter), deadline=deadline_of(context), protocol="grpc"))
         response = predict_pb2.PredictResponse()
         _model_spec(response.model_spec, result.model, result.version, result.signature_name)
         for name, value in result.outputs.items():
@@ -152,7 +161,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         examples, example_context = _examples(request.input)
         return ExamplesCall(model=request.model_spec.name, version=version, label=label,
                             signature_name=request.model_spec.signature_name, examples=examples,
-                            context=example_context, deadline=_deadline(context), protocol="grpc")
+                            context=example_context, deadline=deadline_of(context), protocol="grpc")
 
     @_rpc
     def Classify(self, request, context):
@@ -189,7 +198,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         results = self._service.multi_inference(MultiInferenceCall(
             model=first.name, version=version, label=label,
             tasks=[InferenceTask(t.model_spec.signature_name, t.method_name) for t in request.tasks],
-            examples=examples, context=example_context, deadline=_deadline(context), protocol="grpc"))
+            examples=examples, context=example_context, deadline=deadline_of(context), protocol="grpc"))
         response = inference_pb2.MultiInferenceResponse()
         for task, result in zip(request.tasks, results):
             out = response.results.add()

@@ -14,14 +14,13 @@ default pool and therefore does not list this service.
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING
 
 import grpc
 
 from serving import v2
 from serving.errors import InvalidArgument, NotFound
-from serving.grpc_api import _rpc
+from serving.grpc_api import _rpc, deadline_of
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -30,13 +29,6 @@ if TYPE_CHECKING:
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PROTOCOL = "grpc_v2"
-
-
-def _deadline(context: grpc.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    return None if remaining is None else time.monotonic() + remaining
-
-
 def _parameter_value(param: pb.InferParameter):
     choice = param.WhichOneof("parameter_choice")
     return None if choice is None else getattr(param, choice)
@@ -115,7 +107,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model=request.model_name, version=request.model_version, id=request.id,
             inputs=decode_inputs(request),
             outputs=[v2.RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs],
-            parameters=_parameters(request.parameters), deadline=_deadline(context), protocol=PROTOCOL)
+            parameters=_parameters(request.parameters), deadline=deadline_of(context), protocol=PROTOCOL)
         result = v2.infer(self._service, infer_request)
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
         for out in result.outputs:

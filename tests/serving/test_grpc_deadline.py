@@ -1,0 +1,55 @@
+"""gRPC deadlines with batching on: a call without a deadline must not be treated as one.
+
+grpc's ``time_remaining()`` never returns None; without a client deadline it is
+the time to a far-future instant, which once overflowed the batcher's waits and
+turned every deadline-less Predict into INTERNAL.
+"""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2
+
+from tests import models
+from tests.serving.server import serving
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, two_input_savedmodel):
+    root = tmp_path_factory.mktemp("deadline_repo")
+    models.install_version(two_input_savedmodel, root / "two", 1)
+    params = root / "batching.txt"
+    params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 2000 }\n")
+    flags = ["--model_name", "two", "--model_base_path", str(root / "two"),
+             "--enable_batching=true", "--batching_parameters_file", str(params)]
+    with serving(flags) as (_, client):
+        yield client
+
+
+def _request(x: np.ndarray) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "two"
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(x))
+    request.inputs["tag"].CopyFrom(tf.make_tensor_proto(np.array([b"a"] * len(x), dtype=object)))
+    return request
+
+
+def test_predict_without_deadline_is_served(client):
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    response = client.predict.Predict(_request(x))  # no timeout: no deadline at all
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["y"]), models.two_input_expected(x), atol=1e-5)
+
+
+def test_predict_with_deadline_is_served(client):
+    x = np.array([[0.5, -1.0, 2.0]], np.float32)
+    response = client.predict.Predict(_request(x), timeout=30)
+    assert tf.make_ndarray(response.outputs["y"]).shape == (1, 2)
+
+
+def test_expired_deadline_is_deadline_exceeded(client):
+    with pytest.raises(grpc.RpcError) as info:
+        client.predict.Predict(_request(np.ones((1, 3), np.float32)), timeout=1e-6)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
