@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 HEAD_KINDS = ("gap", "seed")
-STRATEGIES = ("default", "mirrored")
+STRATEGIES = ("default", "mirrored", "multiworker")
 
 
 @dataclasses.dataclass
@@ -145,11 +145,16 @@ def make_optimizer(name: str, learning_rate: float, momentum: float | None = Non
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:
-    """``default`` (the current device) or ``mirrored`` (all local GPUs, synchronous)."""
+    """``default`` (the current device), ``mirrored`` (all local GPUs) or ``multiworker`` (TF_CONFIG's cluster)."""
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        # Reads TF_CONFIG; must come before any other TensorFlow work in the process.
+        from training import distributed
+
+        return distributed.make_strategy()
     raise ValueError(f"unknown strategy {name!r}; expected one of {', '.join(STRATEGIES)}")
 
 
@@ -337,6 +342,11 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
         raise ValueError(f"unknown strategy {options.strategy!r}")
     if options.strategy == "mirrored" and not tf.distribute.has_strategy():
         raise ValueError("strategy 'mirrored': build the backbone and call train() inside fit.strategy_scope()")
+    if options.strategy == "multiworker":
+        # Keras 3 fit() fails under MultiWorkerMirroredStrategy (tensorflow#72388): a custom loop.
+        from training import distributed
+
+        return distributed.train(plan, backbone, train_images, val_images, options)
     if options.augment_copies < 0:
         raise ValueError("augment_copies must be >= 0")
     if not plan.phases:

@@ -1,0 +1,536 @@
+"""Multi-worker training: MultiWorkerMirroredStrategy with a custom ``strategy.run`` loop.
+
+Keras 3 ``model.fit`` fails under ``tf.distribute.MultiWorkerMirroredStrategy``
+(tensorflow/tensorflow#72388: a reduce of PerReplica values, "Invalid reduction
+dimension 0"), so this module trains the same FreezePlan phases as
+:func:`training.fit.train` with its own loop:
+
+- the cluster comes from ``TF_CONFIG``, read before the strategy is built (TF
+  configures collective ops once, at program start-up);
+- the model (the backbone the caller built in the strategy's scope, plus the
+  head) lives in ``strategy.scope()``; each phase sets the trunk's trainable
+  layers through ``bases.set_trunk_trainable`` (BatchNormalization always
+  frozen), gets a fresh optimizer, and trains with a ``tf.function`` step run by
+  ``strategy.run``; the loss is ``tf.nn.compute_average_loss`` over the global
+  batch, and Keras' optimizer all-reduces the gradients;
+- each worker reads only its own shard of the images (explicit sharding by
+  worker through ``distribute_datasets_from_function``); datasets repeat and every
+  worker runs the same number of steps per epoch, so no collective waits for a
+  worker that ran out of data;
+- the epoch's validation is sharded too and its sums are all-reduced, so every
+  worker takes the same best-epoch and early-stopping decision;
+- only the chief (task type ``chief``, or worker 0 when there is none) writes
+  checkpoints and the export; the other workers write theirs to temporary paths
+  that are removed (the save still runs on every worker, as tf.distribute asks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+TF_CONFIG_ENV = "TF_CONFIG"
+# The task types that train; "evaluator" (a side job reading checkpoints) and
+# "ps" (parameter servers) are other strategies' roles.
+TRAINING_TASK_TYPES = ("chief", "worker")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """This process's place in the ``TF_CONFIG`` cluster.
+
+    ``position`` counts the chief first, then the workers (TensorFlow's input
+    pipeline order); ``workers`` is the number of training tasks (chief included).
+    """
+
+    type: str
+    index: int
+    position: int
+    workers: int
+    cluster: Mapping[str, tuple[str, ...]]
+
+    @property
+    def is_chief(self) -> bool:
+        """True for the one task that writes checkpoints and the export."""
+        return self.type == "chief" or (self.type == "worker" and self.index == 0
+                                         and "chief" not in self.cluster)
+
+    def describe(self) -> dict:
+        """JSON-ready summary (lineage and logs)."""
+        return {"type": self.type, "index": self.index, "position": self.position,
+                "workers": self.workers, "chief": self.is_chief}
+
+
+def parse_tf_config(text: str | None) -> Task:
+    """Parse a ``TF_CONFIG`` value into a :class:`Task`; ValueError says what is wrong.
+
+    Expects ``{"cluster": {"worker": ["host:port", ...], "chief"?: [...]},
+    "task": {"type": "worker", "index": N}}``.
+    """
+    if not text or not text.strip():
+        raise ValueError(f"--strategy multiworker needs the {TF_CONFIG_ENV} environment variable "
+                         '(e.g. {"cluster": {"worker": ["host0:2222", "host1:2222"]}, '
+                         '"task": {"type": "worker", "index": 0}})')
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{TF_CONFIG_ENV} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{TF_CONFIG_ENV} must be a JSON object with 'cluster' and 'task'")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ValueError(f"{TF_CONFIG_ENV} has no 'cluster' object")
+    if not isinstance(task, dict):
+        raise ValueError(f"{TF_CONFIG_ENV} has no 'task' object")
+    jobs: dict[str, tuple[str, ...]] = {}
+    for job, addresses in cluster.items():
+        if not isinstance(addresses, list) or not addresses or not all(
+                isinstance(a, str) and a for a in addresses):
+            raise ValueError(f"{TF_CONFIG_ENV} cluster.{job} must be a non-empty list of 'host:port' strings")
+        jobs[job] = tuple(addresses)
+    if len(jobs.get("chief", ())) > 1:
+        raise ValueError(f"{TF_CONFIG_ENV} lists {len(jobs['chief'])} chiefs; there can be one")
+    if not any(job in jobs for job in TRAINING_TASK_TYPES):
+        raise ValueError(f"{TF_CONFIG_ENV} cluster has no 'worker' (or 'chief') job")
+    task_type, index = task.get("type"), task.get("index", 0)
+    if task_type not in TRAINING_TASK_TYPES:
+        raise ValueError(f"{TF_CONFIG_ENV} task type {task_type!r} does not train; "
+                         f"expected one of {', '.join(TRAINING_TASK_TYPES)}")
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise ValueError(f"{TF_CONFIG_ENV} task index must be an integer, not {index!r}")
+    members = jobs.get(task_type, ())
+    if not 0 <= index < len(members):
+        raise ValueError(f"{TF_CONFIG_ENV} task {task_type}:{index} is not in the cluster "
+                         f"({len(members)} {task_type} task(s) listed)")
+    chiefs = len(jobs.get("chief", ()))
+    position = index if task_type == "chief" else chiefs + index
+    return Task(task_type, index, position, chiefs + len(jobs.get("worker", ())), jobs)
+
+
+def read_task(environ: Mapping[str, str] | None = None) -> Task:
+    """This process's :class:`Task`, from ``TF_CONFIG`` in ``environ`` (default: os.environ)."""
+    return parse_tf_config((os.environ if environ is None else environ).get(TF_CONFIG_ENV))
+
+
+def make_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    """Build the strategy from ``TF_CONFIG``: call it before TensorFlow runs anything else.
+
+    It starts this task's server and joins the cluster; the first collective
+    (creating the first variable) waits until every worker has joined.
+    ValueError when ``TF_CONFIG`` is missing or wrong, or when the process
+    already ran TensorFlow ops (collectives are configured at start-up).
+    """
+    read_task()
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as exc:
+        raise ValueError(f"multiworker: the strategy must be built before TensorFlow runs anything "
+                         f"in this process ({exc})") from exc
+
+
+def current_strategy() -> tf.distribute.MultiWorkerMirroredStrategy:
+    """The MultiWorkerMirroredStrategy whose scope is active; ValueError otherwise."""
+    strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise ValueError("strategy 'multiworker': build the backbone and call train() inside "
+                         "fit.strategy_scope('multiworker')")
+    return strategy
+
+
+@contextlib.contextmanager
+def write_dir(path: str | os.PathLike | None, task: Task, prefix: str) -> Iterator[Path]:
+    """The directory this task writes to: ``path`` on the chief, a temporary one elsewhere.
+
+    Temporary directories (non-chief tasks, and the chief when ``path`` is None)
+    are removed when the block exits, whatever happens inside it.
+    """
+    if task.is_chief and path is not None:
+        target = Path(path)
+        target.mkdir(parents=True, exist_ok=True)
+        yield target
+        return
+    temporary = Path(tempfile.mkdtemp(prefix=f"{prefix}{task.type}-{task.index}-"))
+    try:
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def model_strategy(model: keras.Model) -> tf.distribute.MultiWorkerMirroredStrategy:
+    """The MultiWorkerMirroredStrategy that ``model``'s variables were created in; ValueError otherwise."""
+    for variable in model.weights:
+        strategy = getattr(getattr(variable, "value", variable), "distribute_strategy", None)
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return strategy
+    raise ValueError(f"model {model.name!r} was not built inside fit.strategy_scope('multiworker')")
+
+
+def export_version(model: keras.Model, class_names, repo: str | os.PathLike, model_name: str,
+                   **kwargs) -> str | None:
+    """:func:`training.export.export_version` on every worker; only the chief's lands in ``repo``.
+
+    The other workers export into a temporary repository that is removed at
+    once, and get None; the chief gets the version's path. Every worker then
+    waits for the others, so that none leaves the cluster while the chief
+    still writes. ``kwargs`` are export_version's keyword arguments.
+    """
+    from training import export
+
+    strategy = model_strategy(model)
+    task = read_task()
+    path = None
+    if task.is_chief:
+        path = export.export_version(model, class_names, repo, model_name, **kwargs)
+    else:
+        with write_dir(None, task, "graft-export-") as scratch:
+            export.export_version(model, class_names, scratch, model_name, **kwargs)
+    with strategy.scope():
+        sum_across_workers(strategy, [1.0])  # a barrier: a failed chief export fails the others here
+    return path
+
+
+def weights_digest(model: keras.Model) -> str:
+    """sha256 over the model's variables (paths, shapes, bytes): equal on workers that stayed in sync."""
+    digest = hashlib.sha256()
+    for variable in model.weights:
+        value = np.ascontiguousarray(keras.ops.convert_to_numpy(variable))
+        digest.update(f"{variable.path}:{value.dtype}:{value.shape}\0".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _shard(images, index: int, count: int):
+    """Every ``count``-th image from ``index`` (stratified enough: files are in class order)."""
+    from training.data import ImageSet
+
+    return ImageSet(images.root, list(images.class_names), images.files[index::count],
+                    images.labels[index::count], [])
+
+
+def sum_across_workers(strategy: tf.distribute.Strategy, values) -> np.ndarray:
+    """All-reduce (sum) a small float vector that each worker computed locally.
+
+    Called from the cross-replica context by every worker, in the same order.
+    Each local replica carries an equal share so that the replicas' sum is the
+    worker's value, whatever the number of local devices.
+    """
+    local = np.asarray(values, np.float64) / len(strategy.extended.worker_devices)
+    share = tf.constant(local)
+    per_replica = strategy.experimental_distribute_values_from_function(lambda _: share)
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None).numpy()
+
+
+def make_train_step(strategy: tf.distribute.Strategy, target: keras.Model,
+                    optimizer: keras.optimizers.Optimizer):
+    """A tf.function taking a distributed iterator: one synchronous step on every replica.
+
+    Returns the global (loss sum, correct predictions, examples) of the step,
+    identical on every worker.
+    """
+    variables = target.trainable_variables
+
+    def replica_step(images, labels):
+        context = tf.distribute.get_replica_context()
+        # The batches of a step can differ in size (the end of a worker's shard):
+        # average over the examples that all replicas together saw.
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        global_count = context.all_reduce(tf.distribute.ReduceOp.SUM, count)
+        with tf.GradientTape() as tape:
+            probs = tf.cast(target(images, training=True), tf.float32)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, probs)
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=tf.cast(global_count, tf.int64))
+            # The identity, except under a LossScaleOptimizer (mixed precision).
+            scaled = optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled, variables)
+        # Keras' TF optimizer all-reduces (sums) the gradients in replica context.
+        optimizer.apply_gradients(zip(gradients, variables))
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(probs, axis=-1, output_type=tf.int32), tf.cast(labels, tf.int32)), tf.float32))
+        return tf.reduce_sum(per_example), correct, count
+
+    @tf.function
+    def step(iterator):
+        images, labels = next(iterator)
+        results = strategy.run(replica_step, args=(images, labels))
+        return [strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None) for value in results]
+
+    return step
+
+
+def _local_scores(forward, dataset: tf.data.Dataset | None) -> np.ndarray:
+    """(correct, summed cross-entropy, examples) of ``forward`` (inputs -> probabilities) over a local dataset."""
+    totals = np.zeros(3, np.float64)
+    if dataset is None:
+        return totals
+    for images, labels in dataset:
+        probs = tf.cast(forward(images), tf.float32).numpy()
+        labels = labels.numpy()
+        picked = probs[np.arange(len(labels)), labels]
+        totals += (float(np.sum(probs.argmax(axis=-1) == labels)),
+                   float(-np.log(np.clip(picked, 1e-7, 1.0)).sum()), len(labels))
+    return totals
+
+
+class _Run:
+    """The datasets and validation shared by the phases of one multi-worker run."""
+
+    def __init__(self, strategy, task: Task, backbone, train_images, val_images, options):
+        from training import data, fit
+
+        self.data, self.fit = data, fit
+        self.strategy = strategy
+        self.task = task
+        self.backbone = backbone
+        self.options = options
+        self.size = _hw(options.image_size)
+        self.replicas = strategy.num_replicas_in_sync
+        if options.batch_size % self.replicas:
+            raise ValueError(f"--batch-size {options.batch_size} is the global batch: it must be a multiple "
+                             f"of the {self.replicas} replicas in sync")
+        self.per_replica = options.batch_size // self.replicas
+        if len(train_images.files) < task.workers:
+            raise ValueError(f"{len(train_images.files)} training images cannot feed {task.workers} workers")
+        self.train_shard = _shard(train_images, task.position, task.workers)
+        self.val_shard = None
+        if val_images is not None and len(val_images.files):
+            self.val_shard = _shard(val_images, task.position, task.workers)
+        self.has_val = val_images is not None and len(val_images.files) > 0
+        self._features = None
+        self._forward: dict[int, tf.types.experimental.GenericFunction] = {}
+
+    def _local(self, images, *, training, augment, seed=None):
+        return self.data.make_dataset(images, self.size, self.per_replica, training=training,
+                                      seed=self.options.seed if seed is None else seed, augment=augment)
+
+    def _worker_seed(self, offset=0) -> int:
+        # Different shuffles and augmentations per worker, reproducible per seed.
+        return self.options.seed + offset + 10_000 * self.task.position
+
+    def image_val(self) -> tf.data.Dataset | None:
+        """This worker's validation shard as images (None when the shard is empty)."""
+        if self.val_shard is None or not len(self.val_shard.files):
+            return None
+        return self._local(self.val_shard, training=False, augment=False)
+
+    def image_data(self):
+        """(distributed repeating train dataset, this worker's validation images or None)."""
+        train = self._local(self.train_shard, training=True, augment=self.options.augment,
+                            seed=self._worker_seed()).repeat()
+        return self._distribute(train), self.image_val()
+
+    def feature_data(self):
+        """The same for the trunk's features of this worker's shard, computed once per run."""
+        if self._features is None:
+            model = self.backbone.model
+            plain = self._local(self.train_shard, training=False, augment=False)
+            parts = [self.fit.extract_features(model, plain)]
+            for copy in range(self.options.augment_copies):
+                augmented = self._local(self.train_shard, training=True, augment=True,
+                                        seed=self._worker_seed(1000 * (copy + 1)))
+                parts.append(self.fit.extract_features(model, augmented))
+            features = np.concatenate([p[0] for p in parts])
+            labels = np.concatenate([p[1] for p in parts])
+            val = None
+            if self.val_shard is not None and len(self.val_shard.files):
+                val = self.fit.extract_features(model, self._local(self.val_shard, training=False, augment=False))
+            self._features = (features, labels, val)
+        features, labels, val = self._features
+        train = (tf.data.Dataset.from_tensor_slices((features, labels))
+                 .shuffle(len(labels), seed=self._worker_seed(), reshuffle_each_iteration=True)
+                 .batch(self.per_replica).repeat().prefetch(tf.data.AUTOTUNE))
+        val_ds = (tf.data.Dataset.from_tensor_slices(val).batch(self.per_replica)
+                  if val is not None else None)
+        return self._distribute(train), val_ds
+
+    def cached_examples(self) -> int:
+        """Feature rows over all workers (0 until features were computed)."""
+        if self._features is None:
+            return 0
+        return int(sum_across_workers(self.strategy, [len(self._features[1])])[0])
+
+    def _distribute(self, dataset: tf.data.Dataset):
+        workers = self.task.workers
+
+        def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            if context.num_input_pipelines != workers:
+                raise ValueError(f"the strategy has {context.num_input_pipelines} input pipelines "
+                                 f"but TF_CONFIG lists {workers} workers")
+            return dataset
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    def steps_per_epoch(self, examples: int) -> int:
+        """Steps for one pass over ``examples`` (all workers' together) at the global batch size."""
+        return max(1, math.ceil(examples / self.options.batch_size))
+
+    def fit_epochs(self, phase, target, step, iterator, steps, val_ds, monitor, checkpoint, writer, verbose):
+        """The epochs of one phase, with best-epoch checkpoints and early stopping.
+
+        Returns (history, seconds per epoch, best epoch or None, best monitored value).
+        """
+        logs: dict[str, list[float]] = {}
+        epoch_seconds: list[float] = []
+        best_value, best_epoch, wait = -math.inf, None, 0
+        for epoch in range(phase.epochs):
+            epoch_start = time.perf_counter()
+            totals = np.zeros(3, np.float64)
+            for _ in range(steps):
+                totals += [float(v) for v in step(iterator)]
+            values = {"loss": totals[0] / totals[2], "accuracy": totals[1] / totals[2]}
+            scores = self.validate(target, val_ds)
+            if scores is not None:
+                values.update({"val_loss": scores["loss"], "val_accuracy": scores["accuracy"]})
+            epoch_seconds.append(time.perf_counter() - epoch_start)
+            for key, value in values.items():
+                logs.setdefault(key, []).append(float(value))
+            if writer is not None:
+                with writer.as_default(step=epoch):
+                    for key, value in values.items():
+                        tf.summary.scalar(key, value)
+            if verbose:
+                shown = " - ".join(f"{k}: {v:.4f}" for k, v in values.items())
+                print(f"[{self.task.type} {self.task.index}] {phase.name} epoch {epoch + 1}/{phase.epochs} "
+                      f"- {shown} - {epoch_seconds[-1]:.2f}s", flush=True)
+            # Every worker sees the same all-reduced values, so all take the same branch
+            # (and the checkpoint writes, which read variables, stay in step).
+            if values[monitor] > best_value:
+                best_value, best_epoch, wait = values[monitor], epoch, 0
+                target.save_weights(str(checkpoint))
+            else:
+                wait += 1
+                if wait >= self.options.patience:
+                    break
+        return logs, epoch_seconds, best_epoch, best_value
+
+    def validate(self, model, val_ds) -> dict[str, float] | None:
+        """Accuracy and loss over every worker's validation shard (identical on every worker)."""
+        if not self.has_val:
+            return None
+        if id(model) not in self._forward:
+            # One function per model for the whole run: a new one per epoch would retrace each time.
+            self._forward[id(model)] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+        correct, loss, count = sum_across_workers(self.strategy, _local_scores(self._forward[id(model)], val_ds))
+        return {"accuracy": correct / count, "loss": loss / count} if count else None
+
+
+def _hw(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    return int(size[0]), int(size[1])
+
+
+def _make_optimizer(phase) -> tuple[keras.optimizers.Optimizer, keras.optimizers.Optimizer]:
+    """(optimizer to apply, the phase's own optimizer); a loss-scale wrapper under mixed precision."""
+    from training import fit
+
+    inner = fit.make_optimizer(phase.optimizer, phase.learning_rate, phase.momentum)
+    if keras.config.dtype_policy().name == "mixed_float16":
+        return keras.optimizers.LossScaleOptimizer(inner), inner
+    return inner, inner
+
+
+def train(plan, backbone, train_images, val_images, options):
+    """Run every phase of ``plan`` on every worker of the ``TF_CONFIG`` cluster; return fit.TrainResult.
+
+    Call it inside ``fit.strategy_scope("multiworker")`` on every worker, with
+    the backbone built in that scope, the same arguments everywhere, and
+    ``options.strategy == "multiworker"``. ``options.batch_size`` is the global
+    batch (split over all replicas). Each phase keeps its best epoch (by
+    validation accuracy, else training accuracy); checkpoints go to
+    ``options.checkpoint_dir`` on the chief only. ``metrics["distribution"]``
+    records the cluster, the steps and this worker's ``weights_digest``.
+    """
+    from training import bases, fit
+
+    strategy = current_strategy()
+    task = read_task()
+    if options.augment_copies < 0:
+        raise ValueError("augment_copies must be >= 0")
+    if not plan.phases:
+        raise ValueError("the plan has no phases")
+    if options.log_dir and not fit.tensorboard_available():
+        raise ValueError("a TensorBoard log dir needs the tensorboard package: pip install tensorboard")
+    keras.utils.set_random_seed(options.seed)
+    run = _Run(strategy, task, backbone, train_images, val_images, options)
+    num_classes = len(train_images.class_names)
+    verbose = fit.progress_verbosity(options.verbose)
+
+    with strategy.scope():
+        feature_shape = tuple(backbone.model.output.shape[1:])
+        head = fit.build_head(plan.head, num_classes, feature_shape, dropout=options.gap_dropout,
+                              seed=options.seed)
+        inputs = keras.Input((*run.size, 3), name="images")
+        full = keras.Model(inputs, head(backbone.model(inputs)), name=f"graft_{backbone.spec.name}")
+
+    cache_allowed = plan.cache_features if options.cache_features is None else options.cache_features
+    monitor = "val_accuracy" if run.has_val else "accuracy"
+    trunk_names = [layer.name for layer in backbone.trunk.layers]
+    history: dict[str, dict[str, list[float]]] = {}
+    runs = []
+    with contextlib.ExitStack() as stack:
+        checkpoint_dir = stack.enter_context(write_dir(options.checkpoint_dir, task, "graft-ckpt-"))
+        log_dir = options.log_dir if task.is_chief else None
+        for index, phase in enumerate(plan.phases):
+            trainable = bases.set_trunk_trainable(backbone.trunk, plan.trainable_trunk_layers(trunk_names, phase))
+            cached = bool(cache_allowed and not phase.train_trunk)
+            target = head if cached else full
+            with strategy.scope():
+                optimizer, phase_optimizer = _make_optimizer(phase)
+                # Slots are created here, in the cross-replica context, not inside the step.
+                optimizer.build(target.trainable_variables)
+            train_ds, val_ds = run.feature_data() if cached else run.image_data()
+            examples = len(train_images.files) * (1 + options.augment_copies if cached else 1)
+            steps = run.steps_per_epoch(examples)
+            step = make_train_step(strategy, target, optimizer)
+            checkpoint = checkpoint_dir / f"{index:02d}-{phase.name}.weights.h5"
+            writer = (tf.summary.create_file_writer(str(Path(log_dir) / phase.name)) if log_dir else None)
+            if verbose:
+                what = "head on cached features" if cached else (
+                    f"{len(trainable)} trunk layers + head" if phase.train_trunk else "head, trunk frozen")
+                print(f"[{task.type} {task.index}] phase {index + 1}/{len(plan.phases)} {phase.name}: {what}, "
+                      f"{steps} steps/epoch over {task.workers} workers", flush=True)
+            started = time.perf_counter()
+            logs, epoch_seconds, best_epoch, best_value = run.fit_epochs(
+                phase, target, step, iter(train_ds), steps, val_ds, monitor, checkpoint, writer, verbose)
+            seconds = time.perf_counter() - started
+            if writer is not None:
+                writer.close()
+            if checkpoint.exists():
+                target.load_weights(str(checkpoint))
+            history[phase.name] = logs
+            runs.append(fit.PhaseRun(
+                name=phase.name, train_trunk=phase.train_trunk, cached_features=cached,
+                optimizer=phase_optimizer, epochs_run=len(epoch_seconds), best_epoch=best_epoch,
+                best_value=None if best_epoch is None else float(best_value), monitor=monitor,
+                seconds=seconds, epoch_seconds=epoch_seconds, trainable_trunk_layers=trainable,
+                frozen_trunk_layers=[layer.name for layer in backbone.trunk.layers
+                                     if layer.weights and layer.name not in trainable]))
+
+    metrics = {
+        "train_images": len(train_images.files),
+        "val_images": len(val_images.files) if run.has_val else 0,
+        "cached_train_features": run.cached_examples(),
+        "phases": [item.to_dict() for item in runs],
+    }
+    if run.has_val:
+        scores = run.validate(full, run.image_val())
+        metrics.update({"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]})
+    metrics["distribution"] = {
+        "strategy": "multiworker", "task": task.describe(), "workers": task.workers,
+        "replicas_in_sync": run.replicas, "global_batch_size": options.batch_size,
+        "weights_digest": weights_digest(full),
+    }
+    return fit.TrainResult(model=full, head=head, history=history, metrics=metrics, phases=runs)
