@@ -16,7 +16,7 @@ graft_model_version_state              gauge      model, version, state (1 = cur
 graft_model_load_seconds               histogram  model (successful loads, warmup included)
 graft_model_load_failures_total        counter    model
 graft_build_info                       info       version, tensorflow_version, python_version
-graft_device_memory_bytes              gauge      device (GPU memory in use; absent without GPUs)
+graft_device_memory_bytes              gauge      device (GPU memory in use; no samples without GPUs)
 process_*, python_info, python_gc_*    the prometheus_client process, platform and GC collectors
 =====================================  =========  ==============================================
 
@@ -90,7 +90,7 @@ def tensorflow_gpu_memory() -> dict[str, int]:
 
 
 class _DeviceMemoryCollector:
-    """Reports ``graft_device_memory_bytes`` at scrape time; yields nothing when there is no GPU."""
+    """Reports ``graft_device_memory_bytes`` at scrape time; the family has no samples without GPUs."""
 
     name = "graft_device_memory_bytes"
     doc = "Accelerator memory in use, in bytes, per device."
@@ -108,10 +108,10 @@ class _DeviceMemoryCollector:
         except Exception:  # a failing device query must not break the whole scrape
             log.exception("reading device memory failed")
             return []
-        if not readings:
-            return []
+        # Without GPUs the family is still exposed, empty, so dashboards and alert
+        # rules that name it find it on every node.
         family = GaugeMetricFamily(self.name, self.doc, labels=["device"])
-        for device, used in sorted(readings.items()):
+        for device, used in sorted((readings or {}).items()):
             family.add_metric([device], float(used))
         return [family]
 

@@ -416,12 +416,20 @@ def _registered_series_names() -> set[str]:
     registry = CollectorRegistry()
     # A device reader is injected so that the GPU family is reported on this CPU machine too.
     metrics.ServingMetrics(registry, device_memory=lambda: {"GPU:0": 1024})
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-                "gaugehistogram": ("_bucket", "_gcount", "_gsum"), "summary": ("", "_count", "_sum", "_created"),
-                "info": ("_info",)}
+    return series_names(registry.collect())
+
+
+# The series a family exposes even before it has samples (a labelled metric with no children yet).
+_SERIES_SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
+                    "gaugehistogram": ("_bucket", "_gcount", "_gsum"), "summary": ("", "_count", "_sum", "_created"),
+                    "info": ("_info",)}
+
+
+def series_names(families) -> set[str]:
+    """Every series name PromQL can select from these metric families."""
     names = set()
-    for family in registry.collect():
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, ("",)))
+    for family in families:
+        names.update(family.name + suffix for suffix in _SERIES_SUFFIXES.get(family.type, ("",)))
         names.update(sample.name for sample in family.samples)
     return names
 
@@ -522,3 +530,29 @@ def test_adapter_rule_serves_the_hpa_metric():
                 # The adapter writes Go-style ${1}; Python's expand wants \g<1>.
                 exposed.add(match.expand(re.sub(r"\$\{?(\d+)\}?", r"\\g<\1>", template)) if template else series)
     assert wanted and wanted <= exposed, (wanted, exposed)
+
+
+def test_every_queried_metric_is_served_by_a_running_graft_serve(tmp_path, two_input_savedmodel):
+    """The same names, read from /metrics of a real graft-serve after one batched request."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests import models
+    from tests.serving.server import serving
+
+    models.install_version(two_input_savedmodel, tmp_path / "two", 1)
+    params = tmp_path / "batching.txt"
+    params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 1000 }\n")
+    flags = ["--model_name", "two", "--model_base_path", str(tmp_path / "two"),
+             "--batching_parameters_file", str(params)]
+    with serving(flags) as (_, client):
+        answer = client.http.post(f"{client.rest}/v1/models/two:predict",
+                                  json={"instances": [{"x": [1.0, 2.0, 3.0], "tag": "a"}]}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        text = client.http.get(f"{client.rest}/metrics", timeout=30).text
+    served = series_names(text_string_to_metric_families(text))
+    recorded = {r["record"] for g in one(render("overlays/cpu"), "PrometheusRule")["spec"]["groups"]
+                for r in g["rules"] if "record" in r}
+    queries = _dashboard_queries() + _rule_queries() + [("adapter", r["seriesQuery"]) for r in _adapter_rules()]
+    for where, expr in queries:
+        missing = promql_metric_names(expr) - served - recorded
+        assert not missing, f"{where}: {sorted(missing)} not in the /metrics of a running graft-serve"
