@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 B64_KEY = "b64"
 BYTES_SUFFIX = "_bytes"
+# The deepest JSON tensor accepted: numpy iterates object arrays of at most 32 dimensions,
+# and refusing deeper nesting up front keeps recursion bounded on hostile input.
+MAX_JSON_RANK = 32
 
 # DataType enum -> (numpy dtype, TensorProto value field). Little-endian explicitly,
 # because tensor_content is little-endian whatever the host is.
@@ -107,16 +110,25 @@ def _b64decode(text: str) -> bytes:
         raise InvalidArgument("Unable to base64 decode") from None
 
 
-def _first_leaf(value: Any) -> Any:
+def _first_leaf(value: Any) -> tuple[Any, int]:
+    """The first scalar of a nested list, and how many lists deep it is."""
+    depth = 0
     while isinstance(value, list) and value:
         value = value[0]
-    return value
+        depth += 1
+    return value, depth
 
 
-def _strings(value: Any, name: str) -> Any:
+def _too_deep(name: str) -> InvalidArgument:
+    return InvalidArgument(f"input '{name}': lists are nested more than {MAX_JSON_RANK} deep")
+
+
+def _strings(value: Any, name: str, depth: int = 0) -> Any:
     """Nested JSON lists of str / {"b64"} -> nested lists of bytes (strings are never bulk data)."""
     if isinstance(value, list):
-        return [_strings(v, name) for v in value]
+        if depth >= MAX_JSON_RANK:
+            raise _too_deep(name)
+        return [_strings(v, name, depth + 1) for v in value]
     if isinstance(value, str):
         return value.encode("utf-8")
     if _is_b64(value):
@@ -127,7 +139,10 @@ def _strings(value: Any, name: str) -> Any:
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value, allow_nan=True) if not isinstance(value, bytes) else repr(value)
+    try:
+        text = json.dumps(value, allow_nan=True) if not isinstance(value, bytes) else repr(value)
+    except (RecursionError, TypeError, ValueError):  # hostile nesting: name the type only
+        text = type(value).__name__
     return text if len(text) <= 64 else text[:61] + "..."
 
 
@@ -138,7 +153,9 @@ def json_to_array(value: Any, dtype: np.dtype, name: str) -> np.ndarray:
     ``dtype`` is, so that the service can offer encoded images for float inputs and
     report a dtype mismatch naming the input otherwise.
     """
-    leaf = _first_leaf(value)
+    leaf, depth = _first_leaf(value)
+    if depth > MAX_JSON_RANK:
+        raise _too_deep(name)
     if isinstance(leaf, str | dict):
         try:
             arr = np.array(_strings(value, name), dtype=object)
@@ -416,6 +433,9 @@ def tensor_proto_to_numpy(tp: tensor_pb2.TensorProto, *, max_elements: int) -> n
     count = math.prod(shape)
     if count > max_elements:
         raise InvalidArgument(f"tensor of {count} elements exceeds the limit of {max_elements}")
+    # An empty tensor may still claim absurd other dimensions, which numpy cannot even shape.
+    if math.prod(d for d in shape if d) > max_elements:
+        raise InvalidArgument(f"tensor shape {list(shape)} exceeds the limit of {max_elements} elements")
     if tp.tensor_content:
         if dtype.kind == "O":
             raise InvalidArgument("DT_STRING tensors must use string_val, not tensor_content")
@@ -505,7 +525,10 @@ def decode_image(data: bytes, height: int, width: int, *, max_pixels: int) -> np
             return np.asarray(rgb, dtype=np.float32)
     except InvalidArgument:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        # Pillow's own message names an in-memory object's address, useless to a client.
+        raise InvalidArgument("not a decodable image: unknown or unsupported image format") from None
+    except Image.DecompressionBombError as exc:
         raise InvalidArgument(f"not a decodable image: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         # Pillow reports truncated or corrupt data as OSError/ValueError/SyntaxError.

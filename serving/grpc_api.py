@@ -94,6 +94,9 @@ def deadline_of(context: grpc.ServicerContext) -> float | None:
 
 
 def _version_and_label(spec) -> tuple[int | None, str | None]:
+    if not spec.name:
+        # TF Serving's wording for an absent model_spec; one without a name is as unusable.
+        raise InvalidArgument("Missing ModelSpec: the request must name a model (model_spec.name)")
     choice = spec.WhichOneof("version_choice")
     if choice == "version":
         return spec.version.value, None

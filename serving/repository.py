@@ -133,20 +133,25 @@ class Repository:
     def scan(self) -> Scan:
         """List versions; return those found complete and those still settling.
 
-        A missing or unreadable base path has no versions (logged once per change),
-        not an error: the model has nothing to serve until versions appear.
+        A base path that cannot be listed (missing or unreadable; logged once per
+        change) is not an error and changes nothing: the versions found before stay
+        complete, as TF Serving keeps serving through a failed poll. At start that
+        means no versions, until some appear.
         """
         try:
             listed = list_version_dirs(self.base_path)
             error = ""
         except OSError as exc:
-            listed, error = {}, str(exc)
+            listed, error = None, str(exc)
         if error != self._list_error:
             if error:
-                log.warning("cannot list model base path %s: %s", self.base_path, error)
+                log.warning("cannot list model base path %s (keeping its versions): %s", self.base_path, error)
             else:
                 log.info("model base path %s is readable again", self.base_path)
             self._list_error = error
+        if listed is None:
+            # A transient listing failure must not unload every version of the model.
+            return Scan(versions=dict(self._complete), pending=frozenset(self._seen))
         # A version that vanished (or was replaced at another path) starts over.
         for version in list(self._complete):
             if listed.get(version) != self._complete[version]:

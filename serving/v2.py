@@ -261,11 +261,20 @@ def datatype_of(name: str, arr: np.ndarray) -> str:
     return datatype
 
 
+# The most elements any shape may describe (before it is checked against the data sent).
+MAX_SHAPE_ELEMENTS = 2**48
+
+
 def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     """A V2 shape (list of non-negative integers) as a tuple."""
     if not isinstance(shape, list | tuple) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    if len(shape) > codec.MAX_JSON_RANK:
+        raise InvalidArgument(f"tensor '{name}': rank {len(shape)} exceeds the limit of {codec.MAX_JSON_RANK}")
+    # A zero-size tensor may still claim absurd other dimensions, which numpy cannot even shape.
+    if math.prod(d for d in shape if d) > MAX_SHAPE_ELEMENTS:
+        raise InvalidArgument(f"tensor '{name}': shape {list(shape)} is too large")
     return tuple(shape)
 
 
