@@ -3,7 +3,8 @@
 Signature defs (with TF Serving method names, which ``tf.saved_model.load`` does not
 expose) are read from ``saved_model.pb``; the callable functions come from
 ``tf.saved_model.load``. ``run`` takes numpy arrays that the service has already
-validated and returns numpy arrays.
+validated and returns numpy arrays. A version can be placed on devices: one
+replica per device, each run on the least busy one (``serving.devices``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,17 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from serving.devices import ReplicaPool
 from serving.errors import Internal, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -93,34 +96,66 @@ def read_signature_defs(path: str | os.PathLike) -> dict[str, meta_graph_pb2.Sig
 
 
 class Servable:
-    """One loaded version of a model. Built by :meth:`load`; thread-safe to ``run``."""
+    """One loaded version of a model. Built by :meth:`load`; thread-safe to ``run``.
+
+    It holds one replica of the loaded graph per device it was placed on (one per
+    GPU; a single one when TensorFlow places it); each run goes to the least busy
+    replica (``serving.devices.ReplicaPool``).
+    """
 
     def __init__(self, name: str, version: int, path: str,
                  signature_defs: Mapping[str, meta_graph_pb2.SignatureDef],
-                 loaded, device: str | None = None, lineage: dict | None = None):
+                 replicas: Sequence[tuple[str | None, Any]], lineage: dict | None = None):
         self.name = name
         self.version = version
         self.path = path
-        self.device = device
+        self.devices: tuple[str, ...] = tuple(d for d, _ in replicas if d)
+        self.device: str | None = self.devices[0] if self.devices else None
         self._signature_defs = dict(signature_defs)
         self.signatures: Mapping[str, SignatureSpec] = MappingProxyType({
             k: SignatureSpec.from_signature_def(k, v) for k, v in sorted(self._signature_defs.items())
         })
-        self._loaded = loaded
         # Only signatures present in both saved_model.pb and the loaded object can run.
-        self._functions = {k: loaded.signatures[k] for k in self.signatures if k in loaded.signatures}
+        self._pool: ReplicaPool[_Replica] | None = ReplicaPool([
+            _Replica(device, loaded,
+                     {k: loaded.signatures[k] for k in self.signatures if k in loaded.signatures})
+            for device, loaded in replicas])
         self._lineage = lineage
 
     @classmethod
     def load(cls, name: str, version: int, path: str | os.PathLike,
-             device: str | None = None) -> "Servable":
-        """Load the SavedModel at ``path`` (optionally with variables placed on ``device``)."""
+             device: str | Sequence[str] | None = None) -> "Servable":
+        """Load the SavedModel at ``path``, once per device in ``device`` (None: TF's default placement).
+
+        A replica's variables are created on its device; its runs execute there.
+        """
         path = os.fspath(path)
         signature_defs = read_signature_defs(path)
-        placement = tf.device(device) if device else contextlib.nullcontext()
-        with placement:
-            loaded = tf.saved_model.load(path, tags=[SERVE_TAG])
-        return cls(name, version, path, signature_defs, loaded, device, _read_lineage(path))
+        devices: Sequence[str | None] = [device] if device is None or isinstance(device, str) else list(device)
+        if not devices:
+            devices = [None]
+        replicas = []
+        for where in devices:
+            placement = tf.device(where) if where else contextlib.nullcontext()
+            with placement:
+                replicas.append((where, tf.saved_model.load(path, tags=[SERVE_TAG])))
+        return cls(name, version, path, signature_defs, replicas, _read_lineage(path))
+
+    def variable_devices(self) -> dict[str | None, list[str]]:
+        """Per replica device, the devices its signatures' variables live on (to check placement)."""
+        pool = self._pool
+        if pool is None:
+            return {}
+        result = {}
+        for replica in pool.replicas:
+            found = {v.device for fn in replica.functions.values() for v in fn.variables}
+            result[replica.device] = sorted(found)
+        return result
+
+    def in_flight(self) -> list[int]:
+        """Runs in flight per replica (all zeros with one replica, which is not tracked)."""
+        pool = self._pool
+        return pool.in_flight() if pool is not None else []
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one signature on validated numpy inputs; return its outputs as numpy arrays.
@@ -130,8 +165,8 @@ class Servable:
         assertion; TF Serving reports these as INVALID_ARGUMENT too), and Internal for any
         other failure inside the model.
         """
-        fn = self._functions.get(signature_name)
-        if fn is None:
+        pool = self._pool
+        if pool is None or signature_name not in pool.replicas[0].functions:
             raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
         specs = self.signatures[signature_name].inputs
         tensors = {}
@@ -148,12 +183,14 @@ class Servable:
             missing = sorted(set(specs) - set(tensors))
             raise InvalidArgument(f"signature {signature_name!r} is missing input(s) {missing}")
         try:
-            if self.device:
-                with tf.device(self.device):
+            with pool.acquire() as replica:
+                fn = replica.functions[signature_name]
+                if replica.device:
+                    with tf.device(replica.device):
+                        outputs = fn(**tensors)
+                else:
                     outputs = fn(**tensors)
-            else:
-                outputs = fn(**tensors)
-            return {k: v.numpy() for k, v in outputs.items()}
+                return {k: v.numpy() for k, v in outputs.items()}
         except tf.errors.InvalidArgumentError as exc:
             raise InvalidArgument(tf_error_message(exc)) from exc
         except TypeError as exc:
@@ -175,14 +212,22 @@ class Servable:
 
     def unload(self) -> None:
         """Drop the loaded graph so its memory can be freed; ``run`` fails afterwards."""
-        self._functions = {}
-        self._loaded = None
+        self._pool = None
         # The loaded object graph holds reference cycles; collect now rather than at
         # some later allocation, so memory does not grow across version swaps.
         gc.collect()
 
     def __repr__(self) -> str:
         return f"Servable({self.name!r}, {self.version}, {self.path!r})"
+
+
+@dataclass(frozen=True)
+class _Replica:
+    """One copy of the loaded graph on one device (None: TensorFlow's default placement)."""
+
+    device: str | None
+    loaded: Any
+    functions: Mapping[str, Callable]
 
 
 def _to_tensor(value, spec: TensorSpec) -> tf.Tensor:
