@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from concurrent import futures
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -303,10 +303,14 @@ class HealthServicer(health.HealthServicer):
 
 def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8500,
                  max_threads: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
-                 on_bound: Callable[[int], None] | None = None) -> grpc.Server:
+                 on_bound: Callable[[int], None] | None = None,
+                 interceptors: Sequence[grpc.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> grpc.Server:
     """A gRPC server (not started) with every servicer, health and reflection, bound to host:port.
 
     ``on_bound`` receives the port actually bound (useful with ``port=0``).
+    ``interceptors`` run before every handler (``serving.auth.AuthInterceptor``);
+    ``credentials`` (``serving.tls.grpc_server_credentials``) make the port TLS.
     Raises ``RuntimeError`` when the address cannot be bound.
     """
     options = [
@@ -317,7 +321,7 @@ def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
                                                     thread_name_prefix="grpc"),
-                         options=options)
+                         interceptors=list(interceptors), options=options)
     # A tensor needs at least one byte per element on the wire except when a single
     # value is broadcast; capping elements at the message size stops that abuse.
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -330,9 +334,17 @@ def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8
     reflection.enable_server_reflection(
         (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+    else:
+        try:
+            bound = server.add_secure_port(address, credentials)
+        except RuntimeError:
+            bound = 0  # grpc raises, with its reason only in its own log
     if bound == 0:
-        raise RuntimeError(f"cannot bind gRPC to {address}")
+        hint = (" (the port is taken, or gRPC refused the SSL config: does server_key belong to "
+                "server_cert?)" if credentials is not None else "")
+        raise RuntimeError(f"cannot bind gRPC to {address}{hint}")
     if on_bound is not None:
         on_bound(bound)
     return server

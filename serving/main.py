@@ -21,6 +21,8 @@ log = logging.getLogger("graft-serve")
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 DEFAULT_DRAIN_SECONDS = 30.0
+GC_GEN0_THRESHOLD = 50_000
+MAX_BATCHING_THREADS = 256
 
 
 def _cpus() -> int:
@@ -73,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan model directories for new versions this often (default 1; 0: only at start)")
     p.add_argument("--rest_api_timeout_in_ms", type=_positive_int, default=30000,
                    help="deadline of one REST request in milliseconds (default 30000)")
-    p.add_argument("--rest_api_num_threads", type=_positive_int, default=max(8, 4 * _cpus()),
-                   help="REST worker threads (default 4 x CPUs, at least 8)")
-    p.add_argument("--grpc_max_threads", type=_positive_int, default=4 * _cpus(),
-                   help="gRPC worker threads (default 4 x CPUs)")
+    p.add_argument("--rest_api_num_threads", type=_positive_int, default=None,
+                   help="REST worker threads (default 4 x CPUs, at least 8; with batching, "
+                        f"at least 2 x max_batch_size, up to {MAX_BATCHING_THREADS})")
+    p.add_argument("--grpc_max_threads", type=_positive_int, default=None,
+                   help="gRPC worker threads (default 4 x CPUs; with batching, "
+                        f"at least 2 x max_batch_size, up to {MAX_BATCHING_THREADS})")
     p.add_argument("--max_request_bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="largest REST body (after gunzip) and gRPC message, in bytes (default 64 MiB)")
     p.add_argument("--drain_seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
@@ -89,10 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads inside one op (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="ops run in parallel (default 0: TensorFlow decides)")
+    p.add_argument("--per_process_gpu_memory_fraction", type=float, default=0.0,
+                   help="cap each GPU at this fraction of its memory, allocated at start (default 0: no cap)")
+    p.add_argument("--gpu_memory_limit_mb", type=int, default=0,
+                   help="cap each GPU at this many MiB instead of a fraction (default 0: no cap)")
+    p.add_argument("--gpu_memory_growth", type=_bool, nargs="?", const=True, default=True,
+                   help="without a cap, let GPU memory grow as needed (default true)")
     p.add_argument("--max_image_pixels", type=_positive_int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help=f"largest encoded image accepted, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
     p.add_argument("--enable_metrics", type=_bool, nargs="?", const=True, default=True,
                    help="serve Prometheus metrics at /metrics and /monitoring/prometheus/metrics (default true)")
+    p.add_argument("--auth_token_file", default="",
+                   help="require a bearer token from this file (one per line) in the REST Authorization "
+                        "header and the gRPC 'authorization' metadata (default: no authentication)")
+    p.add_argument("--auth_metrics", type=_bool, nargs="?", const=True, default=False,
+                   help="metrics need the token too (health always stays open; default false)")
+    p.add_argument("--ssl_config_file", default="",
+                   help="TF Serving SSLConfig text proto: gRPC over TLS, mutual TLS with client_verify")
+    p.add_argument("--rest_tls_cert", default="",
+                   help="PEM certificate chain file: REST over HTTPS (with --rest_tls_key)")
+    p.add_argument("--rest_tls_key", default="", help="PEM private key file of --rest_tls_cert")
     p.add_argument("--log_level", default="INFO", help="logging level (default INFO)")
     return p
 
@@ -113,6 +133,12 @@ class GraftServer:
         """Load the configuration, start the manager and both servers; raise on bad config."""
         args = self.args
         _configure_tensorflow(args)
+        _tune_gc()
+        from serving import devices
+
+        # Before anything touches a GPU: memory settings only apply to uninitialised devices.
+        gpu_devices = devices.configure_gpus(devices.GpuOptions(
+            args.gpu_memory_growth, args.per_process_gpu_memory_fraction, args.gpu_memory_limit_mb))
         from prometheus_client import CollectorRegistry
 
         from serving.grpc_api import build_server
@@ -122,23 +148,30 @@ class GraftServer:
         from serving.service import InferenceService
 
         configs = self._read_configs()
+        auth, credentials = _auth(args), _grpc_credentials(args)  # bad files fail before any model loads
         batching = _batching_config(args)
+        _handler_threads(args, batching)
         registry = CollectorRegistry() if args.enable_metrics else None
-        metrics = ServingMetrics(registry) if registry is not None else None
+        metrics = (ServingMetrics(registry, device_memory=devices.memory_reader(gpu_devices))
+                   if registry is not None else None)
         self.manager = ModelManager(configs, poll_seconds=args.file_system_poll_wait_seconds,
-                                    listener=metrics)
+                                    listener=metrics, servable_loader=devices.servable_loader(gpu_devices))
         self.service = InferenceService(self.manager, metrics=metrics, batching=batching,
                                         max_image_pixels=args.max_image_pixels)
         self.manager.start()
         self._grpc = build_server(self.service, args.host, args.port, args.grpc_max_threads,
-                                  args.max_request_bytes, on_bound=self._set_grpc_port)
+                                  args.max_request_bytes, on_bound=self._set_grpc_port,
+                                  interceptors=_interceptors(auth), credentials=credentials)
         self._grpc.start()
         log.info("Running gRPC ModelServer at %s:%d ...", args.host, self.grpc_port)
         if args.rest_api_port:
             from waitress import create_server
 
             app = create_app(self.service, RestOptions(args.max_request_bytes, args.rest_api_timeout_in_ms),
-                             metrics_registry=registry)
+                             metrics_registry=registry, auth=auth)
+        if args.rest_api_port and args.rest_tls_cert:
+            self._start_rest_tls(app)
+        elif args.rest_api_port:
             self._rest_map: dict = {}
             self._rest = create_server(
                 app, map=self._rest_map, host=args.host, port=args.rest_api_port,
@@ -153,6 +186,18 @@ class GraftServer:
             log.info("Exporting HTTP/REST API at:%s:%d ...", args.host, self.rest_port)
         if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
             self._spawn("graft-config-poller", self._poll_config)
+
+    def _start_rest_tls(self, app) -> None:
+        # waitress has no TLS: cheroot serves the same app over HTTPS.
+        from serving.tls import TlsWsgiServer
+
+        args = self.args
+        self._rest = TlsWsgiServer(app, args.host, args.rest_api_port, args.rest_tls_cert, args.rest_tls_key,
+                                   threads=args.rest_api_num_threads,
+                                   max_request_body_size=max(args.max_request_bytes + 1, 1 << 30))
+        self.rest_port = self._rest.port
+        self._rest_thread = self._spawn("graft-rest", self._rest.serve)
+        log.info("Exporting HTTP/REST API at:%s:%d (HTTPS) ...", args.host, self.rest_port)
 
     def _set_grpc_port(self, port: int) -> None:
         self.grpc_port = port
@@ -207,7 +252,9 @@ class GraftServer:
         drained = self.service.wait_idle(self.args.drain_seconds)
         if not drained:
             log.warning("requests still in flight after %.1fs; stopping anyway", self.args.drain_seconds)
-        if self._rest is not None:
+        if self._rest is not None and self.args.rest_tls_cert:
+            self._rest.stop()
+        elif self._rest is not None:
             _stop_waitress(self._rest, self._rest_map, self._rest_thread)
         if self._grpc is not None:
             self._grpc.stop(grace=1.0).wait()
@@ -227,6 +274,57 @@ def _configure_tensorflow(args: argparse.Namespace) -> None:
         tf.config.threading.set_intra_op_parallelism_threads(args.tensorflow_intra_op_parallelism)
     if args.tensorflow_inter_op_parallelism:
         tf.config.threading.set_inter_op_parallelism_threads(args.tensorflow_inter_op_parallelism)
+    log.info("TensorFlow threads: intra_op=%d inter_op=%d",
+             tf.config.threading.get_intra_op_parallelism_threads(),
+             tf.config.threading.get_inter_op_parallelism_threads())
+
+
+def _auth(args: argparse.Namespace):
+    if not args.auth_token_file:
+        return None
+    from serving.auth import TokenAuth
+
+    return TokenAuth.from_file(args.auth_token_file, protect_metrics=args.auth_metrics)
+
+
+def _interceptors(auth) -> list:
+    if auth is None:
+        return []
+    from serving.auth import AuthInterceptor
+
+    return [AuthInterceptor(auth)]
+
+
+def _grpc_credentials(args: argparse.Namespace):
+    if not args.ssl_config_file:
+        return None
+    from serving.tls import grpc_server_credentials, read_ssl_config
+
+    return grpc_server_credentials(read_ssl_config(args.ssl_config_file))
+
+
+def _handler_threads(args: argparse.Namespace, batching) -> None:
+    """Fill in the REST and gRPC thread counts left at their defaults."""
+    # A request waiting for its batch holds a handler thread, so the handler threads
+    # cap the batch size: with 4 x CPUs (8 on 2 cores) batches stayed at ~4 rows and
+    # gRPC served half as much (docs/benchmarks.md). Two batches' worth lets one run
+    # while the next fills.
+    floor = min(2 * batching.max_batch_size, MAX_BATCHING_THREADS) if batching is not None else 0
+    if args.grpc_max_threads is None:
+        args.grpc_max_threads = max(4 * _cpus(), floor)
+    if args.rest_api_num_threads is None:
+        args.rest_api_num_threads = max(8, 4 * _cpus(), floor)
+
+
+def _tune_gc() -> None:
+    # A served model keeps ~10^5-10^6 GC-tracked objects alive (TensorFlow, Keras), and one
+    # JSON request of a 96x96 image parses into ~10^4 lists. With CPython's default gen-0
+    # threshold (700) that triggers a dozen collections per request, some of them full
+    # scans of that heap: 20 ms per request instead of 2 (docs/benchmarks.md). Garbage
+    # cycles are still collected, after 50,000 allocations instead of 700.
+    import gc
+
+    gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _batching_config(args: argparse.Namespace):
@@ -271,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.model_config_file and not args.model_base_path:
         parser.error("either --model_config_file or --model_base_path is required")
+    if bool(args.rest_tls_cert) != bool(args.rest_tls_key):
+        parser.error("--rest_tls_cert and --rest_tls_key go together")
+    if args.auth_metrics and not args.auth_token_file:
+        parser.error("--auth_metrics needs --auth_token_file")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     server = GraftServer(args)

@@ -22,12 +22,13 @@ from google.protobuf import json_format
 from werkzeug.exceptions import HTTPException
 
 from serving import codec
-from serving.errors import InvalidArgument, NotFound, PayloadTooLarge, ServingError
+from serving.errors import InvalidArgument, NotFound, PayloadTooLarge, ServingError, Unauthenticated
 from serving.service import ExamplesCall, PredictCall, version_status_json
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from serving.auth import TokenAuth
     from serving.service import InferenceService
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,28 @@ class RestOptions:
 
 
 def create_app(service: InferenceService, options: RestOptions | None = None,
-               metrics_registry: CollectorRegistry | None = None) -> Flask:
-    """The Flask app serving ``service``; ``/metrics`` only when a registry is given."""
+               metrics_registry: CollectorRegistry | None = None, auth: TokenAuth | None = None) -> Flask:
+    """The Flask app serving ``service``; ``/metrics`` only when a registry is given.
+
+    With ``auth`` every path needs ``Authorization: Bearer <token>`` except those
+    ``auth.rest_path_is_open`` names (health; metrics unless protected): 401 otherwise.
+    """
     options = options or RestOptions()
     app = Flask("graft-serve")
+
+    if auth is not None:
+        @app.before_request
+        def _authenticate():
+            if not auth.rest_path_is_open(request.path):
+                auth.check(request.headers.get("Authorization"))
 
     @app.errorhandler(ServingError)
     def _serving_error(err: ServingError):
         response = _json({"error": err.message}, err.status)
         if err.retry_after is not None:
             response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+        if isinstance(err, Unauthenticated):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="graft-serve"'  # RFC 6750
         return response
 
     @app.errorhandler(HTTPException)

@@ -1,0 +1,168 @@
+"""Bearer-token authentication for both protocols (``--auth_token_file``).
+
+One ``TokenAuth`` holds the accepted tokens and decides which endpoints stay
+open. REST sends ``Authorization: Bearer <token>``; gRPC sends the same value in
+the ``authorization`` metadata entry (what ``grpc.access_token_call_credentials``
+and most gRPC clients send). A missing or wrong token is ``Unauthenticated``:
+HTTP 401 through the REST adapter's one error handler, ``UNAUTHENTICATED``
+through :class:`AuthInterceptor`.
+
+Health endpoints (REST ``/healthz``, ``/readyz``, ``/v2/health/*``; gRPC
+``grpc.health.v1`` and V2 ``ServerLive``/``ServerReady``) are always open,
+because kubelet probes carry no token.
+Metrics endpoints are open unless ``protect_metrics`` (``--auth_metrics``).
+Everything else, model status, metadata, the model list, the OpenAPI document
+and gRPC reflection included, needs the token.
+
+Tokens are compared with ``hmac.compare_digest`` against every accepted token,
+so neither a token's content nor which token matched shows in the timing. The
+token file may hold several tokens, one per line, so a token can be rotated
+without a window in which clients are refused: add the new one, restart,
+move clients, remove the old one, restart.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import grpc
+
+from serving.errors import Unauthenticated
+
+# REST paths answered without a token (exact matches: routing is exact too, so a
+# path that merely starts like one of these still needs the token).
+HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+METRICS_PATHS = frozenset({"/metrics", "/monitoring/prometheus/metrics"})
+# gRPC methods answered without a token: grpc.health.v1 and V2's server health (as /v2/health/*).
+HEALTH_METHODS = frozenset({
+    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
+    "/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
+})
+
+AUTHORIZATION_HEADER = "Authorization"
+AUTHORIZATION_METADATA = "authorization"  # gRPC metadata keys are lower case
+SCHEME = "bearer"
+# RFC 6750's b64token: what fits in an HTTP header and gRPC metadata unchanged.
+_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MIN_TOKEN_CHARS = 16
+
+MISSING_MESSAGE = "Missing bearer token: send 'Authorization: Bearer <token>'"
+INVALID_MESSAGE = "Invalid bearer token"
+
+
+def parse_tokens(text: str) -> tuple[str, ...]:
+    """The tokens in a token file's text: one per line; blank lines and ``#`` comments ignored.
+
+    Raises ``ValueError`` when there is none, or one is shorter than
+    ``MIN_TOKEN_CHARS`` or has characters a bearer token cannot carry.
+    """
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if not _TOKEN.fullmatch(token):
+            raise ValueError(f"line {number}: a bearer token may hold only letters, digits and -._~+/ "
+                             "(then '=' padding)")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"line {number}: token shorter than {MIN_TOKEN_CHARS} characters")
+        tokens.append(token)
+    if not tokens:
+        raise ValueError("no token found")
+    return tuple(tokens)
+
+
+def read_token_file(path: str | Path) -> tuple[str, ...]:
+    """The tokens in the file at ``path``; ``ValueError`` names the file (``OSError`` if unreadable)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        return parse_tokens(text)
+    except ValueError as exc:
+        raise ValueError(f"--auth_token_file {path}: {exc}") from None
+
+
+class TokenAuth:
+    """The accepted bearer tokens and the rule for which endpoints stay open."""
+
+    def __init__(self, tokens: Iterable[str], *, protect_metrics: bool = False):
+        self._tokens = tuple(t.encode("ascii") for t in tokens)
+        if not self._tokens:
+            raise ValueError("TokenAuth needs at least one token")
+        self.protect_metrics = protect_metrics
+
+    @classmethod
+    def from_file(cls, path: str | Path, *, protect_metrics: bool = False) -> TokenAuth:
+        """Read the tokens from a token file (see :func:`parse_tokens`)."""
+        return cls(read_token_file(path), protect_metrics=protect_metrics)
+
+    def rest_path_is_open(self, path: str) -> bool:
+        """True when the REST ``path`` is answered without a token."""
+        return path in HEALTH_PATHS or (not self.protect_metrics and path in METRICS_PATHS)
+
+    def grpc_method_is_open(self, method: str) -> bool:
+        """True when the gRPC ``method`` (``/package.Service/Method``) is answered without a token."""
+        return method in HEALTH_METHODS
+
+    def check(self, authorization: str | None) -> None:
+        """Accept an ``Authorization`` value ``Bearer <token>``; raise ``Unauthenticated`` otherwise."""
+        if not authorization:
+            raise Unauthenticated(MISSING_MESSAGE)
+        scheme, _, candidate = authorization.strip().partition(" ")
+        if scheme.lower() != SCHEME:
+            raise Unauthenticated(MISSING_MESSAGE)
+        presented = candidate.strip().encode("utf-8", "replace")
+        # Compare against every token (no early exit) so timing says nothing about which matched.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(presented, token)
+        if not matched:
+            raise Unauthenticated(INVALID_MESSAGE)
+
+    def check_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | Mapping | None) -> None:
+        """:meth:`check` the ``authorization`` entry of gRPC invocation metadata."""
+        items = metadata.items() if isinstance(metadata, Mapping) else (metadata or ())
+        value = None
+        for key, entry in items:
+            if key == AUTHORIZATION_METADATA:
+                value = entry.decode("utf-8", "replace") if isinstance(entry, bytes) else entry
+                break
+        self.check(value)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Refuse every RPC without a valid bearer token with UNAUTHENTICATED (health stays open)."""
+
+    def __init__(self, auth: TokenAuth):
+        self._auth = auth
+
+    def intercept_service(self, continuation, handler_call_details):
+        """Pass authenticated (or open) calls on; answer the others with UNAUTHENTICATED."""
+        if self._auth.grpc_method_is_open(handler_call_details.method):
+            return continuation(handler_call_details)
+        try:
+            self._auth.check_metadata(handler_call_details.invocation_metadata)
+        except Unauthenticated as err:
+            return _refusal(continuation(handler_call_details), err.message)
+        return continuation(handler_call_details)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that aborts with UNAUTHENTICATED."""
+
+    def abort(_request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    # An unknown method is refused the same way, so callers without a token learn nothing.
+    request_streaming = bool(handler and handler.request_streaming)
+    response_streaming = bool(handler and handler.response_streaming)
+    factory = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(request_streaming, response_streaming)]
+    # No deserializer: the refused request's bytes are never parsed.
+    return factory(abort)
