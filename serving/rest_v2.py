@@ -18,14 +18,14 @@ header and the raw parts after its JSON, in output order.
 from __future__ import annotations
 
 import time
-import zlib
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, request
 
 from serving import codec, v2
-from serving.errors import InvalidArgument, PayloadTooLarge, ServingError
+from serving.body import read_body
+from serving.errors import InvalidArgument, ServingError
 
 if TYPE_CHECKING:
     from serving.rest import RestOptions
@@ -85,7 +85,7 @@ def v2_blueprint(service: InferenceService, options: RestOptions) -> Blueprint:
     @bp.post("/v2/models/<name>/versions/<version>/infer")
     def _infer(name: str, version: str = ""):
         deadline = time.monotonic() + options.timeout_ms / 1000.0
-        body = _read_body(options.max_request_bytes)
+        body = read_body(options.max_request_bytes)
         infer_request = decode_request(body, request.headers.get(HEADER_LENGTH), name, version)
         infer_request.deadline = deadline
         return encode_response(v2.infer(service, infer_request), infer_request)
@@ -230,35 +230,6 @@ def _flag(value: Any, what: str) -> bool:
 
 
 # ----------------------------------------------------------------------- bodies
-
-
-def _read_body(limit: int) -> bytes:
-    """The request body, decompressed (gzip or deflate), at most ``limit`` bytes after decompression."""
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding in ("", "identity"):
-        return raw
-    if encoding == "gzip":
-        wbits = 16 + zlib.MAX_WBITS
-    elif encoding == "deflate":
-        wbits = zlib.MAX_WBITS  # HTTP's "deflate" is the zlib format, as tritonclient sends it
-    else:
-        raise InvalidArgument(f"Unsupported Content-Encoding: {encoding}")
-    inflater = zlib.decompressobj(wbits=wbits)
-    try:
-        out = inflater.decompress(raw, limit + 1)
-    except zlib.error as exc:
-        raise InvalidArgument(f"Request body is not valid {encoding}: {exc}") from None
-    # The limit applies after decompression, so a small bomb is refused too.
-    if len(out) > limit or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"Decompressed request body exceeds the limit of {limit} bytes")
-    if not inflater.eof:
-        raise InvalidArgument(f"Request body is truncated {encoding}")
-    return out
 
 
 def _json(payload: Any, status: int = 200) -> Response:
