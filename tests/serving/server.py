@@ -107,9 +107,16 @@ class Subprocess:
         self.proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", *flags],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        self.grpc_port, self.rest_port = self._ports()
-        self.client = Client(self.grpc_port, self.rest_port)
-        _wait_ready(self.client.rest)
+        try:
+            self.grpc_port, self.rest_port = self._ports()
+            self.client = Client(self.grpc_port, self.rest_port)
+            _wait_ready(self.client.rest)
+        except BaseException:
+            # A server that never became ready must not outlive the test that started it.
+            self.proc.kill()
+            self.proc.wait()
+            self._log.close()
+            raise
 
     def _ports(self) -> tuple[int, int]:
         end = time.monotonic() + READY_TIMEOUT_S
