@@ -101,18 +101,13 @@ class TrainResult:
 
 
 def build_head(kind: str, num_classes: int, feature_shape: Sequence[int], *,
-               dropout: float = 0.2, seed: int | None = None,
-               feature_stats: tuple[np.ndarray, np.ndarray] | None = None) -> keras.Model:
+               dropout: float = 0.2, seed: int | None = None) -> keras.Model:
     """The classification head on trunk features of ``feature_shape`` (without batch).
 
     ``gap``: GlobalAveragePooling2D, Dropout, Dense softmax (a rank-1 feature skips
     the pooling). ``seed``: Flatten, Dense 1024 relu, Dropout 0.5, Dense 1024 relu,
     Dense softmax, the head of the Keras "migration learning" article. The final
     Dense computes in float32 so that mixed precision keeps a stable softmax.
-    ``feature_stats`` (mean, variance of the pooled or flattened features, from
-    :func:`head_feature_stats`) standardise the features inside the head: raw
-    ReLU features of a cut trunk span orders of magnitude, and a head on them
-    learns slowly at the usual learning rates.
     """
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head {kind!r}; expected one of {', '.join(HEAD_KINDS)}")
@@ -125,33 +120,14 @@ def build_head(kind: str, num_classes: int, feature_shape: Sequence[int], *,
             x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
         elif len(feature_shape) != 1:
             raise ValueError(f"the gap head needs [H,W,C] or [C] features, got {tuple(feature_shape)}")
-        x = _standardize(x, feature_stats)
         x = keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     else:
         x = keras.layers.Flatten(name="flatten")(x)
-        x = _standardize(x, feature_stats)
         x = keras.layers.Dense(1024, activation="relu", name="fc1")(x)
         x = keras.layers.Dropout(0.5, seed=seed, name="dropout")(x)
         x = keras.layers.Dense(1024, activation="relu", name="fc2")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")(x)
     return keras.Model(inputs, outputs, name=f"head_{kind}")
-
-
-def _standardize(x, feature_stats: tuple[np.ndarray, np.ndarray] | None):
-    if feature_stats is None:
-        return x
-    mean, variance = feature_stats
-    return keras.layers.Normalization(mean=mean, variance=variance, name="standardize")(x)
-
-
-def head_feature_stats(kind: str, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and variance of trunk ``features`` [N, ...] as the ``kind`` head sees them."""
-    features = np.asarray(features, dtype=np.float64)
-    if kind == "gap" and features.ndim == 4:
-        flat = features.mean(axis=(1, 2))
-    else:
-        flat = features.reshape(len(features), -1)
-    return flat.mean(axis=0).astype(np.float32), flat.var(axis=0).astype(np.float32)
 
 
 def make_optimizer(name: str, learning_rate: float, momentum: float | None = None) -> keras.optimizers.Optimizer:
@@ -287,7 +263,6 @@ class _Trainer:
         self.verbose = progress_verbosity(options.verbose)
         self.monitor = "val_accuracy" if self.val_images is not None else "accuracy"
         self._feature_cache: tuple | None = None
-        self.feature_stats: tuple[np.ndarray, np.ndarray] | None = None  # of the cached training features
         self._image_cache: tuple | None = None
 
     # -- datasets -------------------------------------------------------
@@ -317,7 +292,6 @@ class _Trainer:
                 parts.append(extract_features(model, augmented))
             features = np.concatenate([p[0] for p in parts])
             labels = np.concatenate([p[1] for p in parts])
-            self.feature_stats = head_feature_stats(self.plan.head, features)
             train = (tf.data.Dataset.from_tensor_slices((features, labels))
                      .shuffle(len(labels), seed=self.options.seed, reshuffle_each_iteration=True)
                      .batch(self.options.batch_size)
@@ -385,20 +359,13 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
     num_classes = len(train_images.class_names)
     strategy = tf.distribute.get_strategy()
 
-    cache_allowed = plan.cache_features if options.cache_features is None else options.cache_features
-    feature_stats = None
-    if cache_allowed and not plan.phases[0].train_trunk:
-        # The features are needed for the first phase anyway; computing them first
-        # lets the head standardise them with statistics of the training split.
-        trainer.feature_datasets()
-        feature_stats = trainer.feature_stats
     with strategy.scope():
         feature_shape = tuple(backbone.model.output.shape[1:])
-        head = build_head(plan.head, num_classes, feature_shape, dropout=options.gap_dropout, seed=options.seed,
-                          feature_stats=feature_stats)
+        head = build_head(plan.head, num_classes, feature_shape, dropout=options.gap_dropout, seed=options.seed)
         inputs = keras.Input((*trainer.size, 3), name="images")
         full = keras.Model(inputs, head(backbone.model(inputs)), name=f"graft_{backbone.spec.name}")
 
+    cache_allowed = plan.cache_features if options.cache_features is None else options.cache_features
     history: dict[str, dict[str, list[float]]] = {}
     runs: list[PhaseRun] = []
     with contextlib.ExitStack() as stack:
