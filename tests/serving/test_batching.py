@@ -185,6 +185,10 @@ def test_concurrent_distinct_requests_get_their_own_rows(batchers):
         t.join(30)
     assert not errors, errors[:3]
     assert len(checked) == 24 * len(sizes)
+    # Under load every batch can come out full (1224 rows = 153 x 8 with splitting), so
+    # a lone row at the end makes sure the padding path ran: it must be padded to 3.
+    lone = rows(999_000, 1)
+    check_own_rows(lone, batcher.submit({"x": lone}))
 
     # Every real row ran exactly once; padding rows only ever repeat row 0 of their batch.
     real_rows = 0
@@ -201,7 +205,7 @@ def test_concurrent_distinct_requests_get_their_own_rows(batchers):
         if real < len(batch):
             padded_batches += 1
             np.testing.assert_array_equal(batch[real:], np.repeat(batch[:1], len(batch) - real, axis=0))
-    assert real_rows == 24 * sum(sizes)
+    assert real_rows == 24 * sum(sizes) + 1
     assert padded_batches > 0
     assert max(len(b) for b in model.batches) == 8
 
