@@ -28,7 +28,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -36,6 +35,8 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from serving.process import ServeProcess
 
 GRPC_PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
 # A hard cap on requests per run, whatever the duration: loops stay bounded in count too.
@@ -107,21 +108,14 @@ def grpc_frame(message: bytes) -> bytes:
 # ----------------------------------------------------------------------- the server
 
 
-class ServerProcess:
+class ServerProcess(ServeProcess):
     """graft-serve as a child process on 127.0.0.1 with the given extra flags."""
 
     def __init__(self, flags: list[str], log_path: Path, grpc_port: int, rest_port: int, python: str):
         self.grpc_port = grpc_port
         self.rest_port = rest_port
-        self.log_path = log_path
-        script = Path(python).with_name("graft-serve")
-        command = [str(script)] if script.exists() else [python, "-m", "serving.main"]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
-                   PYTHONUNBUFFERED="1")
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(grpc_port), "--rest_api_port", str(rest_port),
-             *flags], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        super().__init__(["--host", "127.0.0.1", "--port", str(grpc_port), "--rest_api_port", str(rest_port),
+                          *flags], log_path, python=python)
 
     @property
     def rest(self) -> str:
@@ -130,18 +124,7 @@ class ServerProcess:
 
     def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
         """Block until /readyz answers 200; RuntimeError with the log if the process died."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"graft-serve exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"{self.rest}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"graft-serve not ready after {timeout}s:\n{self.log()[-4000:]}")
+        super().wait_ready(self.rest, timeout)
 
     def cpu_s(self) -> float:
         """CPU seconds the server has used so far."""
@@ -170,22 +153,6 @@ class ServerProcess:
         count = sum(v for n, _, v in samples if n == "graft_batch_size_count")
         rows = sum(v for n, _, v in samples if n == "graft_batch_size_sum")
         return count, rows
-
-    def log(self) -> str:
-        """What the server printed so far."""
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM and wait (the server drains); returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            self._log.close()
 
 
 def free_port() -> int:

@@ -28,15 +28,14 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from serving.process import ServeProcess
 
 MARKER = ".graft-demo"
 MODEL_NAME = "digits"
@@ -229,27 +228,15 @@ def _promote(repo: Path, candidate, eval_data: Path, min_delta: float) -> dict:
 
 # -- serving ------------------------------------------------------------------------------
 
-class Server:
+class Server(ServeProcess):
     """A graft-serve child process on the demo repository (log in the work dir)."""
 
     def __init__(self, model_dir: Path, host: str, grpc_port: int, rest_port: int, log_path: Path):
-        script = Path(sys.executable).with_name("graft-serve")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "serving.main"]
-        command += ["--host", host, "--port", str(grpc_port), "--rest_api_port", str(rest_port),
-                    "--model_name", MODEL_NAME, "--model_base_path", str(model_dir)]
-        self.command = command
+        super().__init__(["--host", host, "--port", str(grpc_port), "--rest_api_port", str(rest_port),
+                          "--model_name", MODEL_NAME, "--model_base_path", str(model_dir)], log_path)
         self.host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         self.grpc_port, self.rest_port = grpc_port, rest_port
         self.rest = f"http://{self.host}:{rest_port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-
-    def log_tail(self, lines: int = 30) -> str:
-        """The end of the server's log."""
-        text = self.log_path.read_text(errors="replace").splitlines()
-        return "\n".join(text[-lines:])
 
     def get(self, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
         """GET a path of the REST API: (status, body)."""
@@ -286,18 +273,6 @@ class Server:
             time.sleep(0.25)
         raise RuntimeError(f"label {label!r} did not reach version {version} within {timeout:g} s:\n"
                            f"{self.log_tail()}")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (graft-serve drains, then exits) and wait."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-        finally:
-            self._log.close()
 
 
 def rest_predict(server: Server, files: list[str]) -> list[dict]:

@@ -7,11 +7,7 @@ exercises exactly what ``graft-serve`` runs; nothing is stubbed. Servers bind
 
 from __future__ import annotations
 
-import os
-import re
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +18,7 @@ import requests
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from serving.main import GraftServer, build_parser
+from serving.process import ServeProcess
 
 READY_TIMEOUT_S = 90.0
 
@@ -92,23 +89,13 @@ def serving(flags: Sequence[str]) -> Iterator[tuple[GraftServer, Client]]:
         server.drain_and_stop()
 
 
-class Subprocess:
-    """A graft-serve child process; ports come from its startup log lines."""
-
-    _GRPC = re.compile(r"Running gRPC ModelServer at [^:\s]+:(\d+)")
-    _REST = re.compile(r"Exporting HTTP/REST API at:[^:\s]+:(\d+)")
+class Subprocess(ServeProcess):
+    """A graft-serve child process on 127.0.0.1; ports come from its startup log lines."""
 
     def __init__(self, flags: Sequence[str], log_path: Path):
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
-        script = Path(sys.executable).with_name("graft-serve")
-        command = [str(script)] if script.exists() else [sys.executable, "-m", "serving.main"]
-        self.proc = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", *flags],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        super().__init__(["--host", "127.0.0.1", *flags], log_path)
         try:
-            self.grpc_port, self.rest_port = self._ports()
+            self.grpc_port, self.rest_port = self.bound_ports(READY_TIMEOUT_S)
             self.client = Client(self.grpc_port, self.rest_port)
             _wait_ready(self.client.rest)
         except BaseException:
@@ -118,28 +105,9 @@ class Subprocess:
             self._log.close()
             raise
 
-    def _ports(self) -> tuple[int, int]:
-        end = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < end:
-            text = self.log()
-            grpc_match, rest_match = self._GRPC.search(text), self._REST.search(text)
-            if grpc_match and rest_match:
-                return int(grpc_match[1]), int(rest_match[1])
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"graft-serve exited with {self.proc.returncode}:\n{text}")
-            time.sleep(0.1)
-        raise TimeoutError(f"graft-serve printed no ports:\n{self.log()}")
-
-    def log(self) -> str:
-        """Everything the process wrote so far."""
-        return self.log_path.read_text(errors="replace")
-
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (if still running) and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
         try:
-            return self.proc.wait(timeout)
+            return super().stop(timeout)
         finally:
             self.client.close()
-            self._log.close()
