@@ -155,6 +155,17 @@ class ServerProcess(ServeProcess):
         return count, rows
 
 
+def render_report(command: str, setup: str, rows: list[tuple[str, str]],
+                  targets: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """(plain text, Markdown) of a benchmark's figures and its targets (name, measured, verdict)."""
+    text = "\n".join(f"{k}: {v}" for k, v in rows) + "\n" + "\n".join(
+        f"target {n}: {v} ({m})" for n, v, m in targets)
+    md = [f"Run {time.strftime('%Y-%m-%d %H:%M')}: `{command}`. {setup}", "",
+          "| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+          "| target | measured | |", "|---|---|---|", *[f"| {n} | {v} | {m} |" for n, v, m in targets]]
+    return text, "\n".join(md)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket

@@ -41,7 +41,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import ServerProcess, free_port, percentile, process_cpu_s, replace_section
+from common import ServerProcess, free_port, percentile, process_cpu_s, render_report, replace_section
 
 MODEL = "overload"
 INPUT_WIDTH = 8
@@ -437,13 +437,10 @@ def _figures(args, flags: str, clients: int, rate: float, capacity: Phase, overl
              f"{BATCH_THREADS}; flags `{flags}`. Phases of {args.seconds:.0f} s. Load generator: Python "
              f"threads with keep-alive http.client connections in the benchmark process, on the same "
              f"{os.cpu_count()} CPUs as the server ({platform.processor() or platform.machine()}).")
-    text = "\n".join(f"{k}: {v}" for k, v in rows) + "\n" + "\n".join(
-        f"target {name}: {value} ({v})" for name, value, v in targets)
-    md = [f"Run {time.strftime('%Y-%m-%d %H:%M')}: `.venv/bin/python bench/overload.py --seconds "
-          f"{args.seconds:g} --factor {args.factor:g} --intra-op {args.intra_op}`. {setup}", "",
-          "| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
-          "| target | measured | |", "|---|---|---|", *[f"| {n} | {v} | {m} |" for n, v, m in targets]]
-    return {"text": text, "markdown": "\n".join(md), "met": met_503 and met_p99 and met_rss}
+    text, markdown = render_report(
+        f".venv/bin/python bench/overload.py --seconds {args.seconds:g} --factor {args.factor:g} "
+        f"--intra-op {args.intra_op}", setup, rows, targets)
+    return {"text": text, "markdown": markdown, "met": met_503 and met_p99 and met_rss}
 
 
 def kinds_text(kinds: dict) -> str:

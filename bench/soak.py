@@ -28,7 +28,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from common import ServerProcess, free_port, percentile, replace_section
+from common import ServerProcess, free_port, percentile, render_report, replace_section
 from overload import (DOCS, MODEL, Outcome, RestClient, RssSampler, kinds_text, build_model, mib,
                       publish_version, request_body, rss_bytes, server_flags)
 
@@ -187,13 +187,9 @@ def _figures(args, flags, tmp, outcomes, wall, swap_seconds, rss_start, rss_afte
              f"by copy + rename; policy latest 1; --file_system_poll_wait_seconds {POLL_SECONDS}; flags "
              f"`{shown_flags}`. Load: {args.clients} closed-loop REST clients (one row per request) in the "
              f"benchmark process, on the same {os.cpu_count()} CPUs as the server.")
-    text = "\n".join(f"{k}: {v}" for k, v in rows) + "\n" + "\n".join(
-        f"target {n}: {v} ({m})" for n, v, m in targets)
-    md = [f"Run {time.strftime('%Y-%m-%d %H:%M')}: `.venv/bin/python bench/soak.py --swaps {args.swaps} "
-          f"--clients {args.clients}`. {setup}", "",
-          "| figure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
-          "| target | measured | |", "|---|---|---|", *[f"| {n} | {v} | {m} |" for n, v, m in targets]]
-    return {"text": text, "markdown": "\n".join(md), "met": met}
+    text, markdown = render_report(
+        f".venv/bin/python bench/soak.py --swaps {args.swaps} --clients {args.clients}", setup, rows, targets)
+    return {"text": text, "markdown": markdown, "met": met}
 
 
 if __name__ == "__main__":
