@@ -16,6 +16,7 @@ from serving.servable import (
     PREDICT_METHOD,
     REGRESS_METHOD,
     Servable,
+    _traced_call,
     read_signature_defs,
 )
 from tests import models
@@ -130,6 +131,35 @@ def test_lineage(tmp_path, two_input_savedmodel, two):
     assert servable.lineage() == record
     (version / "assets.extra" / "graft.json").write_text("{not json")
     assert Servable.load("two", 3, version).lineage() is None
+
+
+def test_runs_go_through_traced_wrappers_with_the_same_answers(two):
+    replica = two._pool.replicas[0]
+    assert set(replica.calls) == set(replica.functions) == set(two.signatures)
+    x = np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32)
+    inputs = {"x": x, "tag": np.array([b"a", b"bc", b"", b"def"], dtype=object)}
+    for name in two.signatures:
+        # Wrappers, not the restored signatures (whose calls map every variable in Python).
+        assert replica.calls[name] is not replica.functions[name]
+    direct = replica.functions["serving_default"](x=tf.constant(x), tag=tf.constant(inputs["tag"].tolist()))
+    out = two.run("serving_default", inputs)
+    assert set(out) == set(direct)
+    for name, value in direct.items():
+        np.testing.assert_array_equal(out[name], value.numpy())
+    # A run-time failure inside the model still surfaces through the wrapper.
+    with pytest.raises(InvalidArgument, match="x must be >= 0"):
+        two.run("checked", {"x": -np.ones((1, 3), np.float32)})
+
+
+def test_an_untraceable_signature_is_called_as_it_is():
+    class Opaque:
+        structured_input_signature = ((), {"x": "not a TensorSpec"})
+
+        def __call__(self, **inputs):
+            raise AssertionError("tracing must not call it with these specs")
+
+    opaque = Opaque()
+    assert _traced_call(opaque, None) is opaque
 
 
 def test_device_placement_and_unload(tiny_cnn_savedmodel):
