@@ -436,10 +436,11 @@ def tensor_proto_to_numpy(tp: tensor_pb2.TensorProto, *, max_elements: int) -> n
     # An empty tensor may still claim absurd other dimensions, which numpy cannot even shape.
     if math.prod(d for d in shape if d) > max_elements:
         raise InvalidArgument(f"tensor shape {list(shape)} exceeds the limit of {max_elements} elements")
-    if tp.tensor_content:
+    # Each read of a bytes field copies it: read the (possibly megabytes of) content once.
+    content = tp.tensor_content
+    if content:
         if dtype.kind == "O":
             raise InvalidArgument("DT_STRING tensors must use string_val, not tensor_content")
-        content = tp.tensor_content
         if len(content) != count * dtype.itemsize:
             raise InvalidArgument(
                 f"tensor_content holds {len(content)} bytes but shape {list(shape)} of "
