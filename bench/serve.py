@@ -5,7 +5,8 @@ One run:
 1. exports a benchmark model (MobileNetV3Small 96x96, random weights, through
    graft's own exporter) unless ``--model-dir`` names a model base path;
 2. measures the in-process ceiling: the exported ``serving_default`` signature
-   called directly at batch 1, 8, 32 and 64;
+   called directly at batch 1, 8, 32 and 64, in fresh processes, once with
+   TensorFlow's default threads and once with the servers' (``--threads``);
 3. starts two graft-serve processes on 127.0.0.1, one with batching on (the
    parameters file below, tuned for a small CPU) and a naive baseline with
    batching off, then drives each with gRPC Predict, REST JSON floats and REST
@@ -58,8 +59,8 @@ CEILING_MAX_CALLS = 5000
 
 # Tuned for a 2-core CPU. Timeout 0 (TF Serving's CPU advice): a batch runs as soon
 # as the batch thread is free, so batches grow with load and a lone request never
-# waits. One batch thread: TensorFlow already spreads one batch over every core,
-# and a second concurrent batch would only fight it for them. Room for every
+# waits. One batch thread on one TensorFlow thread (SERVED_THREADS): the model keeps
+# one core and the Python request handling gets the other. Room for every
 # in-flight request of the heaviest load, so the queue never refuses one.
 CPU_BATCHING = """\
 max_batch_size { value: 32 }
@@ -67,6 +68,12 @@ batch_timeout_micros { value: 0 }
 max_enqueued_batches { value: 64 }
 num_batch_threads { value: 1 }
 """
+
+# TensorFlow threads of both served configurations (intra-op, inter-op). On this
+# 2-core machine a small CNN runs 2-3x faster per image on one thread than spread
+# over two (docs/benchmarks.md measures both); 0 means TensorFlow's default.
+SERVED_THREADS = (1, 1)
+DEFAULT_THREADS = (0, 0)
 
 # (label, load, figure, target): the issue's targets on the 2-core CPU.
 TARGETS = (
@@ -96,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to write ('' = none)")
     p.add_argument("--json", default="", help="also write the raw figures as JSON here")
     p.add_argument("--device", default="", help="device name for the report (default: detected)")
+    p.add_argument("--threads", default=",".join(map(str, SERVED_THREADS)),
+                   help="intra,inter TensorFlow threads of the served configurations (0: TF's default)")
+    # Internal: measure the ceiling in a fresh process (TF threads are fixed at start-up).
+    p.add_argument("--ceiling-child", default="", help=argparse.SUPPRESS)
     return p
 
 
@@ -173,6 +184,57 @@ def measure_ceiling(version: Path, input_name: str, height: int, width: int,
                          "cpu_ms_per_image": cpu / (batch * len(times)) * 1000.0,
                          "cores": cpu / sum(times)}
     return result
+
+
+def ceiling_in_child(version: Path, threads: tuple[int, int], seconds: float) -> dict[int, dict[str, float]]:
+    """``measure_ceiling`` in a fresh Python process whose TensorFlow runs on ``threads`` (intra, inter)."""
+    import subprocess
+
+    command = [sys.executable, str(Path(__file__).resolve()), "--ceiling-child", str(version),
+               "--threads", ",".join(map(str, threads)), "--ceiling-seconds", str(seconds)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"ceiling child failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return {int(b): row for b, row in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def ceiling_child(args) -> int:
+    """The ``--ceiling-child`` mode: set TF's threads, measure, print one JSON line."""
+    import tensorflow as tf
+
+    from serving.devices import GpuOptions, configure_gpus
+
+    configure_gpus(GpuOptions())  # memory growth: the parent and the servers share the GPU
+    intra, inter = parse_threads(args.threads)
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+    version = Path(args.ceiling_child)
+    input_name, height, width = image_input(version)
+    print(json.dumps(measure_ceiling(version, input_name, height, width, args.ceiling_seconds)))
+    return 0
+
+
+def parse_threads(text: str) -> tuple[int, int]:
+    """"intra,inter" -> (intra, inter); 0 is TensorFlow's default."""
+    try:
+        intra, inter = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"--threads wants two integers 'intra,inter', got {text!r}") from None
+    return intra, inter
+
+
+def threads_text(threads: tuple[int, int]) -> str:
+    """How a thread setting reads in the report."""
+    return "TensorFlow's default threads" if threads == DEFAULT_THREADS else \
+        f"intra_op {threads[0] or 'default'}, inter_op {threads[1] or 'default'}"
+
+
+def thread_flags(threads: tuple[int, int]) -> list[str]:
+    """graft-serve flags for ``threads`` (none for TensorFlow's defaults)."""
+    intra, inter = threads
+    return [*([f"--tensorflow_intra_op_parallelism={intra}"] if intra else []),
+            *([f"--tensorflow_inter_op_parallelism={inter}"] if inter else [])]
 
 
 # ------------------------------------------------------------------------- requests
@@ -293,10 +355,11 @@ def cpu_ratio(result: common.LoadResult, ceiling: dict) -> float:
     return ceiling[32]["cpu_ms_per_image"] / served if served > 0 else float("nan")
 
 
-def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list[dict], results: dict,
-           batching: str, tools: dict, loadavg: tuple) -> str:
+def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list[tuple[tuple, dict]],
+           results: dict, batching: str, tools: dict, loadavg: tuple) -> str:
     """The markdown section: setup, ceiling, served figures, targets."""
     ref = ceiling[32]["images_per_s"]
+    served = parse_threads(args.threads)
     lines = [
         f"Run {time.strftime('%Y-%m-%d %H:%M')} on **{device}**; model: {model_desc}; "
         f"{args.duration:g} s per load, one image per request, closed-loop clients on 127.0.0.1. "
@@ -305,6 +368,7 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
         "Load generators: " + ", ".join(
             f"{k} {'installed' if v else 'absent (Python client used)'}" for k, v in tools.items()) + ".",
         "",
+        f"Both servers run with {threads_text(served)} (`{' '.join(thread_flags(served)) or 'no thread flags'}`). "
         "Batching parameters of the batched server:",
         "",
         "```",
@@ -313,17 +377,19 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
         "",
         "### In-process ceiling (serving_default signature called directly)",
         "",
-        "| batch | images/s | p50 latency ms | CPU ms per image | cores busy |",
-        "|---:|---:|---:|---:|---:|",
+        "Measured in a fresh process under each thread setting, before and after the served loads. "
+        "The ratios below divide by the fastest batch-32 run of all of them, whichever setting "
+        "produced it: the strictest reference.",
+        "",
+        "| threads | run | batch | images/s | p50 latency ms | CPU ms per image | cores busy |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for batch, row in ceiling.items():
-        lines.append(f"| {batch} | {row['images_per_s']:.0f} | {row['p50_ms']:.2f} | "
-                     f"{row['cpu_ms_per_image']:.3f} | {row['cores']:.2f} |")
-    if len(ceiling_runs) > 1:
-        lines.append("")
-        lines.append("Batch-32 ceiling measured before and after the served loads: "
-                     + " / ".join(f"{r[32]['images_per_s']:.0f}" for r in ceiling_runs)
-                     + " images/s; the table and the ratios use the faster run.")
+    for index, (threads, run) in enumerate(ceiling_runs):
+        when = "before" if index < len(ceiling_runs) // 2 else "after"
+        for batch, row in run.items():
+            lines.append(f"| {threads_text(threads)} | {when} | {batch} | {row['images_per_s']:.0f} | "
+                         f"{row['p50_ms']:.2f} | {row['cpu_ms_per_image']:.3f} | {row['cores']:.2f} |")
+    lines += ["", f"Reference (batch 32): **{ref:.0f} images/s**."]
     lines += [
         "",
         "### Served, one image per request",
@@ -354,7 +420,7 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
         lines.append(f"| {label} >= {want:.2f}x ceiling | {ratio:.2f}x | {cpu_ratio(r, ceiling):.2f}x | "
                      f"{'yes' if ratio >= want else 'NO'} |")
     # The fastest in-process batch of 1 of any ceiling run: the strictest reference.
-    single = min(run[1]["p50_ms"] for run in ceiling_runs)
+    single = min(run[1]["p50_ms"] for _, run in ceiling_runs)
     r = results.get(("grpc", "batching", 1))
     if r is not None:
         added = p(r, 50) - single
@@ -375,6 +441,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))
+    if args.ceiling_child:
+        return ceiling_child(args)
+    served = parse_threads(args.threads)
+    ceiling_settings = [DEFAULT_THREADS] + ([served] if served != DEFAULT_THREADS else [])
     protocols = [s for s in args.protocols.split(",") if s]
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
@@ -403,14 +473,16 @@ def main(argv=None) -> int:
         input_name, height, width = image_input(version)
         bodies = make_bodies(input_name, height, width)
 
-        ceiling_runs = [measure_ceiling(version, input_name, height, width, args.ceiling_seconds)]
-        print("in-process ceiling:", {b: round(r["images_per_s"]) for b, r in ceiling_runs[0].items()}, flush=True)
+        ceiling_runs = []
+        for threads in ceiling_settings:
+            ceiling_runs.append((threads, ceiling_in_child(version, threads, args.ceiling_seconds)))
+            print(f"in-process ceiling, {threads_text(threads)}:",
+                  {b: round(r["images_per_s"]) for b, r in ceiling_runs[-1][1].items()}, flush=True)
 
         params = work / "batching.txt"
         params.write_text(batching)
-        # Thread counts stay at graft-serve's defaults: what a user gets.
         common_flags = ["--model_name", MODEL_NAME, "--model_base_path", str(base_path),
-                        "--file_system_poll_wait_seconds", "0", *args.server_flag]
+                        "--file_system_poll_wait_seconds", "0", *thread_flags(served), *args.server_flag]
         modes = {"batching": ["--batching_parameters_file", str(params)]}
         if not args.no_baseline:
             modes["baseline"] = []
@@ -441,10 +513,11 @@ def main(argv=None) -> int:
                 if code != 0:
                     print(f"{mode} server exited with {code}:\n{server.log()[-3000:]}", file=sys.stderr)
 
-        ceiling_runs.append(measure_ceiling(version, input_name, height, width, args.ceiling_seconds))
-        # Other processes slow either measurement down, never speed it up: the faster one
-        # is the better estimate of the ceiling, and the stricter reference for the ratios.
-        ceiling = max(ceiling_runs, key=lambda run: run[32]["images_per_s"])
+        for threads in ceiling_settings:
+            ceiling_runs.append((threads, ceiling_in_child(version, threads, args.ceiling_seconds)))
+        # Other processes slow a measurement down, never speed it up: the fastest run is
+        # the best estimate of the ceiling, and the strictest reference for the ratios.
+        ceiling = max((run for _, run in ceiling_runs), key=lambda run: run[32]["images_per_s"])
         text = report(args, args.device or device_name(), model_desc, ceiling, ceiling_runs, results, batching,
                       tools if args.client == "auto" else {"h2load": None, "wrk": None},
                       (loadavg0, os.getloadavg()[0]))
