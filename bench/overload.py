@@ -325,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--factor", type=float, default=4.0, help="overload, in multiples of capacity (default 4)")
     parser.add_argument("--size", type=int, default=64, help="model feature map size (default 64)")
     parser.add_argument("--channels", type=int, default=96, help="model conv channels (default 96)")
-    parser.add_argument("--intra-op", type=int, default=0,
-                        help="server --tensorflow_intra_op_parallelism (default 0: TensorFlow's default)")
+    # One intra-op thread leaves the second core to the HTTP front end, which must keep
+    # refusing 3x capacity quickly: with TensorFlow's default (0) the model took both
+    # cores and accepted p99 rose to 2.3x its value at capacity (docs/benchmarks.md).
+    parser.add_argument("--intra-op", type=int, default=1,
+                        help="server --tensorflow_intra_op_parallelism (default 1; 0: TensorFlow's default)")
     parser.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args(argv)
     clients = BATCH_SIZE * (BATCH_THREADS + ENQUEUED_BATCHES) * 3 // 4
