@@ -248,6 +248,8 @@ class Batcher:
         # Batches running now, on batch threads or (idle fast path) on callers' threads.
         self._running = 0
         self._slots = config.num_batch_threads
+        # Set by flush(): no more company is coming, so no batch waits out its timeout.
+        self._flushing = False
         self._cap = config.execution_batch_size
         self._allowed = list(config.allowed_batch_sizes)
         self._timeout_s = config.batch_timeout_micros / 1e6
@@ -428,6 +430,16 @@ class Batcher:
                 self._queued_rows -= task.rows
         return self._queued_rows
 
+    def flush(self) -> None:
+        """Run what is queued without waiting for batch timeouts, from now on (the server is draining).
+
+        New requests are still accepted (those admitted before the drain may still
+        arrive); they too run as soon as a batch thread is free.
+        """
+        with self._cond:
+            self._flushing = True
+            self._cond.notify_all()
+
     def queue_depth(self) -> int:
         """Rows waiting in the queue, not yet taken by a batch thread."""
         with self._cond:
@@ -480,7 +492,7 @@ class Batcher:
                     if head.rows == 0:
                         batches.popleft()
                         continue
-                    if head.open and not self._closing and timeout_s > 0:
+                    if head.open and not (self._closing or self._flushing) and timeout_s > 0:
                         wait = head.created + timeout_s - time.monotonic()
                         if wait > 0:
                             cond.wait(wait)

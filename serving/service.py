@@ -288,10 +288,18 @@ class InferenceService:
     # -------------------------------------------------------------------- shutdown
 
     def begin_drain(self) -> None:
-        """Refuse new inference requests with Unavailable; those already admitted finish."""
+        """Refuse new inference requests with Unavailable; those already admitted finish.
+
+        Queued requests run at once: no new request can join their batches, so
+        waiting out ``batch_timeout_micros`` would only delay the drain.
+        """
         with self._idle:
             self._draining = True
             self._idle.notify_all()
+        with self._lock:
+            batchers = [b for b in self._batchers.values() if b is not None]
+        for batcher in batchers:
+            batcher.flush()
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until no request is in flight; False if ``timeout`` seconds passed first."""

@@ -530,6 +530,28 @@ def test_the_idle_fast_path_holds_a_batch_slot(batchers):
     assert sorted(len(b) for b in model.batches) == [2, 6]  # the queued three ran as one batch
 
 
+def test_flush_runs_queued_requests_without_waiting_for_the_timeout(batchers):
+    model = Model()
+    batcher = batchers(model, max_batch_size=8, batch_timeout_micros=60_000_000, num_batch_threads=1)
+    results = {}
+    caller = threading.Thread(target=lambda: results.update(out=batcher.submit({"x": rows(0, 2)})))
+    caller.start()
+    deadline = time.monotonic() + 5
+    while batcher.queue_depth() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert "out" not in results  # held by the 60 s timeout
+    started = time.monotonic()
+    batcher.flush()
+    caller.join(10)
+    assert time.monotonic() - started < 5
+    check_own_rows(rows(0, 2), results["out"])
+    # Later requests do not wait either.
+    started = time.monotonic()
+    check_own_rows(rows(5, 1), batcher.submit({"x": rows(5, 1)}))
+    assert time.monotonic() - started < 5
+
+
 def test_per_request_overhead_is_small(batchers):
     batcher = batchers(lambda inputs: inputs, max_batch_size=8, num_batch_threads=1)
     x = {"x": np.ones((1, 4), np.float32)}

@@ -116,9 +116,11 @@ def _queued_rows(client: Client) -> float:
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, two_input_savedmodel):
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
-    # A 4 s batch timeout holds the first requests in the queue: they are in flight at SIGTERM.
+    # A 30 s batch timeout holds the first requests in the queue: they are in flight at SIGTERM.
+    # (The drain runs queued batches at once, so the test never waits for it; 4 s once ran
+    # out on a loaded machine before all six requests were queued.)
     batching = tmp_path / "batching.config"
-    batching.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 4000000 }\n"
+    batching.write_text("max_batch_size { value: 64 } batch_timeout_micros { value: 30000000 }\n"
                         "num_batch_threads { value: 1 }\n")
     server = Subprocess(["--port", "0", "--rest_api_port", str(free_port()), "--model_name", "two",
                          "--model_base_path", str(tmp_path / "two"),
@@ -147,7 +149,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, two_input_saved
         for t in threads:
             t.start()
         # SIGTERM only once all 6 requests (12 rows) are admitted and queued.
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 25
         while _queued_rows(client) < 12:
             assert time.monotonic() < deadline, f"requests not queued: {answers}"
             time.sleep(0.05)
