@@ -36,13 +36,6 @@ Semantics follow TF Serving's ``SharedBatchScheduler`` / ``BatchingSession``:
   no other; a non-``ServingError`` becomes ``Internal``.
 
 A request with zero rows runs directly on the caller's thread (nothing to batch).
-
-With ``batch_timeout_micros`` 0, a request that finds the queue empty and a batch
-slot free runs at once as a batch of its own *on the caller's thread*: TF Serving
-would hand it to a batch thread that runs it at once anyway, and the two thread
-hand-offs saved are about half a millisecond on a small CPU. It takes one of the
-``num_batch_threads`` slots while it runs, so no more batches run at once than
-with batch threads alone, and requests arriving meanwhile queue as usual.
 """
 
 from __future__ import annotations
@@ -245,9 +238,6 @@ class Batcher:
         self.config = config
         self.name = name
         self._observer = observer
-        # Batches running now, on batch threads or (idle fast path) on callers' threads.
-        self._running = 0
-        self._slots = config.num_batch_threads
         # Set by flush(): no more company is coming, so no batch waits out its timeout.
         self._flushing = False
         self._cap = config.execution_batch_size
@@ -286,29 +276,13 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise Unavailable(f"the batcher{' of ' + self.name if self.name else ''} is closed")
-            if self._idle_fast_path(rows):
-                self._running += 1
-                task = _Task(request, 0, inputs, rows, key, deadline, now)
-                task.state = _TAKEN
-                request.tasks = [task]
-                request.remaining = 1
-            else:
-                task = None
-                tasks = self._plan(request, inputs, rows, key, deadline, now)
-                self._enqueue(tasks)
-                self._queued_rows += rows
-                depth = self._queued_rows
-                self._cond.notify()
-        if task is not None:
-            self._run_taken([task], now)
-        else:
-            self._report_depth(depth)
+            tasks = self._plan(request, inputs, rows, key, deadline, now)
+            self._enqueue(tasks)
+            self._queued_rows += rows
+            depth = self._queued_rows
+            self._cond.notify()
+        self._report_depth(depth)
         return self._wait(request, deadline)
-
-    def _idle_fast_path(self, rows: int) -> bool:
-        """Whether a request of ``rows`` runs now on its caller's thread (under the lock)."""
-        return (self._timeout_s == 0 and not self._batches and self._running < self._slots
-                and rows <= self._cap)
 
     def _check(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
         if not inputs:
@@ -477,16 +451,12 @@ class Batcher:
     # -- batch threads -------------------------------------------------------
 
     def _take(self) -> tuple[list[_Task], list[_Task], int, float] | None:
-        """Block until a batch is due and a slot is free; pop it (None: closed and empty)."""
+        """Block until a batch is due; pop it (None: closed and empty)."""
         cond = self._cond
         timeout_s = self._timeout_s
         with cond:
             while True:
                 batches = self._batches
-                if batches and self._running >= self._slots:
-                    # Callers on the idle fast path hold every slot: wait for one to end.
-                    cond.wait()
-                    continue
                 if batches:
                     head = batches[0]
                     if head.rows == 0:
@@ -516,7 +486,6 @@ class Batcher:
                     live.append(task)
             self._queued_rows -= batch.rows
             depth = self._queued_rows
-            self._running += 1
             if batches:
                 cond.notify()
         return live, expired, depth, now
@@ -530,22 +499,13 @@ class Batcher:
             self._report_depth(depth)
             for task in expired:
                 self._finish(task, None, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
-            self._run_taken(live, started)
-
-    def _run_taken(self, tasks: list[_Task], started: float) -> None:
-        """Run taken tasks as one batch, then free the slot ``_take`` or the fast path claimed."""
-        try:
-            if tasks:
-                self._run_batch(tasks, started)
-        except BaseException as err:  # never leave a caller hanging on a bug here
-            log.exception("batcher %s: batch failed unexpectedly", self.name)
-            for task in tasks:
-                self._finish(task, None, Internal(f"batching failed: {err!r}"))
-        finally:
-            with self._cond:
-                self._running -= 1
-                if self._batches:
-                    self._cond.notify()
+            if live:
+                try:
+                    self._run_batch(live, started)
+                except BaseException as err:  # never leave a caller hanging on a bug here
+                    log.exception("batcher %s: batch failed unexpectedly", self.name)
+                    for task in live:
+                        self._finish(task, None, Internal(f"batching failed: {err!r}"))
 
     def _padded_size(self, rows: int) -> int:
         if not self._allowed:

@@ -459,9 +459,7 @@ def test_observer_sees_sizes_delays_and_depth(batchers):
         def on_queue_depth(self, depth):
             events["depths"].append(depth)
 
-    # A timeout, so the lone request queues instead of taking the idle fast path.
-    batcher = Batcher(Model(), BatchingConfig(max_batch_size=4, allowed_batch_sizes=(4,), num_batch_threads=1,
-                                              batch_timeout_micros=1000),
+    batcher = Batcher(Model(), BatchingConfig(max_batch_size=4, allowed_batch_sizes=(4,), num_batch_threads=1),
                       observer=Observer())
     try:
         batcher.submit({"x": rows(0, 3)})
@@ -470,64 +468,6 @@ def test_observer_sees_sizes_delays_and_depth(batchers):
     (size, padded, parts, seconds), = events["batches"]
     assert (size, padded, parts) == (3, 4, 1) and seconds >= 0
     assert events["depths"][0] == 3 and events["depths"][-1] == 0
-
-
-def test_an_idle_batcher_runs_a_lone_request_on_the_callers_thread(batchers):
-    threads = []
-
-    def run(inputs):
-        threads.append(threading.current_thread())
-        return Model()(inputs)
-
-    batcher = batchers(run, max_batch_size=4, allowed_batch_sizes=(4,), num_batch_threads=1)
-    out = batcher.submit({"x": rows(0, 3)})
-    check_own_rows(rows(0, 3), out)  # padded to 4 and trimmed back, as on a batch thread
-    assert threads == [threading.current_thread()]
-    # With a timeout a lone request waits for company on a batch thread, as in TF Serving.
-    timed = batchers(run, max_batch_size=4, batch_timeout_micros=1000, num_batch_threads=1)
-    check_own_rows(rows(5, 1), timed.submit({"x": rows(5, 1)}))
-    assert threads[-1] is not threading.current_thread()
-
-
-def test_the_idle_fast_path_holds_a_batch_slot(batchers):
-    """While a caller runs its own request, the other requests queue and batch; never two runs at once."""
-    gate = threading.Event()
-    model = Model(gate=gate)
-    running, peak, lock = [0], [0], threading.Lock()
-
-    def run(inputs):
-        with lock:
-            running[0] += 1
-            peak[0] = max(peak[0], running[0])
-        try:
-            return model(inputs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    batcher = batchers(run, max_batch_size=8, num_batch_threads=1)
-    results = {}
-
-    def call(first):
-        results[first] = batcher.submit({"x": rows(first, 2)})
-
-    first = threading.Thread(target=call, args=(0,))
-    first.start()
-    assert model.started.wait(5)  # the first request runs, on its own thread, and holds the slot
-    others = [threading.Thread(target=call, args=(i,)) for i in (10, 20, 30)]
-    for t in others:
-        t.start()
-    deadline = time.monotonic() + 5
-    while batcher.queue_depth() < 6 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert batcher.queue_depth() == 6  # all three queued behind the running request
-    gate.set()
-    for t in [first, *others]:
-        t.join(5)
-    for i in (0, 10, 20, 30):
-        check_own_rows(rows(i, 2), results[i])
-    assert peak[0] == 1
-    assert sorted(len(b) for b in model.batches) == [2, 6]  # the queued three ran as one batch
 
 
 def test_flush_runs_queued_requests_without_waiting_for_the_timeout(batchers):
