@@ -410,26 +410,32 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
             f"| {PROTOCOL_NAMES[protocol]} | {mode} | {c} | {r.images_per_s:.0f} | {r.images_per_s / ref:.2f} | "
             f"{p(r, 50):.2f} | {p(r, 99):.2f} | {r.errors} | {batch} | {r.cpu_ms_per_image('server'):.2f} | "
             f"{r.cpu_ms_per_image('client'):.3f} | {cpu_ratio(r, ceiling):.2f} | {r.tool} |")
-    lines += ["", "### Targets", "", "| target | measured | x ceiling by CPU | met (measured) |",
-              "|---|---:|---:|:---:|"]
+    # For comparison only: the ceiling as the issue first measured it, on TensorFlow's default threads.
+    default_ref = max((run[32]["images_per_s"] for threads, run in ceiling_runs if threads == DEFAULT_THREADS),
+                      default=ref)
+    lines += ["", "### Targets", "",
+              f"*x default-threads ceiling* (for comparison, not the target): images/s over the fastest "
+              f"batch-32 run on TensorFlow's default threads ({default_ref:.0f} images/s).", "",
+              "| target | measured | x ceiling by CPU | x default-threads ceiling | met (measured) |",
+              "|---|---:|---:|---:|:---:|"]
     for label, protocol, want in TARGETS:
         r = results.get((protocol, "batching", 32))
         if r is None:
             continue
         ratio = r.images_per_s / ref
         lines.append(f"| {label} >= {want:.2f}x ceiling | {ratio:.2f}x | {cpu_ratio(r, ceiling):.2f}x | "
-                     f"{'yes' if ratio >= want else 'NO'} |")
+                     f"{r.images_per_s / default_ref:.2f}x | {'yes' if ratio >= want else 'NO'} |")
     # The fastest in-process batch of 1 of any ceiling run: the strictest reference.
     single = min(run[1]["p50_ms"] for _, run in ceiling_runs)
     r = results.get(("grpc", "batching", 1))
     if r is not None:
         added = p(r, 50) - single
         lines.append(f"| gRPC C=1 p50 added over in-process batch 1 ({single:.2f} ms) <= "
-                     f"{ADDED_LATENCY_TARGET_MS} ms | {added:.2f} ms | | "
+                     f"{ADDED_LATENCY_TARGET_MS} ms | {added:.2f} ms | | | "
                      f"{'yes' if added <= ADDED_LATENCY_TARGET_MS else 'NO'} |")
     r = results.get(("grpc", "baseline", 1))
     if r is not None:
-        lines.append(f"| (baseline, batching off) gRPC C=1 p50 added | {p(r, 50) - single:.2f} ms | | |")
+        lines.append(f"| (baseline, batching off) gRPC C=1 p50 added | {p(r, 50) - single:.2f} ms | | | |")
     return "\n".join(lines) + "\n"
 
 
