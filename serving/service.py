@@ -183,6 +183,7 @@ class InferenceService:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig = self._method_signature(servable, request.signature_name, CLASSIFY_METHOD)
                 inputs = _examples_tensor(sig, request.examples, request.context)
+                self._check_example_images(request.examples, request.context)
                 record(servable.version, sig.name, len(request.examples))
                 outputs = self._run(servable, sig, inputs, request.deadline)
                 return ClassifyResult(servable.name, servable.version, sig.name,
@@ -194,6 +195,7 @@ class InferenceService:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig = self._method_signature(servable, request.signature_name, REGRESS_METHOD)
                 inputs = _examples_tensor(sig, request.examples, request.context)
+                self._check_example_images(request.examples, request.context)
                 record(servable.version, sig.name, len(request.examples))
                 outputs = self._run(servable, sig, inputs, request.deadline)
                 return RegressResult(servable.name, servable.version, sig.name,
@@ -215,6 +217,7 @@ class InferenceService:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sigs = [self._method_signature(servable, t.signature_name, t.method_name)
                         for t in request.tasks]
+                self._check_example_images(request.examples, request.context)
                 record(servable.version, ",".join(s.name for s in sigs), len(request.examples))
                 results: list[ClassifyResult | RegressResult] = []
                 n = len(request.examples)
@@ -419,18 +422,43 @@ class InferenceService:
     def _coerce(self, sig: SignatureSpec, name: str, spec, arr: np.ndarray) -> np.ndarray:
         if spec.dtype.kind == "O":
             if arr.dtype.kind == "O":
-                return arr
-            if arr.dtype.kind == "S":
-                return arr.astype(object)
-            if arr.dtype.kind == "U":
-                return np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(arr)
-            raise InvalidArgument(f"input '{name}' expects string but got {arr.dtype.name}")
+                strings = arr
+            elif arr.dtype.kind == "S":
+                strings = arr.astype(object)
+            elif arr.dtype.kind == "U":
+                strings = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(arr)
+            else:
+                raise InvalidArgument(f"input '{name}' expects string but got {arr.dtype.name}")
+            self._check_string_images(name, strings)
+            return strings
         if arr.dtype == spec.dtype:
             return arr
         if arr.dtype.kind in "OS" and _is_image_signature(sig):
             return self._decode_images(name, spec, arr)
         got = "string" if arr.dtype.kind in "OSU" else arr.dtype.name
         raise InvalidArgument(f"input '{name}' expects {spec.dtype.name} but got {got}")
+
+    def _check_string_images(self, name: str, strings: np.ndarray) -> None:
+        # The model may decode these itself (tf.io.decode_image): --max_image_pixels
+        # must hold there too, before TensorFlow allocates the pixels.
+        for i, value in enumerate(strings.flat):
+            if isinstance(value, bytes):
+                try:
+                    codec.check_image_pixels(value, self._max_image_pixels)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"input '{name}' item {i}: {exc.message}") from None
+
+    def _check_example_images(self, examples: Sequence[bytes], context: bytes | None) -> None:
+        for i, serialized in enumerate(examples):
+            try:
+                codec.check_example_images(serialized, self._max_image_pixels)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"example {i}: {exc.message}") from None
+        if context:
+            try:
+                codec.check_example_images(context, self._max_image_pixels)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"context: {exc.message}") from None
 
     def _decode_images(self, name: str, spec, arr: np.ndarray) -> np.ndarray:
         _, height, width, _ = spec.shape

@@ -216,6 +216,10 @@ CASES = [
      "input 'images' item 1"),
     ("decompression bomb", "/v1/models/cnn:predict", _images(_b64(_bomb_png())), {}, 400,
      "image of 5000x5000 = 25000000 pixels exceeds the limit of 4096"),
+    # A string input the model might decode itself (tf.io.decode_image): the header is checked first.
+    ("bomb in a string input", "/v1/models/two:predict",
+     json.dumps({"inputs": {"x": X, "tag": [{"b64": _b64(_bomb_png())}, "b"]}}).encode(), {}, 400,
+     "input 'tag' item 0: image of 5000x5000 = 25000000 pixels exceeds the limit of 4096"),
     ("plain strings as images", "/v1/models/cnn:predict", b'{"instances": ["not an image"]}', {}, 400,
      "input 'images' item 0: not a decodable image"),
     ("nested image strings", "/v1/models/cnn:predict", b'{"instances": [["a", "b"]]}', {}, 400,

@@ -374,3 +374,25 @@ def test_decode_refuses_truncated_image():
     data = _encode(Image.fromarray(pixels), "PNG")
     with pytest.raises(InvalidArgument, match="image"):
         codec.decode_image(data[: len(data) // 2], 8, 8, max_pixels=10**6)
+
+
+def test_check_image_pixels_reads_headers_only():
+    def encoded(image, fmt, **save):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **save)
+        return buf.getvalue()
+
+    codec.check_image_pixels(encoded(Image.new("RGB", (10, 10)), "JPEG"), 100)  # at the limit
+    with pytest.raises(InvalidArgument, match="image of 11x10 = 110 pixels exceeds the limit of 100"):
+        codec.check_image_pixels(encoded(Image.new("RGB", (11, 10)), "PNG"), 100)
+    # 400 million pixels in 49 KB: refused from the header, nothing decoded.
+    bomb = encoded(Image.new("1", (20000, 20000)), "PNG")
+    assert len(bomb) < 100_000
+    with pytest.raises(InvalidArgument, match="exceeds the limit of 1000000 pixels"):
+        codec.check_image_pixels(bomb, 1_000_000)
+    frames = [Image.new("L", (10, 10), i * 20) for i in range(3)]
+    gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    with pytest.raises(InvalidArgument, match="10x10x3 frames = 300 pixels"):
+        codec.check_image_pixels(gif, 299)
+    for not_an_image in (b"", b"text", b"\x89PNG\r\n\x1a\n truncated"):
+        codec.check_image_pixels(not_an_image, 1)

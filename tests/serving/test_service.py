@@ -166,6 +166,30 @@ def test_encoded_image_over_the_pixel_limit(service):
         _predict(service, "cnn", inputs={"images": np.array([b"nope"], dtype=object)})
 
 
+def test_images_a_model_decodes_itself_are_held_to_the_pixel_limit(service):
+    """String inputs and tf.Example bytes may be decoded in the graph: their headers are checked first."""
+    big, small = _png(np.zeros((65, 64, 3), np.uint8)), _png(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(InvalidArgument, match="input 'tag' item 1: image of 64x65 = 4160 pixels exceeds"):
+        _predict(service, inputs={"x": X, "tag": np.array([small, big], dtype=object)})
+    # Images within the limit and bytes that are not images pass untouched.
+    out = _predict(service, inputs={"x": X, "tag": np.array([small, b"\x89PNG but not"], dtype=object)})
+    assert out["tag_len"].tolist() == [len(small), 12]
+
+    def example(image: bytes) -> bytes:
+        ex = models.make_example([1.0, 2.0, 3.0])
+        ex.features.feature["image/encoded"].bytes_list.value.append(image)
+        return ex.SerializeToString()
+
+    call = ExamplesCall(model="two", signature_name="classify", examples=[example(small), example(big)])
+    with pytest.raises(InvalidArgument, match="example 1: feature 'image/encoded': image of 64x65"):
+        service.classify(call)
+    call = ExamplesCall(model="two", signature_name="regress", examples=[example(small)], context=example(big))
+    with pytest.raises(InvalidArgument, match="context: feature 'image/encoded': image of 64x65"):
+        service.regress(call)
+    assert len(service.classify(ExamplesCall(model="two", signature_name="classify",
+                                             examples=[example(small)])).classifications) == 1
+
+
 def test_strings_for_a_non_image_float_input_are_refused(service):
     with pytest.raises(InvalidArgument, match="input 'x' expects float32 but got string"):
         _predict(service, inputs={"x": np.array([[b"a"] * 3] * 2, dtype=object), "tag": TAGS})
