@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from serving.errors import InvalidArgument
+from serving.errors import InvalidArgument, located
 
 if TYPE_CHECKING:
     from serving.servable import SignatureSpec
@@ -567,7 +567,5 @@ def check_example_images(serialized: bytes, max_pixels: int) -> None:
         return
     for name, feature in example.features.feature.items():
         for value in feature.bytes_list.value:
-            try:
+            with located(f"feature '{name}'"):
                 check_image_pixels(value, max_pixels)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"feature '{name}': {exc.message}") from None

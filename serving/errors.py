@@ -8,6 +8,9 @@ This module imports neither Flask nor grpc on purpose.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 # gRPC code name -> HTTP status, as TF Serving's REST layer maps them.
 HTTP_STATUS_BY_CODE: dict[str, int] = {
     "OK": 200,
@@ -123,3 +126,12 @@ class Internal(ServingError):
     """A genuine bug or a model that failed at run time; the only source of 5xx besides overload."""
 
     code = "INTERNAL"
+
+
+@contextlib.contextmanager
+def located(where: str) -> Iterator[None]:
+    """Re-raise an ``InvalidArgument`` from inside with ``where`` in front ("input 'x' item 2: ...")."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{where}: {exc.message}") from None

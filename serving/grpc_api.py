@@ -35,7 +35,7 @@ from tensorflow_serving.apis import (
 
 from serving import codec
 from serving.config import model_configs_from_proto
-from serving.errors import InvalidArgument, ServingError
+from serving.errors import InvalidArgument, ServingError, located
 from serving.service import (
     CLASSIFY_METHOD,
     REGRESS_METHOD,
@@ -139,10 +139,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _decode(self, inputs) -> dict:
         arrays = {}
         for name, tensor in inputs.items():
-            try:
+            with located(f"input '{name}'"):
                 arrays[name] = codec.tensor_proto_to_numpy(tensor, max_elements=self._max_elements)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"input '{name}': {exc.message}") from None
         return arrays
 
     @_rpc

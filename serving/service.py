@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving import codec
-from serving.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, ServingError, Unavailable
+from serving.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ServingError,
+    Unavailable,
+    located,
+)
 
 if TYPE_CHECKING:
     from serving.batching import Batcher, BatchingConfig
@@ -443,22 +450,16 @@ class InferenceService:
         # must hold there too, before TensorFlow allocates the pixels.
         for i, value in enumerate(strings.flat):
             if isinstance(value, bytes):
-                try:
+                with located(f"input '{name}' item {i}"):
                     codec.check_image_pixels(value, self._max_image_pixels)
-                except InvalidArgument as exc:
-                    raise InvalidArgument(f"input '{name}' item {i}: {exc.message}") from None
 
     def _check_example_images(self, examples: Sequence[bytes], context: bytes | None) -> None:
         for i, serialized in enumerate(examples):
-            try:
+            with located(f"example {i}"):
                 codec.check_example_images(serialized, self._max_image_pixels)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"example {i}: {exc.message}") from None
         if context:
-            try:
+            with located("context"):
                 codec.check_example_images(context, self._max_image_pixels)
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"context: {exc.message}") from None
 
     def _decode_images(self, name: str, spec, arr: np.ndarray) -> np.ndarray:
         _, height, width, _ = spec.shape
@@ -473,10 +474,8 @@ class InferenceService:
         for i, data in enumerate(arr.tolist()):
             if not isinstance(data, bytes):
                 raise InvalidArgument(f"input '{name}': item {i} is not image bytes")
-            try:
+            with located(f"input '{name}' item {i}"):
                 images.append(codec.decode_image(data, height, width, max_pixels=self._max_image_pixels))
-            except InvalidArgument as exc:
-                raise InvalidArgument(f"input '{name}' item {i}: {exc.message}") from None
         if not images:
             return np.zeros((0, height, width, 3), dtype=spec.dtype)
         return np.stack(images).astype(spec.dtype, copy=False)
