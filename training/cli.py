@@ -94,14 +94,19 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="auto: fewer images per class (median) than this is 'small' (default 100)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--head-epochs", type=_positive_int, default=10, metavar="N")
+    train.add_argument("--head-epochs", type=_positive_int, default=100, metavar="N",
+                       help="most epochs of the head phase (default 100: cheap on cached features; "
+                            "early stopping ends it, see --head-patience)")
     train.add_argument("--finetune-epochs", type=_positive_int, default=10, metavar="N")
     train.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
     train.add_argument("--head-lr", type=_positive_float, default=1e-3, metavar="LR", help="Adam (default 1e-3)")
     train.add_argument("--finetune-lr", type=_positive_float, default=1e-4, metavar="LR",
                        help="SGD with momentum 0.9 (default 1e-4, as the article)")
     train.add_argument("--patience", type=_positive_int, default=5, metavar="N",
-                       help="early stopping patience in epochs (default 5)")
+                       help="early stopping patience in epochs of the phases that train the trunk (default 5)")
+    train.add_argument("--head-patience", type=_positive_int, default=20, metavar="N",
+                       help="early stopping patience of the head phase (default 20: on small data its "
+                            "validation accuracy stalls for many epochs before it climbs)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--strategy", choices=("default", "mirrored", "multiworker"), default="default",
                        help="mirrored: every GPU of this host (tf.distribute.MirroredStrategy); "
@@ -267,8 +272,8 @@ def run_fit(args: argparse.Namespace) -> int:
     train_set, val_set, skipped = _load_sets(args)
     options = fit.FitOptions(
         image_size=image_size, batch_size=args.batch_size, seed=args.seed, augment=args.augment,
-        augment_copies=args.augment_copies, patience=args.patience, log_dir=args.log_dir,
-        strategy=args.strategy)
+        augment_copies=args.augment_copies, patience=args.patience, head_patience=args.head_patience,
+        log_dir=args.log_dir, strategy=args.strategy)
     if args.log_dir and not fit.tensorboard_available():
         raise ValueError("--log-dir needs the tensorboard package: pip install tensorboard")
 
@@ -296,6 +301,7 @@ def run_fit(args: argparse.Namespace) -> int:
             "head_lr": args.head_lr, "finetune_lr": args.finetune_lr, "freeze_first": args.freeze_first,
             "cut_layer": plan.cut_layer, "seed": args.seed, "augment": args.augment,
             "augment_copies": args.augment_copies, "patience": args.patience,
+            "head_patience": args.head_patience,
             "val_split": None if args.val_data else args.val_split, "strategy": args.strategy,
             "mixed_precision": args.mixed_precision,
         },

@@ -116,7 +116,7 @@ def _fit(data: Path, val: Path, repo: Path, run_dir: Path, args) -> Path:
 
     argv = ["fit", "--data", str(data), "--val-data", str(val), "--base", "vgg16", "--weights", "hed",
             "--scenario", "auto", "--image-size", str(args.image_size), "--head-epochs", str(args.epochs),
-            "--head-lr", f"{args.head_lr:g}", "--patience", str(args.patience), "--seed", str(args.seed),
+            "--head-lr", f"{args.head_lr:g}", "--head-patience", str(args.patience), "--seed", str(args.seed),
             "--repo", str(repo), "--model-name", MODEL_NAME, "--run-dir", str(run_dir)]
     _say("$ graft-train " + " ".join(argv))
     fit_args = cli.build_parser().parse_args(argv)
@@ -186,7 +186,7 @@ def baselines(lineage: dict, train_set, val_set, arrays: dict[str, Arrays], *, s
     backbone = bases.build_backbone(spec, hp["image_size"], "none", cut_layer=plan.cut_layer)
     options = fit.FitOptions(image_size=hp["image_size"], batch_size=hp["batch_size"], seed=seed,
                              augment=hp["augment"], augment_copies=hp["augment_copies"],
-                             patience=hp["patience"], verbose=0)
+                             patience=hp["patience"], head_patience=hp["head_patience"], verbose=0)
     layer = plan.cut_layer or spec.block_ends[-1]
     random_probe = probe_accuracy(backbone, layer, arrays["train"], arrays["test"])
     result = fit.train(plan, backbone, train_set, val_set, options)
@@ -491,7 +491,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="head epochs of each fit (default 100: cheap on cached features; early stopping)")
     parser.add_argument("--head-lr", type=float, default=1e-2, metavar="LR",
                         help="head learning rate of each fit (default 0.01: raw VGG features are large)")
-    parser.add_argument("--patience", type=int, default=20, metavar="N", help="early stopping patience (default 20)")
+    parser.add_argument("--patience", type=int, default=20, metavar="N",
+                        help="early stopping patience of each fit's head phase (default 20)")
     parser.add_argument("--cnn-epochs", type=int, default=200, metavar="N",
                         help="epochs of the from-scratch CNN baseline (default 200, early stopping)")
     parser.add_argument("--min-delta", type=float, default=0.0, metavar="D", help="promotion gate (default 0.0)")

@@ -411,7 +411,7 @@ class _Run:
                 target.save_weights(str(checkpoint))
             else:
                 wait += 1
-                if wait >= self.options.patience:
+                if wait >= self.options.patience_for(phase):
                     break
         return logs, epoch_seconds, best_epoch, best_value
 
