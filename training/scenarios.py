@@ -128,7 +128,7 @@ def default_cut(spec: _Spec) -> str:
 
 
 def plan_for(scenario: int, spec: _Spec, *, cut_layer: str | None = None, freeze_first: int = 0,
-             head: str = "gap", head_epochs: int = 10, finetune_epochs: int = 10,
+             head: str = "gap", head_epochs: int = 100, finetune_epochs: int = 10,
              head_lr: float = 1e-3, finetune_lr: float = 1e-4, finetune_optimizer: str = "sgd",
              momentum: float = FINETUNE_MOMENTUM, evidence: Mapping | None = None) -> FreezePlan:
     """Build the freeze plan of one scenario for one base.
