@@ -110,6 +110,12 @@ class Unauthenticated(ServingError):
     code = "UNAUTHENTICATED"
 
 
+class PermissionDenied(ServingError):
+    """The caller is known but this server does not let it do that."""
+
+    code = "PERMISSION_DENIED"
+
+
 class Unimplemented(ServingError):
     """The method exists in the protocol but this server does not offer it."""
 

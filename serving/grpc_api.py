@@ -258,7 +258,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
             configs = model_configs_from_proto(request.config)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        self._service.reload_config(configs)
+        self._service.reload_config_request(configs)
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
 
 

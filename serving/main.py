@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "header and the gRPC 'authorization' metadata (default: no authentication)")
     p.add_argument("--auth_metrics", type=_bool, nargs="?", const=True, default=False,
                    help="metrics need the token too (health always stays open; default false)")
+    p.add_argument("--enable_reload_config_rpc", type=_bool, nargs="?", const=True, default=True,
+                   help="answer ModelService.HandleReloadConfigRequest, which can point the server at any "
+                        "directory it can read (default true, as TF Serving; false: PERMISSION_DENIED)")
     p.add_argument("--ssl_config_file", default="",
                    help="TF Serving SSLConfig text proto: gRPC over TLS, mutual TLS with client_verify")
     p.add_argument("--rest_tls_cert", default="",
@@ -157,7 +160,8 @@ class GraftServer:
         self.manager = ModelManager(configs, poll_seconds=args.file_system_poll_wait_seconds,
                                     listener=metrics, servable_loader=devices.servable_loader(gpu_devices))
         self.service = InferenceService(self.manager, metrics=metrics, batching=batching,
-                                        max_image_pixels=args.max_image_pixels)
+                                        max_image_pixels=args.max_image_pixels,
+                                        allow_reload_requests=args.enable_reload_config_rpc)
         self.manager.start()
         self._grpc = build_server(self.service, args.host, args.port, args.grpc_max_threads,
                                   args.max_request_bytes, on_bound=self._set_grpc_port,

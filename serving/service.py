@@ -25,6 +25,7 @@ from serving.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    PermissionDenied,
     ServingError,
     Unavailable,
     located,
@@ -155,8 +156,9 @@ class InferenceService:
 
     def __init__(self, manager: ModelManager, *, metrics: ServingMetrics | None = None,
                  batching: BatchingConfig | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, allow_reload_requests: bool = True):
         self._manager = manager
+        self._allow_reload_requests = allow_reload_requests
         self._metrics = metrics
         self._batching = batching
         self._max_image_pixels = max_image_pixels
@@ -294,6 +296,19 @@ class InferenceService:
     def reload_config(self, configs) -> None:
         """Replace the served model list (models missing from it unload)."""
         self._manager.reload_config(list(configs))
+
+    def reload_config_request(self, configs) -> None:
+        """A client's ``reload_config`` (ModelService.HandleReloadConfigRequest).
+
+        ``PermissionDenied`` when the server was started with
+        ``--enable_reload_config_rpc=false``: the request can point the server at
+        any directory it can read. The operator's own ``--model_config_file``
+        polling is not affected.
+        """
+        if not self._allow_reload_requests:
+            raise PermissionDenied(
+                "HandleReloadConfigRequest is disabled on this server (--enable_reload_config_rpc=false)")
+        self.reload_config(configs)
 
     # -------------------------------------------------------------------- shutdown
 

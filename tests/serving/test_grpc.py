@@ -348,3 +348,29 @@ def test_handle_reload_config_request(repo):
         bad = model_management_pb2.ReloadConfigRequest(config=_config(two=""))
         assert _code(lambda: client.models.HandleReloadConfigRequest(bad, timeout=30))[0] == \
             grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_reload_config_rpc_can_be_turned_off(repo, tmp_path):
+    config = tmp_path / "models.config"
+    config.write_text(f'model_config_list {{ config {{ name: "cnn" base_path: "{repo / "cnn"}" '
+                      f'model_platform: "tensorflow" }} }}\n')
+    flags = ["--model_config_file", str(config), "--model_config_file_poll_wait_seconds", "0.2",
+             "--enable_reload_config_rpc=false"]
+    with serving(flags) as (_, client):
+        reload = model_management_pb2.ReloadConfigRequest(config=_config(two=repo / "two"))
+        code, details = _code(lambda: client.models.HandleReloadConfigRequest(reload, timeout=30))
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "--enable_reload_config_rpc=false" in details
+        assert [m["name"] for m in client.http.get(client.rest + "/v1/models", timeout=10).json()["models"]] == ["cnn"]
+        # The operator's config file still reloads.
+        config.write_text(f'model_config_list {{ config {{ name: "two" base_path: "{repo / "two"}" '
+                          f'model_platform: "tensorflow" }} }}\n')
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                out = _outputs(client.predict.Predict(_request("two"), timeout=30))
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.NOT_FOUND and time.monotonic() < deadline
+                time.sleep(0.1)
+        np.testing.assert_allclose(out["y"], models.two_input_expected(X), atol=1e-5)
