@@ -230,6 +230,23 @@ def decode_predict_json(
     return _decode_columns(body["inputs"], specs), False
 
 
+def dense_predict_inputs(values: np.ndarray, signature: SignatureSpec) -> dict[str, np.ndarray] | None:
+    """Inputs from a numeric array read by ``serving.jsonarray`` (float64, any shape), or None.
+
+    Only a signature with one floating-point input takes it as it is: there the
+    general path would also have produced this array, whether it came as
+    ``instances`` (rows of the one input) or ``inputs``. Other signatures need the
+    integer/float distinction of the JSON text, so the caller parses it in full.
+    """
+    if len(signature.inputs) != 1:
+        return None
+    (name, spec), = signature.inputs.items()
+    dtype = np.dtype(spec.dtype)
+    if dtype.kind != "f":
+        return None
+    return {name: values.astype(dtype)}
+
+
 def predict_json_format(body: Mapping[str, Any]) -> bool:
     """True for the row format (``instances``), False for columnar (``inputs``)."""
     has_instances = "instances" in body

@@ -116,6 +116,18 @@ def test_columnar_batch_sizes_may_differ():
     assert inputs["x"].shape == (1, 3) and inputs["tag"].shape == (2,)
 
 
+def test_dense_inputs_only_for_one_floating_point_input():
+    values = np.arange(6.0).reshape(3, 2)
+    inputs = codec.dense_predict_inputs(values, ONE)
+    assert inputs["x"].dtype == np.float32
+    np.testing.assert_array_equal(inputs["x"], values)
+    half = codec.dense_predict_inputs(values, _sig(x=(tf.float16, (None, 2))))
+    assert half["x"].dtype == np.float16
+    # Integer inputs need the JSON text's integer/fraction distinction; two inputs need names.
+    assert codec.dense_predict_inputs(values, _sig(x=(tf.int32, (None, 2)))) is None
+    assert codec.dense_predict_inputs(values, TWO) is None
+
+
 def test_nan_and_infinity_inputs_are_accepted():
     body = codec.parse_json(b'{"instances": [[NaN, Infinity], [-Infinity, 1]]}')
     inputs, _ = codec.decode_predict_json(body, ONE)

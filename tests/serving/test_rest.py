@@ -209,6 +209,11 @@ ERRORS = [
     ("POST", "/v1/models/two:predict", {"instances": [{"x": [1, 2, 3], "tag": "a"}, {"x": [1, 2], "tag": "b"}]}, 400, "input 'x': every instance must have the same shape"),
     ("POST", "/v1/models/two:predict", dict(GOOD_TWO, output_filter=["nope"]), 400, "output tensor alias not found"),
     ("POST", "/v1/models/two:predict", {"signature_name": "checked", "instances": [[-1, 0, 0]]}, 400, "x must be >= 0"),
+    # Bodies that are one numeric array (serving.jsonarray), for signatures it cannot serve directly.
+    ("POST", "/v1/models/two:predict", {"instances": [[1, 2, 3]]}, 400, "instances is a plain list, but expecting list of objects"),
+    ("POST", "/v1/models/two:predict", {"inputs": [[1, 2, 3]]}, 400, "inputs is a plain value/list"),
+    ("POST", "/v1/models/two:predict", {"signature_name": "checked", "instances": [[1, 2, 3], [4, 5]]}, 400, "every instance must have the same shape"),
+    ("POST", "/v1/models/two:predict", {"signature_name": "checked", "instances": [[1, 2]]}, 400, r"input 'x' expects shape \[-1, 3\] but got \[1, 2\]"),
     ("POST", "/v1/models/cnn:predict", {"instances": [{"b64": "OVER_LIMIT"}]}, 400, "image of 64x65 = 4160 pixels exceeds the limit of 4096"),
     ("POST", "/v1/models/cnn:predict", {"instances": [{"b64": base64.b64encode(b"GIF89a junk").decode()}]}, 400, "input 'images' item 0"),
     ("POST", "/v1/models/two:classify", {"examples": [{"x": [1.0, 2.0, 3.0]}]}, 400, "Expected classification signature method_name"),
