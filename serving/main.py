@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# waitress reads sockets 8 KiB at a time by default: a 96x96x3 image as JSON floats
+# (170 KB) took 21 trips through its event loop. One read per body served REST JSON
+# floats 15-19% faster at C=32 (bench/serve.py's model; docs/benchmarks.md).
+REST_RECV_BYTES = 256 * 1024
+
+
 class GraftServer:
     """The wired process: manager, service, gRPC and REST servers, config polling, draining."""
 
@@ -182,7 +188,7 @@ class GraftServer:
                 threads=args.rest_api_num_threads,
                 # Our own limit answers 413 with a JSON body; waitress's must not be lower.
                 max_request_body_size=max(args.max_request_bytes + 1, 1 << 30),
-                ident="graft-serve", clear_untrusted_proxy_headers=True)
+                ident="graft-serve", clear_untrusted_proxy_headers=True, recv_bytes=REST_RECV_BYTES)
             # Several listen sockets (a name resolving to IPv4 and IPv6) share one port.
             self.rest_port = int(self._rest.effective_port if hasattr(self._rest, "effective_port")
                                  else self._rest.effective_listen[0][1])
