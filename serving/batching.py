@@ -1,8 +1,9 @@
 """Server-side dynamic batching: many small requests in, one model run per batch.
 
 One ``Batcher`` serves one (model, version, signature). Callers block in
-``submit`` while their rows ride in a batch with other callers' rows; the batch
-runs once, and each caller gets back exactly its own rows.
+``submit`` (or await ``submit_async`` from an event loop) while their rows ride
+in a batch with other callers' rows; the batch runs once, and each caller gets
+back exactly its own rows.
 
 Semantics follow TF Serving's ``SharedBatchScheduler`` / ``BatchingSession``:
 
@@ -40,6 +41,7 @@ A request with zero rows runs directly on the caller's thread (nothing to batch)
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import copy
 import logging
@@ -181,9 +183,11 @@ _QUEUED_DEADLINE_MESSAGE = "deadline exceeded while the request waited in the ba
 class _Request:
     """What one ``submit`` call waits on; completed once, by whoever finishes it."""
 
-    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished")
+    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished", "notify")
 
-    def __init__(self) -> None:
+    def __init__(self, notify: Callable[[], None] | None = None) -> None:
+        # Called (from a batch thread) once the result is in: wakes an asyncio waiter.
+        self.notify = notify
         self.done = threading.Lock()
         # Held until the result is in: the waiter blocks on a second acquire.
         self.done.acquire()
@@ -194,6 +198,11 @@ class _Request:
         self.parts: list | None = None
         self.mutex: threading.Lock | None = None
         self.finished = False
+
+
+def _resolve(done: asyncio.Future) -> None:
+    if not done.done():  # a waiter that timed out cancelled it
+        done.set_result(None)
 
 
 class _Task:
@@ -266,13 +275,55 @@ class Batcher:
         first), ``InvalidArgument`` (inputs that cannot be batched, or too many
         rows with splitting off), or the error the batch's run raised.
         """
+        request = self._admit(inputs, deadline)
+        if request is None:
+            return dict(self._run(dict(inputs)))
+        return self._wait(request, deadline)
+
+    async def submit_async(self, inputs: Mapping[str, np.ndarray],
+                           deadline: float | None = None) -> dict[str, np.ndarray]:
+        """:meth:`submit` for a coroutine: queue at once, then await without blocking the event loop.
+
+        Same errors as ``submit``. A caller cancelled while queued (its client went
+        away) withdraws its rows, so they never run.
+        """
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def notify() -> None:
+            try:
+                loop.call_soon_threadsafe(_resolve, done)
+            except RuntimeError:  # the loop closed: nobody is waiting any more
+                pass
+
+        request = self._admit(inputs, deadline, notify)
+        if request is None:
+            return dict(await asyncio.to_thread(self._run, dict(inputs)))
+        try:
+            if deadline is None:
+                await done
+            else:
+                await asyncio.wait_for(done, max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            if self._withdraw(request):
+                raise DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE) from None
+        except asyncio.CancelledError:
+            self._withdraw(request)
+            raise
+        if request.error is not None:
+            raise request.error
+        return request.outputs
+
+    def _admit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
+               notify: Callable[[], None] | None = None) -> _Request | None:
+        """Check and queue a request; None when it has no rows (the caller runs it directly)."""
         rows, key = self._check(inputs)
         if rows == 0:
-            return dict(self._run(dict(inputs)))
+            return None
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
-        request = _Request()
+        request = _Request(notify)
         with self._cond:
             if self._closing:
                 raise Unavailable(f"the batcher{' of ' + self.name if self.name else ''} is closed")
@@ -282,7 +333,7 @@ class Batcher:
             depth = self._queued_rows
             self._cond.notify()
         self._report_depth(depth)
-        return self._wait(request, deadline)
+        return request
 
     def _check(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
         if not inputs:
@@ -383,17 +434,26 @@ class Batcher:
         if deadline is None:
             request.done.acquire()
         elif not request.done.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            with self._cond:
-                finished = request.done.acquire(blocking=False)
-                if not finished:
-                    request.finished = True
-                    depth = self._cancel(request)
-            if not finished:
-                self._report_depth(depth)
+            if self._withdraw(request):
                 raise DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE)
         if request.error is not None:
             raise request.error
         return request.outputs
+
+    def _withdraw(self, request: _Request) -> bool:
+        """Give up on a request unless its result is already in; True when it was withdrawn.
+
+        Its still-queued tasks are cancelled; a task already running finishes, and
+        its rows are discarded.
+        """
+        with self._cond:
+            finished = request.done.acquire(blocking=False)
+            if not finished:
+                request.finished = True
+                depth = self._cancel(request)
+        if not finished:
+            self._report_depth(depth)
+        return not finished
 
     def _cancel(self, request: _Request) -> int:
         """Withdraw the request's still-queued tasks (under the lock); return the new depth."""
@@ -590,6 +650,8 @@ class Batcher:
             request.finished = True
             request.outputs, request.error = outputs, error
             request.done.release()
+            if request.notify is not None:
+                request.notify()
             return
         with request.mutex:
             if request.finished:
@@ -613,6 +675,8 @@ class Batcher:
             self._report_depth(depth)
         request.error = error
         request.done.release()
+        if request.notify is not None:
+            request.notify()
 
     def _report_depth(self, depth: int) -> None:
         if self._observer is not None:

@@ -6,6 +6,7 @@ duplicated or padded-through rows fails the comparisons.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -312,6 +313,93 @@ def test_deadline_already_passed_never_queues(batchers):
     with pytest.raises(DeadlineExceeded):
         batcher.submit({"x": rows(0, 1)}, deadline=time.monotonic() - 0.001)
     assert model.batches == []
+
+
+# -- asyncio callers (the gRPC front end awaits instead of blocking a thread) ----------
+
+
+def test_async_and_threaded_callers_share_batches_and_get_their_own_rows(batchers):
+    model = Model(allowed={4, 8})
+    batcher = batchers(model, max_batch_size=8, allowed_batch_sizes=(4, 8), batch_timeout_micros=2000,
+                       num_batch_threads=1, max_enqueued_batches=1000, enable_large_batch_splitting=True)
+    sizes = [1, 3, 1, 9, 2]  # 9 > max_batch_size: split
+
+    async def clients() -> list[int]:
+        async def one(c: int) -> int:
+            done = 0
+            for r, n in enumerate(sizes):
+                x = rows(c * 10_000 + r * 100, n)
+                check_own_rows(x, await batcher.submit_async({"x": x}))
+                done += n
+            return done
+        return await asyncio.gather(*(one(c) for c in range(16)))
+
+    threaded, box = in_thread(lambda: [batcher.submit({"x": rows(900_000 + i * 10, 2)}) for i in range(20)])
+    assert sum(asyncio.run(clients())) == 16 * sum(sizes)
+    threaded.join(10)
+    for i, out in enumerate(box["result"]):
+        check_own_rows(rows(900_000 + i * 10, 2), out)
+    # 100 requests (two of each five split in two) would need 120 runs without sharing.
+    assert len(model.batches) < 100, "batches were not shared"
+
+
+def test_async_deadline_expiring_in_queue_is_dropped_before_running(batchers):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = batchers(model, max_batch_size=4, num_batch_threads=1)
+    running, box = in_thread(batcher.submit, {"x": rows(0, 1)})
+    assert model.started.wait(5)
+
+    async def expire():
+        start = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit_async({"x": rows(500, 2)}, deadline=time.monotonic() + 0.15)
+        return time.monotonic() - start
+
+    assert 0.14 <= asyncio.run(expire()) < 1.0
+    assert batcher.queue_depth() == 0
+    gate.set()
+    running.join(5)
+    check_own_rows(rows(0, 1), box["result"])
+    assert not {500, 501} & model.seen_ids(), "the expired request ran"
+
+
+def test_async_caller_cancelled_while_queued_withdraws_its_rows(batchers):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = batchers(model, max_batch_size=4, num_batch_threads=1)
+    running, _ = in_thread(batcher.submit, {"x": rows(0, 1)})
+    assert model.started.wait(5)
+
+    async def cancel():
+        task = asyncio.ensure_future(batcher.submit_async({"x": rows(600, 3)}))
+        while batcher.queue_depth() != 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancel())
+    assert batcher.queue_depth() == 0
+    gate.set()
+    running.join(5)
+    check_own_rows(rows(700, 1), batcher.submit({"x": rows(700, 1)}))
+    assert not {600, 601, 602} & model.seen_ids(), "the cancelled request ran"
+
+
+def test_async_errors_and_rowless_requests(batchers):
+    model = Model()
+    batcher = batchers(model, max_batch_size=2, num_batch_threads=1)
+
+    async def calls():
+        with pytest.raises(InvalidArgument, match="more than max_batch_size"):
+            await batcher.submit_async({"x": rows(0, 3)})
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit_async({"x": rows(0, 1)}, deadline=time.monotonic() - 0.001)
+        return await batcher.submit_async({"x": rows(0, 0)})
+
+    empty = asyncio.run(calls())
+    assert empty["y"].shape == (0, 3)
 
 
 # -- bad requests and failing runs ---------------------------------------------------
