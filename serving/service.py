@@ -9,6 +9,7 @@ tf.Example bytes that Classify/Regress are defined over.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -176,15 +177,27 @@ class InferenceService:
         """Run a signature on validated inputs; only the filtered outputs are returned."""
         with self._request(request.protocol, "predict", request.model) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
-                sig = self._signature(servable, request.signature_name)
-                wanted = _output_filter(sig, request.output_filter)
-                raw = request.inputs(sig) if callable(request.inputs) else request.inputs
-                inputs = self._validate(sig, raw)
-                record(servable.version, sig.name, _batch_size(sig, inputs))
+                sig, wanted, inputs = self._predict_inputs(servable, request, record)
                 outputs = self._run(servable, sig, inputs, request.deadline)
-                if wanted:
-                    outputs = {name: outputs[name] for name in wanted}
-                return PredictResult(servable.name, servable.version, sig.name, outputs)
+                return _predict_result(servable, sig, wanted, outputs)
+
+    async def predict_async(self, request: PredictCall) -> PredictResult:
+        """:meth:`predict` for an event loop: the same checks and metrics, but the batch
+        wait (or, with batching off, the model run in a worker thread) is awaited."""
+        with self._request(request.protocol, "predict", request.model) as record:
+            with self._manager.acquire(request.model, request.version, request.label) as servable:
+                sig, wanted, inputs = self._predict_inputs(servable, request, record)
+                outputs = await self._run_async(servable, sig, inputs, request.deadline)
+                return _predict_result(servable, sig, wanted, outputs)
+
+    def _predict_inputs(self, servable: Servable, request: PredictCall,
+                        record: Callable) -> tuple[SignatureSpec, list[str], dict[str, np.ndarray]]:
+        sig = self._signature(servable, request.signature_name)
+        wanted = _output_filter(sig, request.output_filter)
+        raw = request.inputs(sig) if callable(request.inputs) else request.inputs
+        inputs = self._validate(sig, raw)
+        record(servable.version, sig.name, _batch_size(sig, inputs))
+        return sig, wanted, inputs
 
     def classify(self, request: ExamplesCall) -> ClassifyResult:
         """Run a classify signature over tf.Examples."""
@@ -374,6 +387,9 @@ class InferenceService:
         code = "OK"
         try:
             yield record
+        except asyncio.CancelledError:  # an asyncio caller's client went away
+            code = "CANCELLED"
+            raise
         except Exception as exc:
             code = getattr(exc, "code", "INTERNAL")
             raise
@@ -504,6 +520,15 @@ class InferenceService:
             return servable.run(sig.name, inputs)
         return batcher.submit(inputs, deadline)
 
+    async def _run_async(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
+                         deadline: float | None) -> dict[str, np.ndarray]:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise DeadlineExceeded("Deadline exceeded before the request could run")
+        batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
+        if batcher is None:
+            return await asyncio.to_thread(servable.run, sig.name, inputs)
+        return await batcher.submit_async(inputs, deadline)
+
     def _batcher(self, servable: Servable, sig: SignatureSpec) -> Batcher | None:
         if self._batching is None or not _is_batchable(sig):
             return None
@@ -527,6 +552,13 @@ def version_status_json(status: VersionStatus) -> dict:
         "state": status.state,
         "status": {"error_code": status.error_code, "error_message": status.error_message},
     }
+
+
+def _predict_result(servable: Servable, sig: SignatureSpec, wanted: list[str],
+                    outputs: dict[str, np.ndarray]) -> PredictResult:
+    if wanted:
+        outputs = {name: outputs[name] for name in wanted}
+    return PredictResult(servable.name, servable.version, sig.name, outputs)
 
 
 def _output_filter(sig: SignatureSpec, names: Sequence[str]) -> list[str]:

@@ -6,6 +6,7 @@ Expected outputs come from the Keras model and from numpy (two-input module).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 import time
@@ -17,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from serving.batching import BatchingConfig
 from serving.config import ModelConfig
-from serving.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from serving.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from serving.manager import ModelManager
 from serving.metrics import ServingMetrics
 from serving.service import (
@@ -280,6 +281,63 @@ def test_request_metrics_are_recorded(served):
         _predict(service, "ghost", inputs={})
     failed = dict(labels, model="ghost", version="", signature="", code="NOT_FOUND")
     assert registry.get_sample_value("graft_requests_total", failed) >= 1
+
+
+def test_predict_async_without_batching_matches_and_records(served):
+    service, registry = served
+    labels = {"model": "two", "version": "1", "signature": "serving_default", "method": "predict",
+              "protocol": "grpc", "code": "OK"}
+    before = registry.get_sample_value("graft_requests_total", labels) or 0
+
+    async def both():
+        return await asyncio.gather(*(service.predict_async(PredictCall(
+            model="two", inputs={"x": X + i, "tag": TAGS}, protocol="grpc")) for i in range(3)))
+
+    for i, result in enumerate(asyncio.run(both())):
+        assert (result.model, result.version) == ("two", 1)
+        np.testing.assert_allclose(result.outputs["y"], models.two_input_expected(X + i), atol=1e-5)
+    assert registry.get_sample_value("graft_requests_total", labels) == before + 3
+
+
+def test_predict_async_batched_deadline_and_cancellation(repo):
+    # A long batch timeout keeps a lone request queued: its deadline, or its caller's
+    # cancellation, comes first.
+    registry = CollectorRegistry()
+    config = BatchingConfig(max_batch_size=64, batch_timeout_micros=2_000_000, num_batch_threads=1)
+    manager, service = _start(repo, batching=config, metrics=ServingMetrics(registry))
+    code = {"model": "two", "version": "1", "signature": "serving_default", "method": "predict",
+            "protocol": "grpc"}
+
+    def call(deadline=None):
+        return service.predict_async(PredictCall(model="two", inputs={"x": X, "tag": TAGS},
+                                                 deadline=deadline, protocol="grpc"))
+
+    async def scenario():
+        with pytest.raises(DeadlineExceeded):
+            await call(time.monotonic() + 0.1)
+        task = asyncio.ensure_future(call())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Two concurrent callers share one batch and each gets its own rows.
+        first, second = call(), service.predict_async(PredictCall(
+            model="two", inputs={"x": X + 1, "tag": TAGS}, protocol="grpc"))
+        return await asyncio.gather(first, second)
+
+    try:
+        start = time.monotonic()
+        first, second = asyncio.run(scenario())
+        assert time.monotonic() - start < 5
+        np.testing.assert_allclose(first.outputs["y"], models.two_input_expected(X), atol=1e-5)
+        np.testing.assert_allclose(second.outputs["y"], models.two_input_expected(X + 1), atol=1e-5)
+        for status, count in (("DEADLINE_EXCEEDED", 1), ("CANCELLED", 1), ("OK", 2)):
+            assert registry.get_sample_value("graft_requests_total", dict(code, code=status)) == count, status
+        assert service.wait_idle(5)
+    finally:
+        service.begin_drain()
+        manager.stop()
+        service.close()
 
 
 def test_batching_drain_and_batcher_cleanup(repo):
