@@ -132,28 +132,28 @@ class TokenAuth:
         self.check(value)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuse every RPC without a valid bearer token with UNAUTHENTICATED (health stays open)."""
 
     def __init__(self, auth: TokenAuth):
         self._auth = auth
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         """Pass authenticated (or open) calls on; answer the others with UNAUTHENTICATED."""
         if self._auth.grpc_method_is_open(handler_call_details.method):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         try:
             self._auth.check_metadata(handler_call_details.invocation_metadata)
         except Unauthenticated as err:
-            return _refusal(continuation(handler_call_details), err.message)
-        return continuation(handler_call_details)
+            return _refusal(await continuation(handler_call_details), err.message)
+        return await continuation(handler_call_details)
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as ``handler`` that aborts with UNAUTHENTICATED."""
 
-    def abort(_request, context):
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort(_request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     # An unknown method is refused the same way, so callers without a token learn nothing.
     request_streaming = bool(handler and handler.request_streaming)

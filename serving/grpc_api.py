@@ -3,16 +3,25 @@
 The servicers only translate protos to service calls and back; every
 ``ServingError`` becomes ``context.abort(grpc.StatusCode[err.code], message)`` in
 one decorator (``_rpc``), so no method maps errors by itself.
+
+The server is ``grpc.aio`` on an event loop thread of its own (:class:`GrpcServer`).
+Predict, the hot path, decodes and queues its rows on the loop and awaits the
+batch (``InferenceService.predict_async``): no thread hand-off per request. Every
+other RPC, and Predict with batching off, runs the blocking service call in a
+worker thread (``--grpc_max_threads`` of them).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import logging
 import math
+import threading
 import time
 from concurrent import futures
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -62,28 +71,82 @@ _ERROR_CODE = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enu
 
 
 def _rpc(method: Callable) -> Callable:
-    """Run one RPC; map ServingError (and, as a logged bug, anything else) to a gRPC status."""
+    """Run one RPC coroutine; map ServingError (and, as a logged bug, anything else) to a gRPC status."""
 
     @functools.wraps(method)
-    def wrapper(self, request, context):
+    async def wrapper(self, request, context):
         try:
-            return method(self, request, context)
+            return await method(self, request, context)
         except ServingError as err:
-            if err.retry_after is not None:
-                context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(err.retry_after)))),))
-            context.abort(grpc.StatusCode[err.code], err.message)
+            await _abort(context, err)
         except Exception as err:  # a bug: answer INTERNAL rather than drop the call
             log.exception("unhandled error in %s", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(err).__name__}: {err}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(err).__name__}: {err}")
 
     return wrapper
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: ServingError) -> None:
+    """End the call with the gRPC status of ``err`` (raises, as ``context.abort`` does)."""
+    if err.retry_after is not None:
+        context.set_trailing_metadata((("retry-after", str(max(1, math.ceil(err.retry_after)))),))
+    await context.abort(grpc.StatusCode[err.code], err.message)
+
+
+class _Undecodable:
+    """What a guarded deserializer returns for bytes that are not the method's request message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: InvalidArgument):
+        self.error = error
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Answer request bytes that do not parse with INVALID_ARGUMENT naming the message type.
+
+    grpc.aio would otherwise report the parse error as UNKNOWN and log a traceback
+    per bad call. Applies to unary-request methods, i.e. everything but reflection.
+    """
+
+    async def intercept_service(self, continuation, handler_call_details):
+        """Wrap the handler's deserializer and behaviour; other handlers pass unchanged."""
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        method = handler_call_details.method
+
+        def deserialize(data: bytes):
+            try:
+                return parse(data)
+            except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+                return _Undecodable(InvalidArgument(
+                    f"request bytes are not a valid request message for {method}: {exc}"))
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        behaviour = getattr(handler, kind)
+        if inspect.isasyncgenfunction(behaviour):  # would need an async generator wrapper; none here
+            return handler
+
+        async def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                await _abort(context, request.error)
+            return await behaviour(request, context)
+
+        return handler._replace(request_deserializer=deserialize, **{kind: guarded})
+
+
+async def run_blocking(function: Callable, *args: Any) -> Any:
+    """Run a blocking service call in the server's worker threads, not on the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(function, *args))
 
 
 # A deadline further away than this (a year) means "none".
 NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
-def deadline_of(context: grpc.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline on the ``time.monotonic()`` clock, or None when the client set none."""
     remaining = context.time_remaining()
     # Without a client deadline grpc reports the time left until a far-future
@@ -144,10 +207,10 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return arrays
 
     @_rpc
-    def Predict(self, request, context):
+    async def Predict(self, request, context):
         """Run a signature; the response's model_spec names the version that served."""
         version, label = _version_and_label(request.model_spec)
-        result = self._service.predict(PredictCall(
+        result = await self._service.predict_async(PredictCall(
             model=request.model_spec.name, version=version, label=label,
             signature_name=request.model_spec.signature_name, inputs=self._decode(request.inputs),
             output_filter=list(request.output_filter), deadline=deadline_of(context), protocol="grpc"))
@@ -165,18 +228,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                             context=example_context, deadline=deadline_of(context), protocol="grpc")
 
     @_rpc
-    def Classify(self, request, context):
+    async def Classify(self, request, context):
         """Run a classify signature over the request's tf.Examples."""
-        result = self._service.classify(self._examples_call(request, context))
+        result = await run_blocking(self._service.classify, self._examples_call(request, context))
         response = classification_pb2.ClassificationResponse()
         _model_spec(response.model_spec, result.model, result.version, result.signature_name)
         _fill_classification(response.result, result)
         return response
 
     @_rpc
-    def Regress(self, request, context):
+    async def Regress(self, request, context):
         """Run a regress signature over the request's tf.Examples."""
-        result = self._service.regress(self._examples_call(request, context))
+        result = await run_blocking(self._service.regress, self._examples_call(request, context))
         response = regression_pb2.RegressionResponse()
         _model_spec(response.model_spec, result.model, result.version, result.signature_name)
         for value in result.values:
@@ -184,7 +247,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @_rpc
-    def MultiInference(self, request, context):
+    async def MultiInference(self, request, context):
         """Several classify/regress signatures of one model version over the same examples."""
         if not request.tasks:
             raise InvalidArgument("MultiInferenceRequest has no tasks")
@@ -196,7 +259,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same version")
         version, label = _version_and_label(first)
         examples, example_context = _examples(request.input)
-        results = self._service.multi_inference(MultiInferenceCall(
+        results = await run_blocking(self._service.multi_inference, MultiInferenceCall(
             model=first.name, version=version, label=label,
             tasks=[InferenceTask(t.model_spec.signature_name, t.method_name) for t in request.tasks],
             examples=examples, context=example_context, deadline=deadline_of(context), protocol="grpc"))
@@ -212,7 +275,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
     @_rpc
-    def GetModelMetadata(self, request, context):
+    async def GetModelMetadata(self, request, context):
         """The version's SignatureDefMap under "signature_def"; its lineage (a Struct) under "graft"."""
         fields = list(request.metadata_field)
         if not fields:
@@ -221,7 +284,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             if field not in (SIGNATURE_DEF_FIELD, LINEAGE_FIELD):
                 raise InvalidArgument(f"Metadata field {field} is not supported")
         version, label = _version_and_label(request.model_spec)
-        result = self._service.model_metadata(request.model_spec.name, version, label)
+        result = await run_blocking(self._service.model_metadata, request.model_spec.name, version, label)
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         _model_spec(response.model_spec, result.model, result.version)
         if SIGNATURE_DEF_FIELD in fields:
@@ -239,11 +302,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         self._service = service
 
     @_rpc
-    def GetModelStatus(self, request, context):
+    async def GetModelStatus(self, request, context):
         """The versions of a model and their states, as TF Serving reports them."""
         version, label = _version_and_label(request.model_spec)
         response = get_model_status_pb2.GetModelStatusResponse()
-        for status in self._service.model_status(request.model_spec.name, version, label):
+        for status in await run_blocking(self._service.model_status, request.model_spec.name, version, label):
             item = response.model_version_status.add(version=status.version)
             item.state = _STATE.Value(status.state) if status.state in _STATE.keys() else _STATE.Value("UNKNOWN")
             code = _ERROR_CODE.values_by_name.get(status.error_code)
@@ -252,17 +315,17 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
     @_rpc
-    def HandleReloadConfigRequest(self, request, context):
+    async def HandleReloadConfigRequest(self, request, context):
         """Replace the served model list with ``request.config`` (missing models unload)."""
         try:
             configs = model_configs_from_proto(request.config)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
-        self._service.reload_config_request(configs)
+        await run_blocking(self._service.reload_config_request, configs)
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto())
 
 
-class HealthServicer(health.HealthServicer):
+class HealthServicer(health.aio.HealthServicer):
     """grpc.health.v1 whose answers follow the service: SERVING once ready, NOT_SERVING while draining.
 
     The status is refreshed from the service on every Check and Watch, so it can
@@ -272,54 +335,87 @@ class HealthServicer(health.HealthServicer):
     SERVICES = (health.OVERALL_HEALTH, PREDICTION_SERVICE, MODEL_SERVICE)
 
     def __init__(self, service: InferenceService):
-        super().__init__(experimental_non_blocking=True)
+        super().__init__()
         self._service = service
         self._status = None
-        self.refresh()
 
-    def refresh(self) -> None:
+    async def refresh(self) -> None:
         """Set every served name's status from the service's readiness (watchers hear changes only)."""
         status = (health_pb2.HealthCheckResponse.SERVING if self._service.ready()
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
-        with self._lock:
-            if status == self._status:
-                return
-            self._status = status
-            for name in self.SERVICES:
-                self.set(name, status)
+        if status == self._status:
+            return
+        self._status = status
+        for name in self.SERVICES:
+            await self.set(name, status)
 
-    def Check(self, request, context):
+    async def Check(self, request, context):
         """Answer from the service's current readiness."""
-        self.refresh()
-        return super().Check(request, context)
+        await self.refresh()
+        return await super().Check(request, context)
 
-    def Watch(self, request, context, send_response_callback=None):
+    async def Watch(self, request, context):
         """Stream status changes, starting from the current readiness."""
-        self.refresh()
-        return super().Watch(request, context, send_response_callback)
+        await self.refresh()
+        return await super().Watch(request, context)
 
 
-def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8500,
-                 max_threads: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
-                 on_bound: Callable[[int], None] | None = None,
-                 interceptors: Sequence[grpc.ServerInterceptor] = (),
-                 credentials: grpc.ServerCredentials | None = None) -> grpc.Server:
-    """A gRPC server (not started) with every servicer, health and reflection, bound to host:port.
+class GrpcServer:
+    """The gRPC server: ``grpc.aio`` on an event loop thread of its own, driven from plain threads.
 
-    ``on_bound`` receives the port actually bound (useful with ``port=0``).
-    ``interceptors`` run before every handler (``serving.auth.AuthInterceptor``);
-    ``credentials`` (``serving.tls.grpc_server_credentials``) make the port TLS.
-    Raises ``RuntimeError`` when the address cannot be bound.
+    Built bound (so a port conflict fails before anything starts), then
+    :meth:`start` and :meth:`stop`. ``port`` is the port actually bound.
     """
+
+    def __init__(self, service: InferenceService, host: str, port: int, max_threads: int,
+                 max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor],
+                 credentials: grpc.ServerCredentials | None):
+        self._loop = asyncio.new_event_loop()
+        # Blocking RPCs (everything but batched Predict) run here, as the sync server's pool did.
+        self._workers = futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc")
+        self._loop.set_default_executor(self._workers)
+        self._thread = threading.Thread(target=self._loop.run_forever, name="graft-grpc", daemon=True)
+        self._thread.start()
+        try:
+            self._server, self.port = self._call(_bind(service, host, port, max_message_bytes,
+                                                       interceptors, credentials))
+        except BaseException:
+            self._close_loop()
+            raise
+
+    def _call(self, coroutine: Coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def start(self) -> None:
+        """Start serving."""
+        self._call(self._server.start())
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop: refuse new RPCs, give running ones ``grace`` seconds, then cancel them."""
+        if self._loop.is_closed():
+            return
+        try:
+            self._call(self._server.stop(grace))
+        finally:
+            self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+async def _bind(service: InferenceService, host: str, port: int, max_message_bytes: int,
+                interceptors: Sequence[grpc.aio.ServerInterceptor],
+                credentials: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, int]:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # One process per pod: refuse a second server on the same port, not share it.
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_threads,
-                                                    thread_name_prefix="grpc"),
-                         interceptors=list(interceptors), options=options)
+    server = grpc.aio.server(interceptors=[DecodeGuard(), *interceptors], options=options)
     # A tensor needs at least one byte per element on the wire except when a single
     # value is broadcast; capping elements at the message size stops that abuse.
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -332,18 +428,27 @@ def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8
     reflection.enable_server_reflection(
         (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if credentials is None:
-        bound = server.add_insecure_port(address)
-    else:
-        try:
-            bound = server.add_secure_port(address, credentials)
-        except RuntimeError:
-            bound = 0  # grpc raises, with its reason only in its own log
+    try:
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
+    except RuntimeError:
+        bound = 0  # grpc raises, with its reason only in its own log
     if bound == 0:
         hint = (" (the port is taken, or gRPC refused the SSL config: does server_key belong to "
                 "server_cert?)" if credentials is not None else "")
         raise RuntimeError(f"cannot bind gRPC to {address}{hint}")
-    if on_bound is not None:
-        on_bound(bound)
-    return server
+    return server, bound
 
+
+def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8500,
+                 max_threads: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
+                 interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+                 credentials: grpc.ServerCredentials | None = None) -> GrpcServer:
+    """A gRPC server (not started) with every servicer, health and reflection, bound to host:port.
+
+    ``interceptors`` run before every handler (``serving.auth.AuthInterceptor``);
+    ``credentials`` (``serving.tls.grpc_server_credentials``) make the port TLS.
+    ``max_threads`` threads run the blocking RPCs. Raises ``RuntimeError`` when
+    the address cannot be bound.
+    """
+    return GrpcServer(service, host, port, max_threads, max_message_bytes, interceptors, credentials)

@@ -1,6 +1,6 @@
 """The V2 gRPC adapter: ``inference.GRPCInferenceService`` over an InferenceService.
 
-Served by the same ``grpc.Server`` as TF Serving's services (``grpc_api.build_server``
+Served by the same ``grpc.aio.Server`` as TF Serving's services (``grpc_api.build_server``
 calls :func:`add_inference_servicer`). Inputs arrive as typed ``contents`` or as
 ``raw_input_contents``; outputs always leave as ``raw_output_contents``, as Triton
 sends them. Errors leave through ``grpc_api``'s one mapping (``_rpc``).
@@ -20,7 +20,7 @@ import grpc
 
 from serving import v2
 from serving.errors import InvalidArgument, NotFound
-from serving.grpc_api import _rpc, deadline_of
+from serving.grpc_api import run_blocking, _rpc, deadline_of
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
 
@@ -65,33 +65,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._service = service
 
     @_rpc
-    def ServerLive(self, request, context):
+    async def ServerLive(self, request, context):
         """Whether the server can answer at all."""
         return pb.ServerLiveResponse(live=self._service.live())
 
     @_rpc
-    def ServerReady(self, request, context):
+    async def ServerReady(self, request, context):
         """Whether every configured model has a version loaded (false while draining)."""
         return pb.ServerReadyResponse(ready=self._service.ready())
 
     @_rpc
-    def ModelReady(self, request, context):
+    async def ModelReady(self, request, context):
         """Whether the model (version) is loaded; an unknown model or version is simply not ready."""
         try:
-            ready = v2.model_ready(self._service, request.name, request.version)
+            ready = await run_blocking(v2.model_ready, self._service, request.name, request.version)
         except NotFound:
             ready = False
         return pb.ModelReadyResponse(ready=ready)
 
     @_rpc
-    def ServerMetadata(self, request, context):
+    async def ServerMetadata(self, request, context):
         """Server name, version and extensions."""
         return pb.ServerMetadataResponse(**v2.server_metadata())
 
     @_rpc
-    def ModelMetadata(self, request, context):
+    async def ModelMetadata(self, request, context):
         """The model's tensors and versions; lineage as JSON text in ``properties["graft"]``."""
-        meta = v2.model_metadata(self._service, request.name, request.version)
+        meta = await run_blocking(v2.model_metadata, self._service, request.name, request.version)
         response = pb.ModelMetadataResponse(name=meta.name, versions=meta.versions, platform=meta.platform)
         for target, tensors in ((response.inputs, meta.inputs), (response.outputs, meta.outputs)):
             for t in tensors:
@@ -101,14 +101,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     @_rpc
-    def ModelInfer(self, request, context):
+    async def ModelInfer(self, request, context):
         """Run the model; every output is returned in raw_output_contents."""
         infer_request = v2.InferRequest(
             model=request.model_name, version=request.model_version, id=request.id,
             inputs=decode_inputs(request),
             outputs=[v2.RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs],
             parameters=_parameters(request.parameters), deadline=deadline_of(context), protocol=PROTOCOL)
-        result = v2.infer(self._service, infer_request)
+        result = await run_blocking(v2.infer, self._service, infer_request)
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
         for out in result.outputs:
             response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
@@ -116,6 +116,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def add_inference_servicer(service: InferenceService, server: grpc.Server) -> None:
+def add_inference_servicer(service: InferenceService, server: grpc.aio.Server) -> None:
     """Register the V2 servicer on ``server`` (before it starts)."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)

@@ -170,8 +170,9 @@ class GraftServer:
                                         allow_reload_requests=args.enable_reload_config_rpc)
         self.manager.start()
         self._grpc = build_server(self.service, args.host, args.port, args.grpc_max_threads,
-                                  args.max_request_bytes, on_bound=self._set_grpc_port,
-                                  interceptors=_interceptors(auth), credentials=credentials)
+                                  args.max_request_bytes, interceptors=_interceptors(auth),
+                                  credentials=credentials)
+        self.grpc_port = self._grpc.port
         self._grpc.start()
         log.info("Running gRPC ModelServer at %s:%d ...", args.host, self.grpc_port)
         if args.rest_api_port:
@@ -208,9 +209,6 @@ class GraftServer:
         self.rest_port = self._rest.port
         self._rest_thread = self._spawn("graft-rest", self._rest.serve)
         log.info("Exporting HTTP/REST API at:%s:%d (HTTPS) ...", args.host, self.rest_port)
-
-    def _set_grpc_port(self, port: int) -> None:
-        self.grpc_port = port
 
     def _spawn(self, name: str, target) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -267,7 +265,7 @@ class GraftServer:
         elif self._rest is not None:
             _stop_waitress(self._rest, self._rest_map, self._rest_thread)
         if self._grpc is not None:
-            self._grpc.stop(grace=1.0).wait()
+            self._grpc.stop(grace=1.0)
         self.manager.stop(timeout=max(1.0, self.args.drain_seconds))
         self.service.close()
         log.info("stopped")

@@ -237,9 +237,10 @@ def _varint(value: int) -> bytes:
 def test_garbage_message_bytes_are_refused(client):
     raw_predict = client.channel.unary_unary(PREDICT)
     code, details = _error(lambda: raw_predict(b"\xff\xff\xff\xff\x0f garbage", timeout=30))
-    # grpcio itself refuses bytes that do not parse, before any servicer code runs, with
-    # its fixed INTERNAL status; what matters here is that nothing else breaks.
-    assert (code, details) == (grpc.StatusCode.INTERNAL, "Exception deserializing request!")
+    # Refused before any servicer code runs (serving.grpc_api.DecodeGuard), naming the message.
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith("request bytes are not a valid request message for "
+                              "/tensorflow.serving.PredictionService/Predict"), details
     assert_still_serving(client)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -198,7 +200,10 @@ def test_interceptor_wraps_streaming_kinds():
             handler = grpc.unary_unary_rpc_method_handler(lambda r, c: r)._replace(
                 request_streaming=request_streaming, response_streaming=response_streaming)
             details = type("Details", (), {"method": "/a.B/C", "invocation_metadata": ()})()
-            refusal = interceptor.intercept_service(lambda _d: handler, details)
+            async def continuation(_details, handler=handler):
+                return handler
+
+            refusal = asyncio.run(interceptor.intercept_service(continuation, details))
             assert (refusal.request_streaming, refusal.response_streaming) == (request_streaming,
                                                                                response_streaming)
             assert refusal is not handler
