@@ -183,11 +183,11 @@ _QUEUED_DEADLINE_MESSAGE = "deadline exceeded while the request waited in the ba
 class _Request:
     """What one ``submit`` call waits on; completed once, by whoever finishes it."""
 
-    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished", "notify")
+    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished", "waiter")
 
-    def __init__(self, notify: Callable[[], None] | None = None) -> None:
-        # Called (from a batch thread) once the result is in: wakes an asyncio waiter.
-        self.notify = notify
+    def __init__(self, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None) -> None:
+        # An asyncio caller's loop and the future it awaits; resolved (by _wake) once the result is in.
+        self.waiter = waiter
         self.done = threading.Lock()
         # Held until the result is in: the waiter blocks on a second acquire.
         self.done.acquire()
@@ -200,9 +200,31 @@ class _Request:
         self.finished = False
 
 
-def _resolve(done: asyncio.Future) -> None:
-    if not done.done():  # a waiter that timed out cancelled it
-        done.set_result(None)
+def _resolve_all(futures: list[asyncio.Future]) -> None:
+    for done in futures:
+        if not done.done():  # a waiter that timed out cancelled it
+            done.set_result(None)
+
+
+def _wake(requests: list[_Request]) -> None:
+    """Resolve the asyncio waiters of completed requests: one loop wake-up per event loop.
+
+    Each ``call_soon_threadsafe`` writes to the loop's self-pipe, and that write
+    releases the GIL; the woken loop thread takes it and the batch thread then
+    waits for it back, up to the interpreter's switch interval (5 ms). Waking a
+    whole batch's callers with one call keeps that to once per batch.
+    """
+    if not requests:
+        return
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future]] = {}
+    for request in requests:
+        loop, future = request.waiter
+        by_loop.setdefault(loop, []).append(future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, futures)
+        except RuntimeError:  # the loop closed: nobody is waiting any more
+            pass
 
 
 class _Task:
@@ -289,14 +311,7 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-
-        def notify() -> None:
-            try:
-                loop.call_soon_threadsafe(_resolve, done)
-            except RuntimeError:  # the loop closed: nobody is waiting any more
-                pass
-
-        request = self._admit(inputs, deadline, notify)
+        request = self._admit(inputs, deadline, (loop, done))
         if request is None:
             return dict(await asyncio.to_thread(self._run, dict(inputs)))
         try:
@@ -315,7 +330,7 @@ class Batcher:
         return request.outputs
 
     def _admit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
-               notify: Callable[[], None] | None = None) -> _Request | None:
+               waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None) -> _Request | None:
         """Check and queue a request; None when it has no rows (the caller runs it directly)."""
         rows, key = self._check(inputs)
         if rows == 0:
@@ -323,7 +338,7 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
-        request = _Request(notify)
+        request = _Request(waiter)
         with self._cond:
             if self._closing:
                 raise Unavailable(f"the batcher{' of ' + self.name if self.name else ''} is closed")
@@ -498,8 +513,8 @@ class Batcher:
                             dropped.append(task)
                 self._queued_rows = 0
             self._cond.notify_all()
-        for task in dropped:
-            self._finish(task, None, Unavailable("the batcher was closed before this request ran"))
+        _wake([request for task in dropped
+               if (request := self._finish(task, None, Unavailable("the batcher was closed before this request ran")))])
         current = threading.current_thread()
         end = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
@@ -557,15 +572,15 @@ class Batcher:
                 return
             live, expired, depth, started = taken
             self._report_depth(depth)
-            for task in expired:
-                self._finish(task, None, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
+            _wake([request for task in expired
+                   if (request := self._finish(task, None, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE)))])
             if live:
                 try:
                     self._run_batch(live, started)
                 except BaseException as err:  # never leave a caller hanging on a bug here
                     log.exception("batcher %s: batch failed unexpectedly", self.name)
-                    for task in live:
-                        self._finish(task, None, Internal(f"batching failed: {err!r}"))
+                    _wake([request for task in live
+                           if (request := self._finish(task, None, Internal(f"batching failed: {err!r}")))])
 
     def _padded_size(self, rows: int) -> int:
         if not self._allowed:
@@ -625,42 +640,46 @@ class Batcher:
             error = err
         except Exception as err:
             error = Internal(f"model run failed: {err}")
+        woken = []
         if error is not None:
             for task in tasks:
                 # Each caller raises its own copy: one instance raised in many threads would share a traceback.
-                self._finish(task, None, copy.copy(error))
+                woken.append(self._finish(task, None, copy.copy(error)))
         else:
             pos = 0
             for task in tasks:
                 end = pos + task.rows
-                self._finish(task, {n: v[pos:end] for n, v in outputs.items()}, None)
+                woken.append(self._finish(task, {n: v[pos:end] for n, v in outputs.items()}, None))
                 pos = end
+        _wake([request for request in woken if request is not None])
         if run_seconds is not None and self._observer is not None:
             try:
                 self._observer.on_batch(rows, target, [started - t.enqueued for t in tasks], run_seconds)
             except Exception:
                 log.exception("batcher %s: observer failed", self.name)
 
-    def _finish(self, task: _Task, outputs, error) -> None:
-        """Hand one task's result to its request; complete the request when it is whole."""
+    def _finish(self, task: _Task, outputs, error) -> _Request | None:
+        """Hand one task's result to its request; complete the request when it is whole.
+
+        A blocked ``submit`` wakes at once. Returns the request when this completed
+        it and an asyncio caller awaits it: the caller passes it to ``_wake``.
+        """
         request = task.request
         if request.mutex is None:
             if request.finished:
-                return
+                return None
             request.finished = True
             request.outputs, request.error = outputs, error
             request.done.release()
-            if request.notify is not None:
-                request.notify()
-            return
+            return request if request.waiter is not None else None
         with request.mutex:
             if request.finished:
-                return
+                return None
             if error is None:
                 request.parts[task.index] = outputs
                 request.remaining -= 1
                 if request.remaining:
-                    return
+                    return None
             request.finished = True
         if error is None:
             try:
@@ -675,8 +694,7 @@ class Batcher:
             self._report_depth(depth)
         request.error = error
         request.done.release()
-        if request.notify is not None:
-            request.notify()
+        return request if request.waiter is not None else None
 
     def _report_depth(self, depth: int) -> None:
         if self._observer is not None:

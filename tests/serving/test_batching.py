@@ -343,6 +343,49 @@ def test_async_and_threaded_callers_share_batches_and_get_their_own_rows(batcher
     assert len(model.batches) < 100, "batches were not shared"
 
 
+def test_a_batch_wakes_each_event_loop_once_and_every_waiter_gets_its_rows(batchers):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = batchers(model, max_batch_size=16, batch_timeout_micros=0, num_batch_threads=1,
+                       max_enqueued_batches=100)
+
+    class CountingLoop(asyncio.SelectorEventLoop):
+        wakeups = 0
+
+        def call_soon_threadsafe(self, *args, **kwargs):
+            type(self).wakeups += 1
+            return super().call_soon_threadsafe(*args, **kwargs)
+
+    first = threading.Thread(target=batcher.submit, args=({"x": rows(0, 1)},))
+    first.start()  # holds the batch thread at the gate while the others queue up
+    assert model.started.wait(5)
+    deadline = time.monotonic() + 5
+
+    async def clients(base: int) -> None:
+        async def one(c: int) -> None:
+            x = rows(base + c * 100, 1 + c % 2)
+            check_own_rows(x, await batcher.submit_async({"x": x}))
+        await asyncio.gather(*(one(c) for c in range(5)))
+
+    def on_own_loop(base: int) -> None:
+        with asyncio.Runner(loop_factory=CountingLoop) as runner:
+            runner.run(clients(base))
+
+    loops = [threading.Thread(target=on_own_loop, args=(base,)) for base in (10_000, 20_000)]
+    for thread in loops:
+        thread.start()
+    while batcher.queue_depth() < 14 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert batcher.queue_depth() == 14  # both loops' 10 requests (7 rows each) wait in one batch
+    gate.set()
+    for thread in loops:
+        thread.join(10)
+    first.join(10)
+    assert [len(b) for b in model.batches] == [1, 14]
+    # One wake-up per loop for the shared batch, not one per waiter.
+    assert CountingLoop.wakeups == 2
+
+
 def test_async_deadline_expiring_in_queue_is_dropped_before_running(batchers):
     gate = threading.Event()
     model = Model(gate=gate)
