@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -93,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads inside one op (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="ops run in parallel (default 0: TensorFlow decides)")
+    p.add_argument("--python_switch_interval_micros", type=_positive_int, default=None,
+                   help="how long one Python thread may keep the GIL while another waits for it "
+                        "(sys.setswitchinterval; default: Python's 5000). 20-100 lets a batch thread "
+                        "start its next batch while the gRPC event loop is busy; see docs/benchmarks.md")
     p.add_argument("--per_process_gpu_memory_fraction", type=float, default=0.0,
                    help="cap each GPU at this fraction of its memory, allocated at start (default 0: no cap)")
     p.add_argument("--gpu_memory_limit_mb", type=int, default=0,
@@ -143,6 +148,7 @@ class GraftServer:
         args = self.args
         _configure_tensorflow(args)
         _tune_gc()
+        _tune_switch_interval(args)
         from serving import devices
 
         # Before anything touches a GPU: memory settings only apply to uninitialised devices.
@@ -333,6 +339,19 @@ def _tune_gc() -> None:
     import gc
 
     gc.set_threshold(GC_GEN0_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def _tune_switch_interval(args: argparse.Namespace) -> None:
+    # A batch thread gives up the GIL several times per model call (converting the
+    # batch to a tensor, running it) and each time may wait a whole switch interval
+    # to get it back from an event loop busy with the previous batch's responses.
+    # At 5 ms that left the model idle a quarter of the time at C=32; at 20-100 us
+    # gRPC served 1.2-1.25x more, and REST with its many handler threads ~0.8x
+    # (docs/benchmarks.md): a choice for the traffic mix, so a flag, not a default.
+    if args.python_switch_interval_micros is None:
+        return
+    sys.setswitchinterval(args.python_switch_interval_micros / 1e6)
+    log.info("Python switch interval: %.0f us", sys.getswitchinterval() * 1e6)
 
 
 def _batching_config(args: argparse.Namespace):

@@ -37,6 +37,8 @@ enable_large_batch_splitting {{ value: true }}
 """
 # Not the default on any machine (TF picks the core count), so seeing it proves the flag.
 INTER_OP = (os.cpu_count() or 1) + 1
+# Not Python's default (5000 us): the server reads the interval back from the interpreter.
+SWITCH_INTERVAL_US = 250
 SIZES = (1, 2, 4, 1, 3, 11, 1, 2)  # 11 > MAX_BATCH: split; odd totals: padded
 CLIENTS = 12
 ROUNDS = 4
@@ -51,7 +53,8 @@ def server(tmp_path_factory, tiny_cnn_savedmodel):
     proc = Subprocess(["--port", "0", "--rest_api_port", str(free_port()), "--model_name", "cnn",
                        "--model_base_path", str(root / "cnn"), "--batching_parameters_file", str(params),
                        "--tensorflow_intra_op_parallelism", "1",
-                       "--tensorflow_inter_op_parallelism", str(INTER_OP)],
+                       "--tensorflow_inter_op_parallelism", str(INTER_OP),
+                       "--python_switch_interval_micros", str(SWITCH_INTERVAL_US)],
                       root / "server.log")
     try:
         yield proc
@@ -165,6 +168,19 @@ def test_tensorflow_thread_flags_configure_the_runtime(server):
     # TensorFlow's inter-op pool threads are named tf_Compute, one per thread.
     assert names["tf_Compute"] == INTER_OP, names
     assert f"TensorFlow threads: intra_op=1 inter_op={INTER_OP}" in server.log()
+
+
+def test_switch_interval_flag_sets_the_interpreters_interval(server):
+    assert f"Python switch interval: {SWITCH_INTERVAL_US} us" in server.log()
+
+
+def test_switch_interval_flag_refuses_zero_and_defaults_to_pythons():
+    from serving.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["--model_base_path", "/m"]).python_switch_interval_micros is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model_base_path", "/m", "--python_switch_interval_micros", "0"])
 
 
 def test_batching_raises_default_handler_threads_to_fill_batches():
