@@ -513,8 +513,7 @@ class Batcher:
                             dropped.append(task)
                 self._queued_rows = 0
             self._cond.notify_all()
-        _wake([request for task in dropped
-               if (request := self._finish(task, None, Unavailable("the batcher was closed before this request ran")))])
+        self._fail(dropped, Unavailable("the batcher was closed before this request ran"))
         current = threading.current_thread()
         end = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
@@ -572,15 +571,13 @@ class Batcher:
                 return
             live, expired, depth, started = taken
             self._report_depth(depth)
-            _wake([request for task in expired
-                   if (request := self._finish(task, None, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE)))])
+            self._fail(expired, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
             if live:
                 try:
                     self._run_batch(live, started)
                 except BaseException as err:  # never leave a caller hanging on a bug here
                     log.exception("batcher %s: batch failed unexpectedly", self.name)
-                    _wake([request for task in live
-                           if (request := self._finish(task, None, Internal(f"batching failed: {err!r}")))])
+                    self._fail(live, Internal(f"batching failed: {err!r}"))
 
     def _padded_size(self, rows: int) -> int:
         if not self._allowed:
@@ -657,6 +654,10 @@ class Batcher:
                 self._observer.on_batch(rows, target, [started - t.enqueued for t in tasks], run_seconds)
             except Exception:
                 log.exception("batcher %s: observer failed", self.name)
+
+    def _fail(self, tasks: list[_Task], error: BaseException) -> None:
+        """Finish every task with ``error`` and wake their asyncio waiters."""
+        _wake([request for task in tasks if (request := self._finish(task, None, error))])
 
     def _finish(self, task: _Task, outputs, error) -> _Request | None:
         """Hand one task's result to its request; complete the request when it is whole.
