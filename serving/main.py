@@ -182,24 +182,20 @@ class GraftServer:
         self._grpc.start()
         log.info("Running gRPC ModelServer at %s:%d ...", args.host, self.grpc_port)
         if args.rest_api_port:
-            from waitress import create_server
-
             app = create_app(self.service, RestOptions(args.max_request_bytes, args.rest_api_timeout_in_ms),
                              metrics_registry=registry, auth=auth)
         if args.rest_api_port and args.rest_tls_cert:
             self._start_rest_tls(app)
         elif args.rest_api_port:
-            self._rest_map: dict = {}
-            self._rest = create_server(
-                app, map=self._rest_map, host=args.host, port=args.rest_api_port,
-                threads=args.rest_api_num_threads,
+            from serving.wsgi import PlainWsgiServer
+
+            self._rest = PlainWsgiServer(
+                app, args.host, args.rest_api_port, threads=args.rest_api_num_threads,
                 # Our own limit answers 413 with a JSON body; waitress's must not be lower.
                 max_request_body_size=max(args.max_request_bytes + 1, 1 << 30),
                 ident="graft-serve", clear_untrusted_proxy_headers=True, recv_bytes=REST_RECV_BYTES)
-            # Several listen sockets (a name resolving to IPv4 and IPv6) share one port.
-            self.rest_port = int(self._rest.effective_port if hasattr(self._rest, "effective_port")
-                                 else self._rest.effective_listen[0][1])
-            self._rest_thread = self._spawn("graft-rest", self._rest.run)
+            self.rest_port = self._rest.port
+            self._spawn("graft-rest", self._rest.serve)
             log.info("Exporting HTTP/REST API at:%s:%d ...", args.host, self.rest_port)
         if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
             self._spawn("graft-config-poller", self._poll_config)
@@ -213,7 +209,7 @@ class GraftServer:
                                    threads=args.rest_api_num_threads,
                                    max_request_body_size=max(args.max_request_bytes + 1, 1 << 30))
         self.rest_port = self._rest.port
-        self._rest_thread = self._spawn("graft-rest", self._rest.serve)
+        self._spawn("graft-rest", self._rest.serve)
         log.info("Exporting HTTP/REST API at:%s:%d (HTTPS) ...", args.host, self.rest_port)
 
     def _spawn(self, name: str, target) -> threading.Thread:
@@ -266,10 +262,8 @@ class GraftServer:
         drained = self.service.wait_idle(self.args.drain_seconds)
         if not drained:
             log.warning("requests still in flight after %.1fs; stopping anyway", self.args.drain_seconds)
-        if self._rest is not None and self.args.rest_tls_cert:
+        if self._rest is not None:
             self._rest.stop()
-        elif self._rest is not None:
-            _stop_waitress(self._rest, self._rest_map, self._rest_thread)
         if self._grpc is not None:
             self._grpc.stop(grace=1.0)
         self.manager.stop(timeout=max(1.0, self.args.drain_seconds))
@@ -370,24 +364,6 @@ def _file_signature(path: str) -> tuple | None:
     except OSError:
         return None
     return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _stop_waitress(server, socket_map: dict, thread: threading.Thread, timeout: float = 5.0) -> None:
-    """Finish the responses being written, then close every socket from waitress's own loop."""
-    from waitress import trigger, wasyncore
-
-    server.task_dispatcher.shutdown(cancel_pending=False, timeout=timeout)
-    end = time.monotonic() + timeout
-    # Responses are flushed by waitress's loop thread; give it time to empty the buffers.
-    while time.monotonic() < end and any(
-            getattr(d, "total_outbufs_len", 0) for d in list(socket_map.values())):
-        time.sleep(0.02)
-    # Sockets must be closed on the loop thread (closing them under its select() fails
-    # with EBADF); the loop ends by itself once its map is empty.
-    wakers = [d for d in list(socket_map.values()) if isinstance(d, trigger.trigger)]
-    if wakers:
-        wakers[0].pull_trigger(lambda: wasyncore.close_all(socket_map, ignore_all=True))
-    thread.join(max(0.1, end - time.monotonic()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -90,7 +90,7 @@ def test_rest_reads_a_large_body_in_few_socket_reads(tmp_path, two_input_savedmo
     """waitress reads REST_RECV_BYTES at a time (not its 8 KiB), and a multi-read body still arrives whole."""
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
     with serving(["--model_name", "two", "--model_base_path", str(tmp_path / "two")]) as (server, client):
-        assert server._rest.adj.recv_bytes == REST_RECV_BYTES
+        assert server._rest.settings.recv_bytes == REST_RECV_BYTES
         x = np.random.default_rng(3).uniform(0, 10, (40_000, 3)).astype(np.float32)
         body = json.dumps({"signature_name": "checked", "instances": x.tolist()}).encode()
         assert len(body) > 2 * REST_RECV_BYTES
