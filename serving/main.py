@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads inside one op (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
                    help="ops run in parallel (default 0: TensorFlow decides)")
+    p.add_argument("--tensorflow_cpus", type=int, default=0,
+                   help="run TensorFlow's compute threads on the last N CPUs this process may use and "
+                        "every other thread on the rest (Linux; default 0: no pinning). Pair it with "
+                        "--tensorflow_intra_op_parallelism N; on Kubernetes only with exclusive CPUs "
+                        "(the static CPU manager policy); see docs/benchmarks.md")
     p.add_argument("--python_switch_interval_micros", type=_positive_int, default=None,
                    help="how long one Python thread may keep the GIL while another waits for it "
                         "(sys.setswitchinterval; default: Python's 5000). 20-100 lets a batch thread "
@@ -154,6 +159,12 @@ class GraftServer:
         # Before anything touches a GPU: memory settings only apply to uninitialised devices.
         gpu_devices = devices.configure_gpus(devices.GpuOptions(
             args.gpu_memory_growth, args.per_process_gpu_memory_fraction, args.gpu_memory_limit_mb))
+        if args.tensorflow_cpus:
+            from serving.affinity import split_cpus, start_runtime_and_pin
+
+            # After the GPU settings (starting the runtime initialises the devices), and
+            # before any other thread starts: those inherit the main thread's CPUs.
+            start_runtime_and_pin(split_cpus(args.tensorflow_cpus))
         from prometheus_client import CollectorRegistry
 
         from serving.grpc_api import build_server

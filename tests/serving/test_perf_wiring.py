@@ -39,6 +39,8 @@ enable_large_batch_splitting {{ value: true }}
 INTER_OP = (os.cpu_count() or 1) + 1
 # Not Python's default (5000 us): the server reads the interval back from the interpreter.
 SWITCH_INTERVAL_US = 250
+# --tensorflow_cpus 1 where there is a CPU left for the other threads.
+PIN = len(os.sched_getaffinity(0)) >= 2
 SIZES = (1, 2, 4, 1, 3, 11, 1, 2)  # 11 > MAX_BATCH: split; odd totals: padded
 CLIENTS = 12
 ROUNDS = 4
@@ -54,7 +56,8 @@ def server(tmp_path_factory, tiny_cnn_savedmodel):
                        "--model_base_path", str(root / "cnn"), "--batching_parameters_file", str(params),
                        "--tensorflow_intra_op_parallelism", "1",
                        "--tensorflow_inter_op_parallelism", str(INTER_OP),
-                       "--python_switch_interval_micros", str(SWITCH_INTERVAL_US)],
+                       "--python_switch_interval_micros", str(SWITCH_INTERVAL_US),
+                       *(["--tensorflow_cpus", "1"] if PIN else [])],
                       root / "server.log")
     try:
         yield proc
@@ -168,6 +171,29 @@ def test_tensorflow_thread_flags_configure_the_runtime(server):
     # TensorFlow's inter-op pool threads are named tf_Compute, one per thread.
     assert names["tf_Compute"] == INTER_OP, names
     assert f"TensorFlow threads: intra_op=1 inter_op={INTER_OP}" in server.log()
+
+
+@pytest.mark.skipif(not PIN, reason="needs two CPUs")
+def test_tensorflow_cpus_puts_tensorflow_threads_on_the_last_cpu_and_the_others_on_the_rest(server):
+    _grpc_predict(server, _images(0, 0, 1))   # every thread pool and handler thread exists now
+    cpus = sorted(os.sched_getaffinity(0))
+    task_dir = f"/proc/{server.proc.pid}/task"
+    placed: dict[str, set[frozenset[int]]] = {"tensorflow": set(), "other": set()}
+    counts = Counter()
+    for tid in os.listdir(task_dir):
+        try:
+            with open(f"{task_dir}/{tid}/comm") as f:
+                name = f.read().strip()
+            mask = frozenset(os.sched_getaffinity(int(tid)))
+        except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            continue
+        side = "tensorflow" if name.startswith("tf_") else "other"
+        placed[side].add(mask)
+        counts[side] += 1
+    # INTER_OP tf_Compute threads and more; the main, gRPC, REST, batch and loader threads.
+    assert counts["tensorflow"] >= INTER_OP and counts["other"] >= 5, counts
+    assert placed == {"tensorflow": {frozenset(cpus[-1:])}, "other": {frozenset(cpus[:-1])}}, placed
+    assert f"CPUs {cpus[-1]}; the other threads" in server.log()
 
 
 def test_switch_interval_flag_sets_the_interpreters_interval(server):

@@ -1,0 +1,103 @@
+"""CPU affinity: TensorFlow's compute threads on CPUs of their own, every other thread on the rest.
+
+On a small CPU node the model's compute thread shares the cores with the request
+threads (REST handlers, the gRPC event loop, waitress's loop) and the kernel moves
+it between them and time-slices it whenever more threads are runnable than there
+are cores. ``--tensorflow_cpus N`` gives TensorFlow's threads the last N CPUs this
+process may run on and everything else the remaining ones: on 2 cores with one
+intra-op thread, gRPC and REST served 1.25-1.4x more images per second at C=32
+(docs/benchmarks.md).
+
+Linux only (threads are found in ``/proc/self/task`` and pinned one by one with
+``sched_setaffinity``, which takes a thread id there). TensorFlow names its pool
+threads ``tf_*``; they exist once its runtime has started, so :func:`pin_threads`
+runs after that, and threads started later inherit the mask of the thread that
+starts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TASKS = Path("/proc/self/task")
+# Thread names (comm) of TensorFlow's runtime threads: tf_Compute (the op pools),
+# tf_graph_runner, and the tf_-prefixed threads of its other pools.
+TENSORFLOW_THREAD_PREFIX = "tf_"
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Which CPUs TensorFlow's threads get and which every other thread gets."""
+
+    tensorflow: frozenset[int]
+    others: frozenset[int]
+
+
+def split_cpus(count: int, allowed: set[int] | frozenset[int] | None = None) -> CpuSplit:
+    """Reserve the last ``count`` of the ``allowed`` CPUs (default: this process's) for TensorFlow.
+
+    Raises ``ValueError`` naming the flag when that leaves no CPU for the other
+    threads, or on a platform without per-thread affinity.
+    """
+    if not hasattr(os, "sched_getaffinity") or not TASKS.is_dir():
+        raise ValueError("--tensorflow_cpus needs Linux (sched_setaffinity and /proc/self/task)")
+    cpus = sorted(allowed if allowed is not None else os.sched_getaffinity(0))
+    if count < 1:
+        raise ValueError(f"--tensorflow_cpus must be at least 1, got {count}")
+    if count >= len(cpus):
+        raise ValueError(f"--tensorflow_cpus {count} leaves no CPU for the request threads: "
+                         f"this process may run on {len(cpus)} CPU(s) ({_cpu_list(cpus)})")
+    return CpuSplit(tensorflow=frozenset(cpus[-count:]), others=frozenset(cpus[:-count]))
+
+
+def pin_threads(split: CpuSplit) -> tuple[int, int]:
+    """Pin every thread of this process by its name; returns (TensorFlow threads, other threads).
+
+    Pins the calling thread too, so the threads it starts afterwards start on
+    ``split.others``.
+    """
+    pinned = {True: 0, False: 0}
+    for task in TASKS.iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            is_tensorflow = name.startswith(TENSORFLOW_THREAD_PREFIX)
+            os.sched_setaffinity(int(task.name), split.tensorflow if is_tensorflow else split.others)
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # the thread ended meanwhile
+        pinned[is_tensorflow] += 1
+    return pinned[True], pinned[False]
+
+
+def start_runtime_and_pin(split: CpuSplit) -> None:
+    """Start TensorFlow's runtime (its thread pools), then pin every thread of the process."""
+    import tensorflow as tf
+
+    # The eager context creates its thread pools on the first op; pinning before
+    # that would leave them on the caller's CPUs.
+    tf.constant(0)
+    tensorflow_threads, other_threads = pin_threads(split)
+    if tensorflow_threads == 0:
+        log.warning("--tensorflow_cpus: found no TensorFlow thread (named %s*) to pin", TENSORFLOW_THREAD_PREFIX)
+    log.info("TensorFlow threads (%d) on CPUs %s; the other threads (%d, and those started later) on CPUs %s",
+             tensorflow_threads, _cpu_list(split.tensorflow), other_threads, _cpu_list(split.others))
+
+
+def thread_cpus() -> dict[int, tuple[str, frozenset[int]]]:
+    """Each live thread of this process: id -> (name, the CPUs it may run on)."""
+    out = {}
+    for task in TASKS.iterdir():
+        try:
+            out[int(task.name)] = ((task / "comm").read_text().strip(),
+                                   frozenset(os.sched_getaffinity(int(task.name))))
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def _cpu_list(cpus) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
