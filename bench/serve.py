@@ -14,7 +14,9 @@ One run:
    fixed duration each (the servers alternate, so all see the same machine
    load); a third, batched server with a short GIL switch interval
    (``--python_switch_interval_micros``, see ``--switch-interval-micros``)
-   is driven with gRPC only;
+   is driven with gRPC only; all of them run with ``--tensorflow_cpus 1``
+   (the model's thread on a core of its own) except one more batched server,
+   driven like the first, that shows what the pinning adds;
 4. prints images/s, p50/p99 latency, errors, each figure's ratio to the
    in-process batch-32 ceiling, and the CPU seconds the load generator and the
    server used; writes the table to docs/benchmarks.md (``--out``).
@@ -89,6 +91,12 @@ ADDED_LATENCY_TARGET_MS = 1.5
 # batch thread gets the GIL back quickly from the busy event loop (serving/main.py).
 TUNED_SWITCH_INTERVAL_US = 20
 
+# graft-serve --tensorflow_cpus: the model's compute thread (one intra-op thread,
+# SERVED_THREADS) on a core of its own, the request threads on the other. A batched
+# server without it is driven in the same run ("batching, unpinned"), for comparison.
+TENSORFLOW_CPUS = 1
+UNPINNED_MODE = "batching, unpinned"
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options."""
@@ -108,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--switch-interval-micros", type=int, default=TUNED_SWITCH_INTERVAL_US,
                    help="also drive gRPC on a batched server with --python_switch_interval_micros this "
                         f"(default {TUNED_SWITCH_INTERVAL_US}; 0: skip it)")
+    p.add_argument("--tensorflow-cpus", type=int, default=TENSORFLOW_CPUS,
+                   help="graft-serve --tensorflow_cpus for the servers (default %(default)s: the model's "
+                        "thread gets a core of its own); a batched server without it is driven too, for "
+                        "comparison (0: no pinning, no comparison server)")
     p.add_argument("--server-flag", action="append", default=[], help="extra graft-serve flag (repeatable)")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to write ('' = none)")
     p.add_argument("--json", default="", help="also write the raw figures as JSON here")
@@ -357,6 +369,13 @@ def device_name() -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
+def pin_flags(args) -> list[str]:
+    """The servers' --tensorflow_cpus flags; none when off or when it would leave no CPU for the rest."""
+    if args.tensorflow_cpus <= 0 or args.tensorflow_cpus >= len(os.sched_getaffinity(0)):
+        return []
+    return ["--tensorflow_cpus", str(args.tensorflow_cpus)]
+
+
 def tuned_mode(args) -> str:
     """The report's name of the server run with a short switch interval."""
     return f"batching, switch {args.switch_interval_micros} us"
@@ -385,8 +404,10 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
         "Load generators: " + ", ".join(
             f"{k} {'installed' if v else 'absent (Python client used)'}" for k, v in tools.items()) + ".",
         "",
-        f"All servers run with {threads_text(served)} (`{' '.join(thread_flags(served)) or 'no thread flags'}`). "
-        "Batching parameters of the batched servers:",
+        f"All servers run with {threads_text(served)} (`{' '.join(thread_flags(served)) or 'no thread flags'}`)"
+        + (f" and `{' '.join(pin_flags(args))}` (TensorFlow's threads on a CPU of their own), except "
+           f"*{UNPINNED_MODE}*, the same batched server without it" if pin_flags(args) else "")
+        + ". Batching parameters of the batched servers:",
         "",
         "```",
         batching.strip(),
@@ -437,9 +458,11 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
               "|---|---:|---:|---:|:---:|"]
     # The fastest in-process batch of 1 of any ceiling run: the strictest reference.
     single = min(run[1]["p50_ms"] for _, run in ceiling_runs)
-    # The tuned server runs gRPC only, so only the gRPC targets find its rows.
+    # The tuned server runs gRPC only, so only the gRPC targets find its rows; the
+    # unpinned server's rows are there for comparison.
     for mode, prefix in (("batching", ""),
-                         (tuned_mode(args), f"(`--python_switch_interval_micros {args.switch_interval_micros}`) ")):
+                         (tuned_mode(args), f"(`--python_switch_interval_micros {args.switch_interval_micros}`) "),
+                         (UNPINNED_MODE, "(without `--tensorflow_cpus`) ")):
         for label, protocol, want in TARGETS:
             r = results.get((protocol, mode, 32))
             if r is None:
@@ -510,20 +533,23 @@ def main(argv=None) -> int:
         common_flags = ["--model_name", MODEL_NAME, "--model_base_path", str(base_path),
                         "--file_system_poll_wait_seconds", "0", *thread_flags(served), *args.server_flag]
         # mode -> (its server's flags, the protocols driven against it)
-        modes = {"batching": (["--batching_parameters_file", str(params)], protocols)}
+        pin = pin_flags(args)
+        modes = {"batching": (["--batching_parameters_file", str(params), *pin], protocols)}
+        if pin:
+            modes[UNPINNED_MODE] = (["--batching_parameters_file", str(params)], protocols)
         if args.switch_interval_micros and "grpc" in protocols:
-            modes[tuned_mode(args)] = (["--batching_parameters_file", str(params),
+            modes[tuned_mode(args)] = (["--batching_parameters_file", str(params), *pin,
                                         "--python_switch_interval_micros", str(args.switch_interval_micros)],
                                        ["grpc"])
         if not args.no_baseline:
-            modes["baseline"] = ([], protocols)
+            modes["baseline"] = (pin, protocols)
         servers: dict[str, common.ServerProcess] = {}
         results: dict[tuple[str, str, int], common.LoadResult] = {}
         try:
+            ports = iter(common.free_ports(2 * len(modes)))
             for mode, (flags, _) in modes.items():
                 servers[mode] = common.ServerProcess(
-                    [*common_flags, *flags], work / f"server-{mode}.log",
-                    common.free_port(), common.free_port(), sys.executable)
+                    [*common_flags, *flags], work / f"server-{mode}.log", next(ports), next(ports), sys.executable)
             for server in servers.values():
                 server.wait_ready()
                 check_answers(server, bodies)

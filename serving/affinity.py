@@ -87,17 +87,5 @@ def start_runtime_and_pin(split: CpuSplit) -> None:
              tensorflow_threads, _cpu_list(split.tensorflow), other_threads, _cpu_list(split.others))
 
 
-def thread_cpus() -> dict[int, tuple[str, frozenset[int]]]:
-    """Each live thread of this process: id -> (name, the CPUs it may run on)."""
-    out = {}
-    for task in TASKS.iterdir():
-        try:
-            out[int(task.name)] = ((task / "comm").read_text().strip(),
-                                   frozenset(os.sched_getaffinity(int(task.name))))
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return out
-
-
 def _cpu_list(cpus) -> str:
     return ",".join(str(c) for c in sorted(cpus))
