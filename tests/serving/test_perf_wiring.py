@@ -179,21 +179,27 @@ def test_tensorflow_cpus_puts_tensorflow_threads_on_the_last_cpu_and_the_others_
     cpus = sorted(os.sched_getaffinity(0))
     task_dir = f"/proc/{server.proc.pid}/task"
     placed: dict[str, set[frozenset[int]]] = {"tensorflow": set(), "other": set()}
+    policies: dict[str, set[int]] = {"tensorflow": set(), "other": set()}
     counts = Counter()
     for tid in os.listdir(task_dir):
         try:
             with open(f"{task_dir}/{tid}/comm") as f:
                 name = f.read().strip()
             mask = frozenset(os.sched_getaffinity(int(tid)))
+            policy = os.sched_getscheduler(int(tid))
         except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
             continue
         side = "tensorflow" if name.startswith("tf_") else "other"
         placed[side].add(mask)
+        policies[side].add(policy)
         counts[side] += 1
     # INTER_OP tf_Compute threads and more; the main, gRPC, REST, batch and loader threads.
     assert counts["tensorflow"] >= INTER_OP and counts["other"] >= 5, counts
     assert placed == {"tensorflow": {frozenset(cpus[-1:])}, "other": {frozenset(cpus[:-1])}}, placed
+    # The request threads do not preempt each other on wake-up; the model's threads still do.
+    assert policies == {"tensorflow": {os.SCHED_OTHER}, "other": {os.SCHED_BATCH}}, policies
     assert f"CPUs {cpus[-1]}; the other threads" in server.log()
+    assert "under SCHED_BATCH" in server.log()
 
 
 def test_switch_interval_flag_sets_the_interpreters_interval(server):
