@@ -3,6 +3,10 @@
 grpc's ``time_remaining()`` never returns None; without a client deadline it is
 the time to a far-future instant, which once overflowed the batcher's waits and
 turned every deadline-less Predict into INTERNAL.
+
+Each test runs on both event loops of ``--grpc_event_loop`` (uvloop by default,
+asyncio's own as the fallback): batched Predict awaits its batch and its deadline
+on that loop.
 """
 
 from __future__ import annotations
@@ -17,15 +21,17 @@ from tests import models
 from tests.serving.server import serving
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory, two_input_savedmodel):
+@pytest.fixture(scope="module", params=["uvloop", "asyncio"])
+def client(request, tmp_path_factory, two_input_savedmodel):
     root = tmp_path_factory.mktemp("deadline_repo")
     models.install_version(two_input_savedmodel, root / "two", 1)
     params = root / "batching.txt"
     params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 2000 }\n")
     flags = ["--model_name", "two", "--model_base_path", str(root / "two"),
-             "--enable_batching=true", "--batching_parameters_file", str(params)]
-    with serving(flags) as (_, client):
+             "--enable_batching=true", "--batching_parameters_file", str(params),
+             "--grpc_event_loop", request.param]
+    with serving(flags) as (server, client):
+        assert server.grpc_event_loop == request.param
         yield client
 
 
