@@ -31,6 +31,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -65,25 +66,46 @@ def split_cpus(count: int, allowed: set[int] | frozenset[int] | None = None) -> 
     return CpuSplit(tensorflow=frozenset(cpus[-count:]), others=frozenset(cpus[:-count]))
 
 
-def pin_threads(split: CpuSplit) -> tuple[int, int]:
-    """Pin every thread of this process by its name; returns (TensorFlow threads, other threads).
+class Pinned(NamedTuple):
+    """What :func:`pin_threads` did: threads pinned on each side, and whether SCHED_BATCH took."""
+
+    tensorflow: int
+    others: int
+    sched_batch: bool
+
+
+def pin_threads(split: CpuSplit) -> Pinned:
+    """Pin every thread of this process by its name; returns what it pinned.
 
     TensorFlow's threads go to ``split.tensorflow`` under ``SCHED_OTHER``, the
     others to ``split.others`` under ``SCHED_BATCH``. That includes the calling
     thread, so the threads it starts afterwards inherit its CPUs and policy.
+    The policy is best effort: where a sandbox refuses it, the threads are
+    pinned all the same and a warning says so.
     """
     pinned = {True: 0, False: 0}
+    refused: OSError | None = None
     for task in TASKS.iterdir():
         try:
             name = (task / "comm").read_text().strip()
             is_tensorflow = name.startswith(TENSORFLOW_THREAD_PREFIX)
             tid = int(task.name)
             os.sched_setaffinity(tid, split.tensorflow if is_tensorflow else split.others)
-            os.sched_setscheduler(tid, os.SCHED_OTHER if is_tensorflow else os.SCHED_BATCH, os.sched_param(0))
         except (FileNotFoundError, ProcessLookupError):
             continue  # the thread ended meanwhile
         pinned[is_tensorflow] += 1
-    return pinned[True], pinned[False]
+        if refused is None:
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER if is_tensorflow else os.SCHED_BATCH,
+                                      os.sched_param(0))
+            except ProcessLookupError:
+                pass
+            except PermissionError as exc:
+                refused = exc
+    if refused is not None:
+        log.warning("--tensorflow_cpus: threads pinned, but the SCHED_BATCH policy was refused (%s); "
+                    "woken request threads may preempt the one holding the GIL", refused)
+    return Pinned(pinned[True], pinned[False], refused is None)
 
 
 def start_runtime_and_pin(split: CpuSplit) -> None:
@@ -93,12 +115,12 @@ def start_runtime_and_pin(split: CpuSplit) -> None:
     # The eager context creates its thread pools on the first op; pinning before
     # that would leave them on the caller's CPUs.
     tf.constant(0)
-    tensorflow_threads, other_threads = pin_threads(split)
-    if tensorflow_threads == 0:
+    pinned = pin_threads(split)
+    if pinned.tensorflow == 0:
         log.warning("--tensorflow_cpus: found no TensorFlow thread (named %s*) to pin", TENSORFLOW_THREAD_PREFIX)
-    log.info("TensorFlow threads (%d) on CPUs %s; the other threads (%d, and those started later) on CPUs %s, "
-             "under SCHED_BATCH",
-             tensorflow_threads, _cpu_list(split.tensorflow), other_threads, _cpu_list(split.others))
+    log.info("TensorFlow threads (%d) on CPUs %s; the other threads (%d, and those started later) on CPUs %s%s",
+             pinned.tensorflow, _cpu_list(split.tensorflow), pinned.others, _cpu_list(split.others),
+             ", under SCHED_BATCH" if pinned.sched_batch else "")
 
 
 def _cpu_list(cpus) -> str:

@@ -47,3 +47,55 @@ def test_graft_serve_refuses_all_cpus_for_tensorflow_and_exits_1(tmp_path, caplo
     assert main(["--model_base_path", str(tmp_path), "--port", "0", "--rest_api_port", str(free_port()),
                  "--host", "127.0.0.1", "--tensorflow_cpus", str(cpus)]) == 1
     assert f"--tensorflow_cpus {cpus} leaves no CPU for the request threads" in caplog.text
+
+
+# pin_threads pins the whole calling process: run it in a child, never in pytest's own.
+_PIN_CHILD = """
+import json, os, threading
+from serving.affinity import pin_threads, split_cpus
+if {refuse}:
+    def refuse(*args):
+        raise PermissionError(1, "Operation not permitted")
+    os.sched_setscheduler = refuse    # a sandbox whose seccomp profile refuses the call
+before = threading.Thread(target=threading.Event().wait, args=(30,), daemon=True)
+before.start()
+pinned = pin_threads(split_cpus(1))
+seen = []
+later = threading.Thread(target=lambda: seen.append((sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0))))
+later.start(); later.join()
+print(json.dumps({{"pinned": list(pinned), "main": [sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)],
+                  "before": [sorted(os.sched_getaffinity(before.native_id)), os.sched_getscheduler(before.native_id)],
+                  "later": list(seen[0])}}))
+"""
+
+
+def _pin_in_child(refuse: bool) -> tuple[dict, str]:
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _PIN_CHILD.format(refuse=refuse)], capture_output=True,
+                         text=True, timeout=60, check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__)))))
+    return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_pinned_request_threads_run_sched_batch_and_threads_started_later_inherit_it():
+    others = sorted(os.sched_getaffinity(0))[:-1]
+    result, log = _pin_in_child(refuse=False)
+    assert "refused" not in log
+    # No TensorFlow in the child: every thread is a request-side thread.
+    assert result["pinned"] == [0, result["pinned"][1], True] and result["pinned"][1] >= 2
+    for thread in ("main", "before", "later"):
+        assert result[thread] == [others, os.SCHED_BATCH], (thread, result)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_refused_policy_still_pins_the_threads():
+    others = sorted(os.sched_getaffinity(0))[:-1]
+    result, log = _pin_in_child(refuse=True)
+    assert result["pinned"][2] is False
+    assert "threads pinned, but the SCHED_BATCH policy was refused" in log
+    for thread in ("main", "before", "later"):
+        assert result[thread] == [others, os.SCHED_OTHER], (thread, result)
