@@ -5,7 +5,7 @@ threads (REST handlers, the gRPC event loop, waitress's loop) and the kernel mov
 it between them and time-slices it whenever more threads are runnable than there
 are cores. ``--tensorflow_cpus N`` gives TensorFlow's threads the last N CPUs this
 process may run on and everything else the remaining ones: on 2 cores with one
-intra-op thread, gRPC and REST served 1.2-1.5x more images per second at C=32
+intra-op thread, gRPC and REST served 1.2-1.6x more images per second at C=32
 (docs/benchmarks.md).
 
 The other threads also move to the ``SCHED_BATCH`` policy (TensorFlow's stay
