@@ -15,7 +15,8 @@ One run:
    load); a third, batched server with a short GIL switch interval
    (``--python_switch_interval_micros``, see ``--switch-interval-micros``)
    is driven with gRPC only; all of them run with ``--tensorflow_cpus 1``
-   (the model's thread on a core of its own) except one more batched server,
+   (the model's thread on a core of its own, the request threads under
+   SCHED_BATCH on the other) except one more batched server,
    driven like the first, that shows what the pinning adds;
 4. prints images/s, p50/p99 latency, errors, each figure's ratio to the
    in-process batch-32 ceiling, and the CPU seconds the load generator and the
@@ -92,7 +93,8 @@ ADDED_LATENCY_TARGET_MS = 1.5
 TUNED_SWITCH_INTERVAL_US = 20
 
 # graft-serve --tensorflow_cpus: the model's compute thread (one intra-op thread,
-# SERVED_THREADS) on a core of its own, the request threads on the other. A batched
+# SERVED_THREADS) on a core of its own, the request threads on the other (under
+# SCHED_BATCH, so that they do not preempt each other on wake-up). A batched
 # server without it is driven in the same run ("batching, unpinned"), for comparison.
 TENSORFLOW_CPUS = 1
 UNPINNED_MODE = "batching, unpinned"
@@ -405,7 +407,7 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
             f"{k} {'installed' if v else 'absent (Python client used)'}" for k, v in tools.items()) + ".",
         "",
         f"All servers run with {threads_text(served)} (`{' '.join(thread_flags(served)) or 'no thread flags'}`)"
-        + (f" and `{' '.join(pin_flags(args))}` (TensorFlow's threads on a CPU of their own), except "
+        + (f" and `{' '.join(pin_flags(args))}` (TensorFlow's threads on a CPU of their own, the others under SCHED_BATCH), except "
            f"*{UNPINNED_MODE}*, the same batched server without it" if pin_flags(args) else "")
         + ". Batching parameters of the batched servers:",
         "",
