@@ -407,8 +407,8 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
             f"{k} {'installed' if v else 'absent (Python client used)'}" for k, v in tools.items()) + ".",
         "",
         f"All servers run with {threads_text(served)} (`{' '.join(thread_flags(served)) or 'no thread flags'}`)"
-        + (f" and `{' '.join(pin_flags(args))}` (TensorFlow's threads on a CPU of their own, the others under SCHED_BATCH), except "
-           f"*{UNPINNED_MODE}*, the same batched server without it" if pin_flags(args) else "")
+        + (f" and `{' '.join(pin_flags(args))}` (TensorFlow's threads on a CPU of their own, "
+           f"the others under SCHED_BATCH), except *{UNPINNED_MODE}*, the same batched server without it" if pin_flags(args) else "")
         + ". Batching parameters of the batched servers:",
         "",
         "```",

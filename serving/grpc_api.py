@@ -5,8 +5,9 @@ The servicers only translate protos to service calls and back; every
 one decorator (``_rpc``), so no method maps errors by itself.
 
 The server is ``grpc.aio`` on an event loop thread of its own (:class:`GrpcServer`),
-uvloop's loop where it is installed (``--grpc_event_loop``). Predict, the hot path, decodes and queues its rows on the loop and awaits the
-batch (``InferenceService.predict_async``): no thread hand-off per request. Every
+uvloop's loop where it is installed (``--grpc_event_loop``). Predict, the hot
+path, decodes and queues its rows on the loop and awaits the batch
+(``InferenceService.predict_async``): no thread hand-off per request. Every
 other RPC, and Predict with batching off, runs the blocking service call in a
 worker thread (``--grpc_max_threads`` of them).
 """

@@ -15,16 +15,18 @@ from serving.grpc_api import new_event_loop
 from serving.main import build_parser
 
 
-def _kind(loop: asyncio.AbstractEventLoop) -> str:
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+def _is_asyncios_own(loop: asyncio.AbstractEventLoop) -> bool:
+    # asyncio's loops derive from BaseEventLoop; uvloop's Loop does not.
+    return isinstance(loop, asyncio.BaseEventLoop)
 
 
 @pytest.mark.parametrize("kind, expected", [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
 def test_each_kind_makes_its_loop_and_auto_prefers_uvloop(kind, expected):
-    pytest.importorskip("uvloop")
+    uvloop = pytest.importorskip("uvloop")
     loop = new_event_loop(kind)
     try:
-        assert _kind(loop) == expected
+        assert isinstance(loop, uvloop.Loop) == (expected == "uvloop")
+        assert _is_asyncios_own(loop) == (expected == "asyncio")
         assert loop.run_until_complete(asyncio.sleep(0, result=42)) == 42
     finally:
         loop.close()
@@ -34,7 +36,7 @@ def test_auto_falls_back_to_asyncio_without_uvloop_and_uvloop_is_refused(monkeyp
     monkeypatch.setitem(sys.modules, "uvloop", None)   # import uvloop now raises ImportError
     loop = new_event_loop("auto")
     try:
-        assert _kind(loop) == "asyncio"
+        assert _is_asyncios_own(loop)
     finally:
         loop.close()
     with pytest.raises(ValueError, match="^--grpc_event_loop uvloop: uvloop is not installed"):
