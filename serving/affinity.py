@@ -99,7 +99,7 @@ def pin_threads(split: CpuSplit) -> Pinned:
                 os.sched_setscheduler(tid, os.SCHED_OTHER if is_tensorflow else os.SCHED_BATCH,
                                       os.sched_param(0))
             except ProcessLookupError:
-                pass
+                pass  # the thread ended meanwhile
             except PermissionError as exc:
                 refused = exc
     if refused is not None:

@@ -6,7 +6,11 @@ whose server runs with the flag.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,13 +74,8 @@ print(json.dumps({{"pinned": list(pinned), "main": [sorted(os.sched_getaffinity(
 
 
 def _pin_in_child(refuse: bool) -> tuple[dict, str]:
-    import json
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", _PIN_CHILD.format(refuse=refuse)], capture_output=True,
-                         text=True, timeout=60, check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                             os.path.abspath(__file__)))))
+                         text=True, timeout=60, check=True, cwd=Path(__file__).resolve().parents[2])
     return json.loads(out.stdout.strip().splitlines()[-1]), out.stderr
 
 
