@@ -1,7 +1,7 @@
 """CPU affinity: TensorFlow's compute threads on CPUs of their own, every other thread on the rest.
 
 On a small CPU node the model's compute thread shares the cores with the request
-threads (REST handlers, the gRPC event loop, waitress's loop) and the kernel moves
+threads (the REST and gRPC event loops, worker threads) and the kernel moves
 it between them and time-slices it whenever more threads are runnable than there
 are cores. ``--tensorflow_cpus N`` gives TensorFlow's threads the last N CPUs this
 process may run on and everything else the remaining ones: on 2 cores with one

@@ -1,14 +1,15 @@
 """Reading a REST request body within ``--max_request_bytes``, shared by the /v1 and /v2 routes.
 
 The limit applies to the decompressed body, so a small gzip bomb is refused as
-surely as a large plain body.
+surely as a large plain body. A body that outgrows the limit is refused while it
+arrives, before it is held whole.
 """
 
 from __future__ import annotations
 
 import zlib
 
-from flask import request
+from starlette.requests import Request
 
 from serving.errors import InvalidArgument, PayloadTooLarge
 
@@ -16,18 +17,28 @@ from serving.errors import InvalidArgument, PayloadTooLarge
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def read_body(limit: int, encodings: tuple[str, ...] = ("gzip", "deflate")) -> bytes:
-    """The current request's body, decompressed, at most ``limit`` bytes after decompression.
+async def read_body(request: Request, limit: int, encodings: tuple[str, ...] = ("gzip", "deflate")) -> bytes:
+    """``request``'s body, decompressed, at most ``limit`` bytes after decompression.
 
     ``encodings`` are the Content-Encodings accepted besides identity (TF Serving's
     /v1 takes gzip only; the V2 routes also take deflate, which tritonclient sends).
     """
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body of {request.content_length} bytes exceeds the limit of {limit}")
-    raw = request.stream.read(limit + 1)
-    if len(raw) > limit:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
-    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return decompress(raw, request.headers.get("content-encoding", ""), limit, encodings)
+
+
+def decompress(raw: bytes, encoding: str, limit: int, encodings: tuple[str, ...]) -> bytes:
+    """``raw`` decoded by its Content-Encoding (one of ``encodings``), at most ``limit`` bytes."""
+    encoding = encoding.strip().lower()
     if encoding in ("", "identity"):
         return raw
     if encoding not in encodings or encoding not in _WBITS:

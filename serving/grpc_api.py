@@ -46,6 +46,7 @@ from tensorflow_serving.apis import (
 from serving import codec
 from serving.config import model_configs_from_proto
 from serving.errors import InvalidArgument, ServingError, located
+from serving.loop import loop_kind, new_event_loop, run_blocking
 from serving.service import (
     CLASSIFY_METHOD,
     REGRESS_METHOD,
@@ -136,11 +137,6 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
             return await behaviour(request, context)
 
         return handler._replace(request_deserializer=deserialize, **{kind: guarded})
-
-
-async def run_blocking(function: Callable, *args: Any) -> Any:
-    """Run a blocking service call in the server's worker threads, not on the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(function, *args))
 
 
 # A deadline further away than this (a year) means "none".
@@ -361,31 +357,6 @@ class HealthServicer(health.aio.HealthServicer):
         return await super().Watch(request, context)
 
 
-EVENT_LOOPS = ("auto", "uvloop", "asyncio")
-
-
-def new_event_loop(kind: str = "auto") -> asyncio.AbstractEventLoop:
-    """A fresh event loop of ``kind``: "uvloop", "asyncio", or "auto" (uvloop when installed).
-
-    uvloop's loop costs grpc.aio less per call: on 2 cores, gRPC Predict at C=32
-    used 6% less server CPU per image (docs/benchmarks.md). Raises ``ValueError``
-    naming ``--grpc_event_loop`` for an unknown kind, or "uvloop" where it is not
-    installed (it has no Windows build).
-    """
-    if kind not in EVENT_LOOPS:
-        raise ValueError(f"--grpc_event_loop must be one of {', '.join(EVENT_LOOPS)}, got {kind!r}")
-    if kind != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if kind == "uvloop":
-                raise ValueError("--grpc_event_loop uvloop: uvloop is not installed "
-                                 "(pip install uvloop; not available on Windows)") from None
-        else:
-            return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
 class GrpcServer:
     """The gRPC server: ``grpc.aio`` on an event loop thread of its own, driven from plain threads.
 
@@ -398,7 +369,7 @@ class GrpcServer:
                  max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor],
                  credentials: grpc.ServerCredentials | None, event_loop: str = "auto"):
         self._loop = new_event_loop(event_loop)
-        self.event_loop = "uvloop" if type(self._loop).__module__.startswith("uvloop") else "asyncio"
+        self.event_loop = loop_kind(self._loop)
         # Blocking RPCs (everything but batched Predict) run here, as the sync server's pool did.
         self._workers = futures.ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="grpc")
         self._loop.set_default_executor(self._workers)
@@ -478,7 +449,7 @@ def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8
     ``interceptors`` run before every handler (``serving.auth.AuthInterceptor``);
     ``credentials`` (``serving.tls.grpc_server_credentials``) make the port TLS.
     ``max_threads`` threads run the blocking RPCs; ``event_loop`` is a kind of
-    :func:`new_event_loop`. Raises ``RuntimeError`` when the address cannot be
+    :func:`serving.loop.new_event_loop`. Raises ``RuntimeError`` when the address cannot be
     bound, ``ValueError`` for an event loop that cannot be made.
     """
     return GrpcServer(service, host, port, max_threads, max_message_bytes, interceptors, credentials,

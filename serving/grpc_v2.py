@@ -20,7 +20,8 @@ import grpc
 
 from serving import v2
 from serving.errors import InvalidArgument, NotFound
-from serving.grpc_api import run_blocking, _rpc, deadline_of
+from serving.grpc_api import _rpc, deadline_of
+from serving.loop import run_blocking
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
 

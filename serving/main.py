@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest_api_timeout_in_ms", type=_positive_int, default=30000,
                    help="deadline of one REST request in milliseconds (default 30000)")
     p.add_argument("--rest_api_num_threads", type=_positive_int, default=None,
-                   help="REST worker threads (default 4 x CPUs, at least 8; with batching, "
+                   help="REST worker threads for the calls that block (all but /v1 predict, which waits "
+                        "on the event loop; default 4 x CPUs, at least 8; with batching, "
                         f"at least 2 x max_batch_size, up to {MAX_BATCHING_THREADS})")
     p.add_argument("--grpc_max_threads", type=_positive_int, default=None,
                    help="gRPC worker threads (default 4 x CPUs; with batching, "
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc_event_loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop of the gRPC server: uvloop (less CPU per call), asyncio, or auto "
                         "(default: uvloop when installed)")
+    p.add_argument("--rest_event_loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+                   help="event loop of the REST server, as --grpc_event_loop (default: uvloop when installed)")
     p.add_argument("--per_process_gpu_memory_fraction", type=float, default=0.0,
                    help="cap each GPU at this fraction of its memory, allocated at start (default 0: no cap)")
     p.add_argument("--gpu_memory_limit_mb", type=int, default=0,
@@ -133,12 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# waitress reads sockets 8 KiB at a time by default: a 96x96x3 image as JSON floats
-# (170 KB) took 21 trips through its event loop. One read per body served REST JSON
-# floats 15-19% faster at C=32 (bench/serve.py's model; docs/benchmarks.md).
-REST_RECV_BYTES = 256 * 1024
-
-
 class GraftServer:
     """The wired process: manager, service, gRPC and REST servers, config polling, draining."""
 
@@ -146,6 +143,7 @@ class GraftServer:
         self.args = args
         self.grpc_port: int | None = None
         self.grpc_event_loop: str | None = None   # "uvloop" or "asyncio" once started
+        self.rest_event_loop: str | None = None
         self.rest_port: int | None = None
         self._stop = threading.Event()
         self._stop_requested = False
@@ -199,35 +197,20 @@ class GraftServer:
         log.info("Running gRPC ModelServer at %s:%d (event loop: %s) ...", args.host, self.grpc_port,
                  self.grpc_event_loop)
         if args.rest_api_port:
+            from serving.asgi import RestServer
+
             app = create_app(self.service, RestOptions(args.max_request_bytes, args.rest_api_timeout_in_ms),
                              metrics_registry=registry, auth=auth)
-        if args.rest_api_port and args.rest_tls_cert:
-            self._start_rest_tls(app)
-        elif args.rest_api_port:
-            from serving.wsgi import PlainWsgiServer
-
-            self._rest = PlainWsgiServer(
-                app, args.host, args.rest_api_port, threads=args.rest_api_num_threads,
-                # Our own limit answers 413 with a JSON body; waitress's must not be lower.
-                max_request_body_size=max(args.max_request_bytes + 1, 1 << 30),
-                ident="graft-serve", clear_untrusted_proxy_headers=True, recv_bytes=REST_RECV_BYTES)
+            self._rest = RestServer(app, args.host, args.rest_api_port, threads=args.rest_api_num_threads,
+                                    certfile=args.rest_tls_cert, keyfile=args.rest_tls_key,
+                                    event_loop=args.rest_event_loop)
             self.rest_port = self._rest.port
+            self.rest_event_loop = self._rest.event_loop
             self._spawn("graft-rest", self._rest.serve)
-            log.info("Exporting HTTP/REST API at:%s:%d ...", args.host, self.rest_port)
+            log.info("Exporting HTTP/REST API at:%s:%d%s (event loop: %s) ...", args.host, self.rest_port,
+                     " (HTTPS)" if self._rest.tls else "", self.rest_event_loop)
         if args.model_config_file and args.model_config_file_poll_wait_seconds > 0:
             self._spawn("graft-config-poller", self._poll_config)
-
-    def _start_rest_tls(self, app) -> None:
-        # waitress has no TLS: cheroot serves the same app over HTTPS.
-        from serving.tls import TlsWsgiServer
-
-        args = self.args
-        self._rest = TlsWsgiServer(app, args.host, args.rest_api_port, args.rest_tls_cert, args.rest_tls_key,
-                                   threads=args.rest_api_num_threads,
-                                   max_request_body_size=max(args.max_request_bytes + 1, 1 << 30))
-        self.rest_port = self._rest.port
-        self._spawn("graft-rest", self._rest.serve)
-        log.info("Exporting HTTP/REST API at:%s:%d (HTTPS) ...", args.host, self.rest_port)
 
     def _spawn(self, name: str, target) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -1,9 +1,14 @@
 """The REST adapter: TF Serving's /v1 API, model list, health, and an optional /metrics.
 
-``create_app(service)`` builds a Flask app; waitress serves it (see ``serving.main``).
-Every TF Serving path goes through one route and one regular expression, so
-``/V1/...`` and ``/v1/...`` behave alike, and every error leaves through one
-handler as ``{"error": "<message>"}`` with the status from ``serving.errors``.
+``create_app(service)`` builds an ASGI app (Starlette); uvicorn serves it on an
+event loop of its own (see ``serving.asgi``). Every TF Serving path goes through
+one route and one regular expression, so ``/V1/...`` and ``/v1/...`` behave
+alike, and every error leaves through :func:`error_response` as
+``{"error": "<message>"}`` with the status from ``serving.errors``.
+
+Predict awaits its batch on the loop, as gRPC does: a waiting request holds no
+thread. Everything else that touches the model manager runs in the loop's worker
+threads (``--rest_api_num_threads``).
 """
 
 from __future__ import annotations
@@ -16,14 +21,20 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flask import Flask, Response, request
 from google.protobuf import json_format
-from werkzeug.exceptions import HTTPException
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from serving import codec
 from serving.body import read_body
 from serving.errors import InvalidArgument, NotFound, ServingError, Unauthenticated
 from serving.jsonarray import DenseBody, DenseReader
+from serving.loop import run_blocking
 from serving.service import ExamplesCall, PredictCall, version_status_json
 
 if TYPE_CHECKING:
@@ -36,6 +47,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON_TYPE = "application/json"
+# Bodies up to this size are decoded on the event loop (an image as JSON floats is
+# ~170 KB, ~1 ms); larger ones in a worker thread, so one huge body cannot stall
+# every other client for the seconds its parse takes.
+DECODE_ON_LOOP_BYTES = 1 << 20
 
 # TF Serving's URL grammar, widened so that malformed variants get a precise 400
 # (version and label together, non-digit version) instead of a bare 404.
@@ -58,105 +73,125 @@ class RestOptions:
 
 
 def create_app(service: InferenceService, options: RestOptions | None = None,
-               metrics_registry: CollectorRegistry | None = None, auth: TokenAuth | None = None) -> Flask:
-    """The Flask app serving ``service``; ``/metrics`` only when a registry is given.
+               metrics_registry: CollectorRegistry | None = None, auth: TokenAuth | None = None) -> Starlette:
+    """The ASGI app serving ``service``; ``/metrics`` only when a registry is given.
 
     With ``auth`` every path needs ``Authorization: Bearer <token>`` except those
     ``auth.rest_path_is_open`` names (health; metrics unless protected): 401 otherwise.
     """
     options = options or RestOptions()
-    app = Flask("graft-serve")
+    dense_reader = DenseReader()
 
-    if auth is not None:
-        @app.before_request
-        def _authenticate():
-            if not auth.rest_path_is_open(request.path):
-                auth.check(request.headers.get("Authorization"))
-
-    @app.errorhandler(ServingError)
-    def _serving_error(err: ServingError):
-        response = _json({"error": err.message}, err.status)
-        if err.retry_after is not None:
-            response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
-        if isinstance(err, Unauthenticated):
-            response.headers["WWW-Authenticate"] = 'Bearer realm="graft-serve"'  # RFC 6750
-        return response
-
-    @app.errorhandler(HTTPException)
-    def _http_error(err: HTTPException):
-        return _json({"error": err.description or err.name}, err.code or 500)
-
-    @app.errorhandler(Exception)
-    def _bug(err: Exception):
-        log.exception("unhandled error serving %s %s", request.method, request.path)
-        return _json({"error": f"Internal error: {type(err).__name__}: {err}"}, 500)
-
-    @app.get("/healthz")
-    def _healthz():
+    async def healthz(_request: Request) -> Response:
         return _json({"status": "alive"}, 200 if service.live() else 503)
 
-    @app.get("/readyz")
-    def _readyz():
+    async def readyz(_request: Request) -> Response:
         if service.draining:
             return _json({"status": "draining"}, 503)
         if not service.ready():
             return _json({"status": "not ready"}, 503)
         return _json({"status": "ready"}, 200)
 
+    async def v1(request: Request) -> Response:
+        return await _dispatch(service, options, dense_reader, request)
+
+    routes = [Route("/healthz", healthz), Route("/readyz", readyz)]
     if metrics_registry is not None:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        def _metrics():
-            return Response(generate_latest(metrics_registry), content_type=CONTENT_TYPE_LATEST)
+        async def metrics(_request: Request) -> Response:
+            text = await run_blocking(generate_latest, metrics_registry)
+            return Response(text, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        app.add_url_rule("/metrics", "metrics", _metrics)
-        app.add_url_rule("/monitoring/prometheus/metrics", "prometheus_metrics", _metrics)
+        routes += [Route("/metrics", metrics), Route("/monitoring/prometheus/metrics", metrics)]
 
-    from serving.rest_v2 import v2_blueprint  # V2 routes and /openapi.json
+    from serving.rest_v2 import v2_routes  # V2 routes and /openapi.json
 
-    app.register_blueprint(v2_blueprint(service, options))
-    dense_reader = DenseReader()
-
-    @app.route("/<path:_path>", methods=["GET", "POST"])
-    def _v1(_path: str):
-        return _dispatch(service, options, dense_reader)
-
-    return app
+    routes += v2_routes(service, options)
+    routes.append(Route("/{path:path}", v1, methods=["GET", "POST"]))
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(BearerAuth, auth=auth)] if auth is not None else [],
+        exception_handlers={ServingError: _serving_error, HTTPException: _http_error, Exception: _bug})
 
 
-def _dispatch(service: InferenceService, options: RestOptions, dense_reader: DenseReader) -> Response:
-    path = request.path
+def error_response(err: ServingError) -> Response:
+    """The REST answer to ``err``: ``{"error": message}``, its status, and the headers it calls for."""
+    response = _json({"error": err.message}, err.status)
+    if err.retry_after is not None:
+        response.headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    if isinstance(err, Unauthenticated):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="graft-serve"'  # RFC 6750
+    return response
+
+
+class BearerAuth:
+    """ASGI middleware: refuse requests without a valid bearer token, except on open paths."""
+
+    def __init__(self, app, auth: TokenAuth):
+        self._app = app
+        self._auth = auth
+
+    async def __call__(self, scope, receive, send) -> None:
+        """Pass open paths and authenticated requests on; answer the others 401 (no body is read)."""
+        if scope["type"] == "http" and not self._auth.rest_path_is_open(scope["path"]):
+            try:
+                self._auth.check(Headers(scope=scope).get("authorization"))
+            except ServingError as err:
+                await error_response(err)(scope, receive, send)
+                return
+        await self._app(scope, receive, send)
+
+
+async def _serving_error(_request: Request, err: ServingError) -> Response:
+    return error_response(err)
+
+
+async def _http_error(_request: Request, err: HTTPException) -> Response:
+    # Routing's own refusals (405 on a known path with another method).
+    return _json({"error": err.detail}, err.status_code, err.headers)
+
+
+async def _bug(request: Request, err: Exception) -> Response:
+    log.error("unhandled error serving %s %s", request.method, request.scope["path"], exc_info=err)
+    return _json({"error": f"Internal error: {type(err).__name__}: {err}"}, 500)
+
+
+async def _dispatch(service: InferenceService, options: RestOptions, dense_reader: DenseReader,
+                    request: Request) -> Response:
+    # scope["path"] exactly as sent (decoded); request.url would drop a %0a on re-parsing.
+    path, method = request.scope["path"], request.method
     if _LIST_URL.fullmatch(path):
-        if request.method != "GET":
-            return _method_not_allowed()
-        return _json({"models": service.list_models()})
+        if method != "GET":
+            return _method_not_allowed(request)
+        return _json({"models": await run_blocking(service.list_models)})
     match = _MODEL_URL.fullmatch(path)
     if match is None:
-        raise NotFound(f"Malformed request: {request.method} {path}")
+        raise NotFound(f"Malformed request: {method} {path}")
     name, label = match["name"], match["label"]
     version = _version(match["version"], label)
     verb = match["verb"]
     if verb is None:
-        if request.method != "GET":
-            return _method_not_allowed()
+        if method != "GET":
+            return _method_not_allowed(request)
         if match["metadata"]:
-            return _metadata(service, name, version, label)
-        statuses = service.model_status(name, version, label)
+            return await run_blocking(_metadata, service, name, version, label)
+        statuses = await run_blocking(service.model_status, name, version, label)
         return _json({"model_version_status": [version_status_json(s) for s in statuses]})
     verb = verb.lower()
     if verb not in ("predict", "classify", "regress"):
-        raise NotFound(f"Malformed request: {request.method} {path} (unknown method '{match['verb']}')")
-    if request.method != "POST":
-        return _method_not_allowed()
-    raw = _raw_json_body(options.max_request_bytes)
+        raise NotFound(f"Malformed request: {method} {path} (unknown method '{match['verb']}')")
+    if method != "POST":
+        return _method_not_allowed(request)
+    raw = await _raw_json_body(request, options.max_request_bytes)
     deadline = time.monotonic() + options.timeout_ms / 1000.0
-    if verb == "predict":
-        # A body that is one numeric array skips orjson's per-number Python objects.
-        dense = dense_reader.read(raw)
-        if dense is not None:
-            return _predict(service, name, version, label, dense.as_body(), deadline, dense)
-        return _predict(service, name, version, label, _json_object(raw), deadline)
-    return _examples(service, verb, name, version, label, _json_object(raw), deadline)
+    if verb != "predict":
+        return await run_blocking(_examples, service, verb, name, version, label, raw, deadline)
+    if len(raw) > DECODE_ON_LOOP_BYTES:
+        return await run_blocking(_predict, service, name, version, label, raw, deadline, dense_reader)
+    call, row_format = _predict_call(name, version, label, raw, deadline, dense_reader)
+    result = await service.predict_async(call)
+    return _json(codec.encode_predict_json(result.outputs, row_format))
 
 
 def _version(text: str | None, label: str | None) -> int | None:
@@ -170,7 +205,18 @@ def _version(text: str | None, label: str | None) -> int | None:
 
 
 def _predict(service: InferenceService, name: str, version: int | None, label: str | None,
-             body: dict, deadline: float, dense: DenseBody | None = None) -> Response:
+             raw: bytes, deadline: float, dense_reader: DenseReader) -> Response:
+    """Predict in a worker thread, from parsing the body to encoding the answer."""
+    call, row_format = _predict_call(name, version, label, raw, deadline, dense_reader)
+    return _json(codec.encode_predict_json(service.predict(call).outputs, row_format))
+
+
+def _predict_call(name: str, version: int | None, label: str | None, raw: bytes, deadline: float,
+                  dense_reader: DenseReader) -> tuple[PredictCall, bool]:
+    """The PredictCall of a /v1 predict body, and whether its answer takes the row format."""
+    # A body that is one numeric array skips orjson's per-number Python objects.
+    dense = dense_reader.read(raw)
+    body = dense.as_body() if dense is not None else _json_object(raw)
     signature = _signature_name(body)
     output_filter = body.get("output_filter", [])
     if not isinstance(output_filter, list) or not all(isinstance(o, str) for o in output_filter):
@@ -191,12 +237,12 @@ def _predict(service: InferenceService, name: str, version: int | None, label: s
     call = PredictCall(
         model=name, version=version, label=label, signature_name=signature,
         inputs=decode, output_filter=output_filter, deadline=deadline, protocol="rest")
-    result = service.predict(call)
-    return _json(codec.encode_predict_json(result.outputs, row_format))
+    return call, row_format
 
 
 def _examples(service: InferenceService, verb: str, name: str, version: int | None,
-              label: str | None, body: dict, deadline: float) -> Response:
+              label: str | None, raw: bytes, deadline: float) -> Response:
+    body = _json_object(raw)
     signature = _signature_name(body)
     examples, context = codec.examples_from_json(body)
     call = ExamplesCall(model=name, version=version, label=label, signature_name=signature,
@@ -229,8 +275,8 @@ def _signature_name(body: dict) -> str:
     return signature
 
 
-def _raw_json_body(limit: int) -> bytes:
-    raw = read_body(limit, encodings=("gzip",))
+async def _raw_json_body(request: Request, limit: int) -> bytes:
+    raw = await read_body(request, limit, encodings=("gzip",))
     if not raw:
         raise InvalidArgument("JSON Parse error: The document is empty")
     return raw
@@ -243,9 +289,9 @@ def _json_object(raw: bytes) -> dict:
     return body
 
 
-def _method_not_allowed() -> Response:
-    return _json({"error": f"Method {request.method} is not allowed on {request.path}"}, 405)
+def _method_not_allowed(request: Request) -> Response:
+    return _json({"error": f"Method {request.method} is not allowed on {request.scope['path']}"}, 405)
 
 
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(codec.dump_json(payload), status=status, mimetype=JSON_TYPE)
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(codec.dump_json(payload), status_code=status, headers=headers, media_type=JSON_TYPE)

@@ -1,6 +1,6 @@
-"""The V2 (Open Inference Protocol) REST routes, and the OpenAPI document, as a Flask Blueprint.
+"""The V2 (Open Inference Protocol) REST routes, and the OpenAPI document, as Starlette routes.
 
-``v2_blueprint(service, options)`` is registered by ``rest.create_app``; errors
+``v2_routes(service, options)`` are mounted by ``rest.create_app``; errors
 raise ``ServingError`` and leave through that app's one handler as
 ``{"error": "..."}`` with the status from ``serving.errors``. Health answers
 follow the protocol: 200 for true, 400 for false, with an empty body.
@@ -21,11 +21,14 @@ import time
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from flask import Blueprint, Response, request
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from serving import codec, v2
 from serving.body import read_body
 from serving.errors import InvalidArgument, ServingError
+from serving.loop import run_blocking
 
 if TYPE_CHECKING:
     from serving.rest import RestOptions
@@ -44,53 +47,67 @@ def openapi_document() -> bytes:
     return resources.files("serving").joinpath(OPENAPI_FILE).read_bytes()
 
 
-def v2_blueprint(service: InferenceService, options: RestOptions) -> Blueprint:
-    """The Blueprint serving V2 over ``service`` and ``/openapi.json``; limits from ``options``."""
-    bp = Blueprint("v2", __name__)
+def v2_routes(service: InferenceService, options: RestOptions) -> list[Route]:
+    """The routes serving V2 over ``service`` and ``/openapi.json``; limits from ``options``."""
     document = openapi_document()
 
-    @bp.get("/openapi.json")
-    def _openapi():
-        return Response(document, mimetype=JSON_TYPE)
+    async def openapi(_request: Request) -> Response:
+        return Response(document, media_type=JSON_TYPE)
 
-    @bp.get("/v2")
-    @bp.get("/v2/")
-    def _server_metadata():
+    async def server_metadata(_request: Request) -> Response:
         return _json(v2.server_metadata())
 
-    @bp.get("/v2/health/live")
-    def _live():
+    async def live(_request: Request) -> Response:
         return _empty(_READY[service.live()])
 
-    @bp.get("/v2/health/ready")
-    def _ready():
+    async def ready(_request: Request) -> Response:
         return _empty(_READY[service.ready()])
 
-    @bp.get("/v2/models/<name>/ready")
-    @bp.get("/v2/models/<name>/versions/<version>/ready")
-    def _model_ready(name: str, version: str = ""):
+    async def model_ready(request: Request) -> Response:
+        name, version = _model_of(request)
         try:
-            ready = v2.model_ready(service, name, version)
+            is_ready = await run_blocking(v2.model_ready, service, name, version)
         except ServingError as err:
             # Any 4xx means "false" in the protocol; keep the code (404: unknown model or version).
             return _empty(err.status if 400 <= err.status < 500 else _READY[False])
-        return _empty(_READY[ready])
+        return _empty(_READY[is_ready])
 
-    @bp.get("/v2/models/<name>")
-    @bp.get("/v2/models/<name>/versions/<version>")
-    def _model_metadata(name: str, version: str = ""):
-        return _json(v2.model_metadata(service, name, version).to_json())
+    async def model_metadata(request: Request) -> Response:
+        name, version = _model_of(request)
+        return _json((await run_blocking(v2.model_metadata, service, name, version)).to_json())
 
-    @bp.post("/v2/models/<name>/infer")
-    @bp.post("/v2/models/<name>/versions/<version>/infer")
-    def _infer(name: str, version: str = ""):
+    async def infer(request: Request) -> Response:
         deadline = time.monotonic() + options.timeout_ms / 1000.0
-        body = read_body(options.max_request_bytes)
-        infer_request = decode_request(body, request.headers.get(HEADER_LENGTH), name, version)
-        infer_request.deadline = deadline
-        return encode_response(v2.infer(service, infer_request), infer_request)
+        name, version = _model_of(request)
+        body = await read_body(request, options.max_request_bytes)
+        return await run_blocking(_infer, service, body, request.headers.get(HEADER_LENGTH), name, version,
+                                  deadline)
 
-    return bp
+    return [
+        Route("/openapi.json", openapi),
+        Route("/v2", server_metadata),
+        Route("/v2/", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2/models/{name}/ready", model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{name}", model_metadata),
+        Route("/v2/models/{name}/versions/{version}", model_metadata),
+        Route("/v2/models/{name}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
+    ]
+
+
+def _model_of(request: Request) -> tuple[str, str]:
+    return request.path_params["name"], request.path_params.get("version", "")
+
+
+def _infer(service: InferenceService, body: bytes, header_length: str | None, name: str, version: str,
+           deadline: float) -> Response:
+    """A whole V2 infer in a worker thread: decode, run, encode."""
+    infer_request = decode_request(body, header_length, name, version)
+    infer_request.deadline = deadline
+    return encode_response(v2.infer(service, infer_request), infer_request)
 
 
 # --------------------------------------------------------------------- requests
@@ -215,10 +232,9 @@ def encode_response(result: v2.InferResponse, infer_request: v2.InferRequest) ->
     body["outputs"] = outputs
     header = codec.dump_json(body)
     if not parts:
-        return Response(header, mimetype=JSON_TYPE)
-    response = Response(b"".join([header, *parts]), mimetype=BINARY_TYPE)
-    response.headers[HEADER_LENGTH] = str(len(header))
-    return response
+        return Response(header, media_type=JSON_TYPE)
+    return Response(b"".join([header, *parts]), media_type=BINARY_TYPE,
+                    headers={HEADER_LENGTH: str(len(header))})
 
 
 def _flag(value: Any, what: str) -> bool:
@@ -233,9 +249,9 @@ def _flag(value: Any, what: str) -> bool:
 
 
 def _json(payload: Any, status: int = 200) -> Response:
-    return Response(codec.dump_json(payload), status=status, mimetype=JSON_TYPE)
+    return Response(codec.dump_json(payload), status_code=status, media_type=JSON_TYPE)
 
 
 def _empty(status: int) -> Response:
     # The protocol's health answers carry their result in the status alone.
-    return Response(b"", status=status, content_type=None)
+    return Response(b"", status_code=status)

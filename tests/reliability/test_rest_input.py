@@ -1,6 +1,6 @@
 """Bad REST input against a real graft-serve: every case is a 4xx ``{"error"}``, never a 5xx.
 
-One in-process server (waitress on 127.0.0.1) serves the tiny CNN and the
+One in-process server (uvicorn on 127.0.0.1) serves the tiny CNN and the
 two-input model. Each bad request must get a 4xx JSON error whose message names
 the problem, and a good request must still be answered correctly right after it.
 Cases already covered by tests/serving/test_rest.py (both/neither of instances and

@@ -25,7 +25,8 @@ SERVING_DIR = Path(serving.__file__).parent
 UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal",
                   "yaml", "keras", "tf_keras", "h5py"}
 # Every call named like a loader must be one of these (data only, no code).
-ALLOWED_LOADERS = {"tf.saved_model.load", "json.load", "json.loads", "orjson.loads"}
+# self._config.load: uvicorn's Config.load (TLS context, protocol class), no model or data.
+ALLOWED_LOADERS = {"tf.saved_model.load", "json.load", "json.loads", "orjson.loads", "self._config.load"}
 LOADER_NAMES = {"load", "loads", "load_model", "TFSMLayer", "load_weights", "from_config",
                 "deserialize", "model_from_json"}
 

@@ -1,4 +1,4 @@
-"""TLS on both ports: gRPC from TF Serving's SSLConfig (TLS and mutual TLS), REST over HTTPS (cheroot).
+"""TLS on both ports: gRPC from TF Serving's SSLConfig (TLS and mutual TLS), REST over HTTPS (uvicorn).
 
 Certificates come from a CA made in the test (``tests/security/certs.py``).
 """
@@ -14,15 +14,18 @@ import numpy as np
 import pytest
 import requests
 import tensorflow as tf
-from flask import Flask
 from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from starlette.applications import Starlette
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from serving.asgi import MAX_REQUEST_HEADER_BYTES, RestServer
 from serving.main import main
 from serving.protos.graft.ssl_config_pb2 import SSLConfig
-from serving.tls import TlsWsgiServer, parse_ssl_config, read_ssl_config
+from serving.tls import parse_ssl_config, read_ssl_config
 from tests.security.conftest import MODEL, expected_y, predict_body, predict_request, running
+
+APP = Starlette()   # RestServer's TLS checks need an app, never called
 
 # The server certificate names localhost and 127.0.0.1; gRPC checks the name we connect to.
 TARGET = "localhost"
@@ -92,10 +95,10 @@ def test_mismatched_key_and_certificate_stop_startup(pki, repo, tmp_path, caplog
 
 def test_rest_tls_with_a_key_of_another_certificate_is_refused(pki):
     with pytest.raises(ValueError, match="--rest_tls_cert/--rest_tls_key"):
-        TlsWsgiServer(Flask("x"), "127.0.0.1", 0, str(pki.server.cert_file), str(pki.client.key_file))
+        RestServer(APP, "127.0.0.1", 0, certfile=str(pki.server.cert_file), keyfile=str(pki.client.key_file))
     with pytest.raises(ValueError, match="no such file"):
-        TlsWsgiServer(Flask("x"), "127.0.0.1", 0, str(pki.server.cert_file) + ".missing",
-                      str(pki.server.key_file))
+        RestServer(APP, "127.0.0.1", 0, certfile=str(pki.server.cert_file) + ".missing",
+                   keyfile=str(pki.server.key_file))
 
 
 # ---- gRPC TLS (no client certificate) and REST HTTPS ----
@@ -158,14 +161,15 @@ def test_rest_https_refuses_plain_http_and_untrusted_clients(tls_server, pki):
 
 
 def test_https_refuses_oversized_headers(tls_server, pki):
-    response = requests.get(_https(tls_server, "/healthz"), headers={"X-Padding": "a" * (300 * 1024)},
+    response = requests.get(_https(tls_server, "/healthz"),
+                            headers={"X-Padding": "a" * (MAX_REQUEST_HEADER_BYTES + 1)},
                             verify=str(pki.ca.cert_file), timeout=30)
-    assert response.status_code == 413
+    assert response.status_code == 431
 
 
 def test_a_silent_connection_does_not_stall_https(tls_server, pki):
-    # cheroot's stock adapter shakes hands on its accept loop: one client that connects
-    # and sends nothing would hold every new connection for the socket timeout (10 s).
+    # A server that shook hands on its accept loop (cheroot's stock adapter did) would let one
+    # client that connects and sends nothing hold every new connection for its socket timeout.
     with socket.create_connection(("127.0.0.1", tls_server.rest_port)):
         time.sleep(0.2)
         start = time.monotonic()

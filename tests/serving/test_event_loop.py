@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from serving.grpc_api import new_event_loop
+from serving.loop import new_event_loop
 from serving.main import build_parser
 
 

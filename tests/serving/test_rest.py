@@ -1,4 +1,4 @@
-"""REST against a real graft-serve (in-process, waitress on 127.0.0.1) with real SavedModels.
+"""REST against a real graft-serve (in-process, uvicorn on 127.0.0.1) with real SavedModels.
 
 The client is plain HTTP (``requests``); expected values come from the Keras
 model and from numpy, never from the server itself.
