@@ -3,7 +3,7 @@
 Every failure the service reports to a client is a ``ServingError``. Each class
 carries the gRPC status code *name* and the HTTP status from a single table, so the
 REST and gRPC adapters map errors in exactly one place each and never disagree.
-This module imports neither Flask nor grpc on purpose.
+This module imports neither Starlette nor grpc on purpose.
 """
 
 from __future__ import annotations
