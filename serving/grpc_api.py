@@ -367,7 +367,8 @@ class GrpcServer:
 
     def __init__(self, service: InferenceService, host: str, port: int, max_threads: int,
                  max_message_bytes: int, interceptors: Sequence[grpc.aio.ServerInterceptor],
-                 credentials: grpc.ServerCredentials | None, event_loop: str = "auto"):
+                 credentials: grpc.ServerCredentials | None, event_loop: str = "auto",
+                 channel_arguments: Sequence[tuple[str, int | str]] = ()):
         self._loop = new_event_loop(event_loop)
         self.event_loop = loop_kind(self._loop)
         # Blocking RPCs (everything but batched Predict) run here, as the sync server's pool did.
@@ -377,7 +378,7 @@ class GrpcServer:
         self._thread.start()
         try:
             self._server, self.port = self._call(_bind(service, host, port, max_message_bytes,
-                                                       interceptors, credentials))
+                                                       interceptors, credentials, channel_arguments))
         except BaseException:
             self._close_loop()
             raise
@@ -407,14 +408,16 @@ class GrpcServer:
 
 async def _bind(service: InferenceService, host: str, port: int, max_message_bytes: int,
                 interceptors: Sequence[grpc.aio.ServerInterceptor],
-                credentials: grpc.ServerCredentials | None) -> tuple[grpc.aio.Server, int]:
-    options = [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
+                credentials: grpc.ServerCredentials | None,
+                channel_arguments: Sequence[tuple[str, int | str]]) -> tuple[grpc.aio.Server, int]:
+    options = {
+        "grpc.max_receive_message_length": max_message_bytes,
+        "grpc.max_send_message_length": max_message_bytes,
         # One process per pod: refuse a second server on the same port, not share it.
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.aio.server(interceptors=[DecodeGuard(), *interceptors], options=options)
+        "grpc.so_reuseport": 0,
+    }
+    options.update(channel_arguments)
+    server = grpc.aio.server(interceptors=[DecodeGuard(), *interceptors], options=list(options.items()))
     # A tensor needs at least one byte per element on the wire except when a single
     # value is broadcast; capping elements at the message size stops that abuse.
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
@@ -443,14 +446,17 @@ def build_server(service: InferenceService, host: str = "0.0.0.0", port: int = 8
                  max_threads: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, *,
                  interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
                  credentials: grpc.ServerCredentials | None = None,
-                 event_loop: str = "auto") -> GrpcServer:
+                 event_loop: str = "auto",
+                 channel_arguments: Sequence[tuple[str, int | str]] = ()) -> GrpcServer:
     """A gRPC server (not started) with every servicer, health and reflection, bound to host:port.
 
     ``interceptors`` run before every handler (``serving.auth.AuthInterceptor``);
     ``credentials`` (``serving.tls.grpc_server_credentials``) make the port TLS.
     ``max_threads`` threads run the blocking RPCs; ``event_loop`` is a kind of
-    :func:`serving.loop.new_event_loop`. Raises ``RuntimeError`` when the address cannot be
-    bound, ``ValueError`` for an event loop that cannot be made.
+    :func:`serving.loop.new_event_loop`. ``channel_arguments`` (``--grpc_channel_arguments``)
+    are gRPC core's server arguments; one that names an argument the server sets itself
+    (the message size limits, ``grpc.so_reuseport``) replaces it. Raises ``RuntimeError``
+    when the address cannot be bound, ``ValueError`` for an event loop that cannot be made.
     """
     return GrpcServer(service, host, port, max_threads, max_message_bytes, interceptors, credentials,
-                      event_loop)
+                      event_loop, channel_arguments)

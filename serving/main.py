@@ -49,6 +49,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _channel_arguments(text: str) -> list[tuple[str, int | str]]:
+    """TF Serving's --grpc_channel_arguments: "key=value,...", a value that reads as an integer is one."""
+    arguments = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value, got {item!r}")
+        try:
+            arguments.append((key.strip(), int(value)))
+        except ValueError:
+            arguments.append((key.strip(), value.strip()))
+    return arguments
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -107,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpc_event_loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop of the gRPC server: uvloop (less CPU per call), asyncio, or auto "
                         "(default: uvloop when installed)")
+    p.add_argument("--grpc_channel_arguments", type=_channel_arguments, default=[],
+                   help="gRPC server arguments, comma-separated key=value (e.g. grpc.max_connection_age_ms=60000"
+                        ",grpc.optimization_target=throughput); integers pass as integers (default: none)")
     p.add_argument("--rest_event_loop", choices=("auto", "uvloop", "asyncio"), default="auto",
                    help="event loop of the REST server, as --grpc_event_loop (default: uvloop when installed)")
     p.add_argument("--per_process_gpu_memory_fraction", type=float, default=0.0,
@@ -190,7 +207,8 @@ class GraftServer:
         self.manager.start()
         self._grpc = build_server(self.service, args.host, args.port, args.grpc_max_threads,
                                   args.max_request_bytes, interceptors=_interceptors(auth),
-                                  credentials=credentials, event_loop=args.grpc_event_loop)
+                                  credentials=credentials, event_loop=args.grpc_event_loop,
+                                  channel_arguments=args.grpc_channel_arguments)
         self.grpc_port = self._grpc.port
         self.grpc_event_loop = self._grpc.event_loop
         self._grpc.start()

@@ -137,6 +137,15 @@ def test_deployment_runs_serve_and_train_on_one_repository(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serve_flags_parse_and_rotate_grpc_connections(overlay):
+    """graft-serve's own parser accepts every flag; gRPC connections age out so new replicas get traffic."""
+    from serving.main import build_parser
+
+    args = build_parser().parse_args(container(one(render(overlay), "Deployment", "graft"), "graft-serve")["args"])
+    assert dict(args.grpc_channel_arguments)["grpc.max_connection_age_ms"] > 0
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_drain_and_resources(overlay):
     """Readiness /readyz, liveness /healthz, a startup probe, preStop, grace > drain, requests and limits."""
     deployment = one(render(overlay), "Deployment", "graft")

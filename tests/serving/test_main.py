@@ -70,6 +70,29 @@ def _predict(client: Client, model: str, timeout: float = 30):
     return client.predict.Predict(request, timeout=timeout)
 
 
+def test_grpc_channel_arguments_parse_as_tf_serving_does():
+    parse = build_parser().parse_args
+    args = parse(["--model_base_path", "/m", "--grpc_channel_arguments",
+                  "grpc.max_connection_age_ms=2000, grpc.optimization_target=throughput,"])
+    assert args.grpc_channel_arguments == [("grpc.max_connection_age_ms", 2000),
+                                           ("grpc.optimization_target", "throughput")]
+    assert parse(["--model_base_path", "/m"]).grpc_channel_arguments == []
+    for bad in ["grpc.keepalive_time_ms", "=5", "grpc.a=1,grpc.b"]:
+        with pytest.raises(SystemExit):
+            parse(["--model_base_path", "/m", "--grpc_channel_arguments", bad])
+
+
+def test_grpc_channel_arguments_reach_the_server_and_replace_its_own(tmp_path, two_input_savedmodel):
+    models.install_version(two_input_savedmodel, tmp_path / "two", 1)
+    flags = ["--model_name", "two", "--model_base_path", str(tmp_path / "two"),
+             "--grpc_channel_arguments", "grpc.max_receive_message_length=64"]
+    with serving(flags) as (server, client):
+        server.manager.wait_until_available("two")
+        with pytest.raises(grpc.RpcError) as info:
+            _predict(client, "two")   # ~100 bytes: over the 64 given, far under --max_request_bytes
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def test_rest_port_zero_disables_rest(tmp_path, two_input_savedmodel):
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
     args = build_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--rest_api_port", "0",
