@@ -10,7 +10,7 @@ server: a predict request spends most of its life waiting for its batch. Under
 waitress each waiting request held a thread, and every batch woke a dozen
 threads that fought for the GIL on the one core left to them; here the waiting
 costs nothing and a finished batch wakes the loop once. REST b64 JPEG at C=32
-went from 0.49x to 0.8x of the in-process ceiling (docs/benchmarks.md).
+went from 0.46-0.53x to 0.74-0.85x of the in-process ceiling (docs/benchmarks.md).
 """
 
 from __future__ import annotations

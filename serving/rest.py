@@ -13,7 +13,6 @@ threads (``--rest_api_num_threads``).
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import time
@@ -33,7 +32,7 @@ from starlette.routing import Route
 from serving import codec
 from serving.body import read_body
 from serving.errors import InvalidArgument, NotFound, ServingError, Unauthenticated
-from serving.jsonarray import DenseBody, DenseReader
+from serving.jsonarray import DenseReader
 from serving.loop import run_blocking
 from serving.service import ExamplesCall, PredictCall, version_status_json
 
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
     from serving.auth import TokenAuth
     from serving.service import InferenceService
 
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON_TYPE = "application/json"
@@ -152,8 +150,9 @@ async def _http_error(_request: Request, err: HTTPException) -> Response:
     return _json({"error": err.detail}, err.status_code, err.headers)
 
 
-async def _bug(request: Request, err: Exception) -> Response:
-    log.error("unhandled error serving %s %s", request.method, request.scope["path"], exc_info=err)
+async def _bug(_request: Request, err: Exception) -> Response:
+    # Starlette re-raises after this answer, and uvicorn logs the traceback
+    # ("Exception in ASGI application"): logging it here too would print it twice.
     return _json({"error": f"Internal error: {type(err).__name__}: {err}"}, 500)
 
 

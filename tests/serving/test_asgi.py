@@ -101,3 +101,35 @@ def test_a_taken_port_and_an_unknown_loop_are_refused_at_construction():
             RestServer(APP, "127.0.0.1", taken.getsockname()[1])
     with pytest.raises(ValueError, match="^--rest_event_loop must be one of"):
         RestServer(APP, "127.0.0.1", 0, event_loop="trio")
+
+
+class _BrokenService:
+    """Just enough of InferenceService for the model list, which fails with a bug."""
+
+    draining = False
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return True
+
+    def list_models(self):
+        raise RuntimeError("bug in the service")
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(caplog):
+    from serving.rest import create_app
+
+    server = RestServer(create_app(_BrokenService()), "127.0.0.1", 0, threads=2)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        r = requests.get(f"http://127.0.0.1:{server.port}/v1/models", timeout=5)
+        assert r.status_code == 500
+        assert r.json() == {"error": "Internal error: RuntimeError: bug in the service"}
+        assert requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).json() == {"status": "alive"}
+    finally:
+        server.stop(timeout=2)
+    # The traceback is logged once, by the server.
+    assert caplog.text.count("RuntimeError: bug in the service") == 1
