@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -110,7 +110,8 @@ def create_app(service: InferenceService, options: RestOptions | None = None,
     return Starlette(
         routes=routes,
         middleware=[Middleware(BearerAuth, auth=auth)] if auth is not None else [],
-        exception_handlers={ServingError: _serving_error, HTTPException: _http_error, Exception: _bug})
+        exception_handlers={ServingError: _serving_error, HTTPException: _http_error,
+                            ClientDisconnect: _client_gone, Exception: _bug})
 
 
 def error_response(err: ServingError) -> Response:
@@ -148,6 +149,12 @@ async def _serving_error(_request: Request, err: ServingError) -> Response:
 async def _http_error(_request: Request, err: HTTPException) -> Response:
     # Routing's own refusals (405 on a known path with another method).
     return _json({"error": err.detail}, err.status_code, err.headers)
+
+
+async def _client_gone(_request: Request, _err: ClientDisconnect) -> Response:
+    # The client closed the connection before its body arrived: nobody reads this answer,
+    # and it is no server error to log (499, nginx's "client closed request").
+    return _json({"error": "client closed the connection before the request body arrived"}, 499)
 
 
 async def _bug(_request: Request, err: Exception) -> Response:

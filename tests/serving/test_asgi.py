@@ -133,3 +133,20 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(caplog):
         server.stop(timeout=2)
     # The traceback is logged once, by the server.
     assert caplog.text.count("RuntimeError: bug in the service") == 1
+
+
+def test_a_client_gone_mid_body_is_no_server_error(caplog):
+    from serving.rest import create_app
+
+    server = RestServer(create_app(_BrokenService()), "127.0.0.1", 0, threads=2)
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as sock:
+            sock.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inst")
+            time.sleep(0.2)
+        time.sleep(0.3)
+        assert requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).status_code == 200
+    finally:
+        server.stop(timeout=2)
+    assert "Exception in ASGI application" not in caplog.text
