@@ -109,7 +109,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             inputs=decode_inputs(request),
             outputs=[v2.RequestedOutput(o.name, _parameters(o.parameters)) for o in request.outputs],
             parameters=_parameters(request.parameters), deadline=deadline_of(context), protocol=PROTOCOL)
-        result = await run_blocking(v2.infer, self._service, infer_request)
+        result = await v2.infer_async(self._service, infer_request)
         response = pb.ModelInferResponse(model_name=result.model, model_version=result.version, id=result.id)
         for out in result.outputs:
             response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)

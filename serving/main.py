@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest_api_timeout_in_ms", type=_positive_int, default=30000,
                    help="deadline of one REST request in milliseconds (default 30000)")
     p.add_argument("--rest_api_num_threads", type=_positive_int, default=None,
-                   help="REST worker threads for the calls that block (all but /v1 predict, which waits "
-                        "on the event loop; default 4 x CPUs, at least 8; with batching, "
+                   help="REST worker threads for the calls that block (all but predict and V2 infer, which "
+                        "wait on the event loop; default 4 x CPUs, at least 8; with batching, "
                         f"at least 2 x max_batch_size, up to {MAX_BATCHING_THREADS})")
     p.add_argument("--grpc_max_threads", type=_positive_int, default=None,
                    help="gRPC worker threads (default 4 x CPUs; with batching, "
@@ -331,10 +331,10 @@ def _grpc_credentials(args: argparse.Namespace):
 
 def _handler_threads(args: argparse.Namespace, batching) -> None:
     """Fill in the REST and gRPC thread counts left at their defaults."""
-    # A request waiting for its batch holds a handler thread, so the handler threads
-    # cap the batch size: with 4 x CPUs (8 on 2 cores) batches stayed at ~4 rows and
-    # gRPC served half as much (docs/benchmarks.md). Two batches' worth lets one run
-    # while the next fills.
+    # A blocking call waiting for its batch (classify, regress) holds a worker thread,
+    # so the worker threads cap the size of those batches: when Predict still blocked,
+    # 4 x CPUs (8 on 2 cores) kept batches at ~4 rows and gRPC served half as much
+    # (docs/benchmarks.md). Two batches' worth lets one run while the next fills.
     floor = min(2 * batching.max_batch_size, MAX_BATCHING_THREADS) if batching is not None else 0
     if args.grpc_max_threads is None:
         args.grpc_max_threads = max(4 * _cpus(), floor)

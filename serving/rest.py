@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving import codec
-from serving.body import read_body
+from serving.body import DECODE_ON_LOOP_BYTES, read_body
 from serving.errors import InvalidArgument, NotFound, ServingError, Unauthenticated
 from serving.jsonarray import DenseReader
 from serving.loop import run_blocking
@@ -45,10 +45,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
 JSON_TYPE = "application/json"
-# Bodies up to this size are decoded on the event loop (an image as JSON floats is
-# ~170 KB, ~1 ms); larger ones in a worker thread, so one huge body cannot stall
-# every other client for the seconds its parse takes.
-DECODE_ON_LOOP_BYTES = 1 << 20
 
 # TF Serving's URL grammar, widened so that malformed variants get a precise 400
 # (version and label together, non-digit version) instead of a bare 404.

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from serving import codec, v2
-from serving.body import read_body
+from serving.body import DECODE_ON_LOOP_BYTES, read_body
 from serving.errors import InvalidArgument, ServingError
 from serving.loop import run_blocking
 
@@ -80,8 +80,12 @@ def v2_routes(service: InferenceService, options: RestOptions) -> list[Route]:
         deadline = time.monotonic() + options.timeout_ms / 1000.0
         name, version = _model_of(request)
         body = await read_body(request, options.max_request_bytes)
-        return await run_blocking(_infer, service, body, request.headers.get(HEADER_LENGTH), name, version,
-                                  deadline)
+        header_length = request.headers.get(HEADER_LENGTH)
+        if len(body) > DECODE_ON_LOOP_BYTES:
+            return await run_blocking(_infer, service, body, header_length, name, version, deadline)
+        infer_request = decode_request(body, header_length, name, version)
+        infer_request.deadline = deadline
+        return encode_response(await v2.infer_async(service, infer_request), infer_request)
 
     return [
         Route("/openapi.json", openapi),
@@ -104,7 +108,7 @@ def _model_of(request: Request) -> tuple[str, str]:
 
 def _infer(service: InferenceService, body: bytes, header_length: str | None, name: str, version: str,
            deadline: float) -> Response:
-    """A whole V2 infer in a worker thread: decode, run, encode."""
+    """A whole V2 infer in a worker thread, for bodies too large to decode on the loop."""
     infer_request = decode_request(body, header_length, name, version)
     infer_request.deadline = deadline
     return encode_response(v2.infer(service, infer_request), infer_request)

@@ -30,7 +30,7 @@ from serving.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from serving.service import DEFAULT_SIGNATURE, PredictCall
 
 if TYPE_CHECKING:
-    from serving.service import InferenceService
+    from serving.service import InferenceService, PredictResult
 
 SERVER_NAME = "graft"
 PLATFORM = "tensorflow_savedmodel"
@@ -216,6 +216,15 @@ def _tensor_metadata(infos) -> list[TensorMetadata]:
 
 def infer(service: InferenceService, request: InferRequest) -> InferResponse:
     """Run one V2 request through the service (validation, batching, metrics included)."""
+    return _response(request, service.predict(_predict_call(request)))
+
+
+async def infer_async(service: InferenceService, request: InferRequest) -> InferResponse:
+    """:func:`infer` for an event loop: the wait for the batch holds no thread."""
+    return _response(request, await service.predict_async(_predict_call(request)))
+
+
+def _predict_call(request: InferRequest) -> PredictCall:
     number, label = parse_version(request.version)
     inputs: dict[str, np.ndarray] = {}
     for tensor in request.inputs:
@@ -230,9 +239,12 @@ def infer(service: InferenceService, request: InferRequest) -> InferResponse:
     signature = request.parameters.get(SIGNATURE_PARAMETER, "")
     if not isinstance(signature, str):
         raise InvalidArgument(f"parameter '{SIGNATURE_PARAMETER}' must be a string")
-    result = service.predict(PredictCall(
+    return PredictCall(
         model=request.model, version=number, label=label, signature_name=signature,
-        inputs=inputs, output_filter=wanted, deadline=request.deadline, protocol=request.protocol))
+        inputs=inputs, output_filter=wanted, deadline=request.deadline, protocol=request.protocol)
+
+
+def _response(request: InferRequest, result: PredictResult) -> InferResponse:
     outputs = [InferOutput(name, datatype_of(name, arr), np.asarray(arr))
                for name, arr in result.outputs.items()]
     return InferResponse(result.model, str(result.version), request.id, outputs)
