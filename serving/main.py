@@ -18,6 +18,8 @@ import threading
 import time
 from collections.abc import Sequence
 
+from serving.loop import EVENT_LOOPS  # asyncio only: the parser stays free of TensorFlow
+
 log = logging.getLogger("graft-serve")
 
 DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024
@@ -118,13 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long one Python thread may keep the GIL while another waits for it "
                         "(sys.setswitchinterval; default: Python's 5000). 20-100 lets a batch thread "
                         "start its next batch while the gRPC event loop is busy; see docs/benchmarks.md")
-    p.add_argument("--grpc_event_loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+    p.add_argument("--grpc_event_loop", choices=EVENT_LOOPS, default="auto",
                    help="event loop of the gRPC server: uvloop (less CPU per call), asyncio, or auto "
                         "(default: uvloop when installed)")
     p.add_argument("--grpc_channel_arguments", type=_channel_arguments, default=[],
                    help="gRPC server arguments, comma-separated key=value (e.g. grpc.max_connection_age_ms=60000"
                         ",grpc.optimization_target=throughput); integers pass as integers (default: none)")
-    p.add_argument("--rest_event_loop", choices=("auto", "uvloop", "asyncio"), default="auto",
+    p.add_argument("--rest_event_loop", choices=EVENT_LOOPS, default="auto",
                    help="event loop of the REST server, as --grpc_event_loop (default: uvloop when installed)")
     p.add_argument("--per_process_gpu_memory_fraction", type=float, default=0.0,
                    help="cap each GPU at this fraction of its memory, allocated at start (default 0: no cap)")

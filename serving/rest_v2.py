@@ -83,8 +83,7 @@ def v2_routes(service: InferenceService, options: RestOptions) -> list[Route]:
         header_length = request.headers.get(HEADER_LENGTH)
         if len(body) > DECODE_ON_LOOP_BYTES:
             return await run_blocking(_infer, service, body, header_length, name, version, deadline)
-        infer_request = decode_request(body, header_length, name, version)
-        infer_request.deadline = deadline
+        infer_request = _infer_request(body, header_length, name, version, deadline)
         return encode_response(await v2.infer_async(service, infer_request), infer_request)
 
     return [
@@ -109,9 +108,15 @@ def _model_of(request: Request) -> tuple[str, str]:
 def _infer(service: InferenceService, body: bytes, header_length: str | None, name: str, version: str,
            deadline: float) -> Response:
     """A whole V2 infer in a worker thread, for bodies too large to decode on the loop."""
+    infer_request = _infer_request(body, header_length, name, version, deadline)
+    return encode_response(v2.infer(service, infer_request), infer_request)
+
+
+def _infer_request(body: bytes, header_length: str | None, name: str, version: str,
+                   deadline: float) -> v2.InferRequest:
     infer_request = decode_request(body, header_length, name, version)
     infer_request.deadline = deadline
-    return encode_response(v2.infer(service, infer_request), infer_request)
+    return infer_request
 
 
 # --------------------------------------------------------------------- requests
