@@ -56,6 +56,7 @@ from typing import Callable, Mapping, Protocol
 
 import numpy as np
 
+from serving.buffers import aligned_empty
 from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ServingError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -594,7 +595,8 @@ class Batcher:
                 trailing = tuple(max(t.inputs[name].shape[d] for t in tasks) for d in range(1, head.ndim))
             else:
                 trailing = head.shape[1:]
-            out = np.empty((target, *trailing), dtype=head.dtype)
+            # Aligned, so that TensorFlow takes the merged batch without copying it (serving.buffers).
+            out = aligned_empty((target, *trailing), head.dtype)
             pos = 0
             for task in tasks:
                 arr = task.inputs[name]

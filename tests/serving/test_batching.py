@@ -19,6 +19,7 @@ from serving.batching import (
     parse_batching_parameters,
     read_batching_parameters_file,
 )
+from serving.buffers import is_shareable
 from serving.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 
 
@@ -218,6 +219,28 @@ def test_large_request_is_split_and_reassembled_in_order(batchers):
     x = rows(0, 11)
     check_own_rows(x, batcher.submit({"x": x}))
     assert [len(b) for b in model.batches] == [4, 4, 4]  # 4 + 4 + 3 padded to 4
+
+
+def test_merged_batches_are_aligned_for_tensorflow_to_share(batchers):
+    class Recording(Model):
+        def __call__(self, inputs):
+            self.shareable.append((len(inputs["x"]), is_shareable(inputs["x"])))
+            return super().__call__(inputs)
+
+    gate = threading.Event()
+    model = Recording(gate=gate)
+    model.shareable = []
+    batcher = batchers(model, max_batch_size=4, num_batch_threads=1, batch_timeout_micros=0)
+    first = in_thread(batcher.submit, {"x": rows(0, 1)})
+    assert model.started.wait(5)  # the batch thread is busy: the next three requests merge
+    waiting = [in_thread(batcher.submit, {"x": rows(10 * i, 1)}) for i in range(1, 4)]
+    wait_for(lambda: batcher.queue_depth() == 3)
+    gate.set()
+    for thread, box in [first, *waiting]:
+        thread.join(5)
+        assert "result" in box, box
+    # The lone first request ran on its own array; the merged three on an aligned buffer.
+    assert model.shareable[1:] == [(3, True)]
 
 
 def test_max_execution_batch_size_caps_runs(batchers):
