@@ -144,13 +144,14 @@ def configure_gpus(options: GpuOptions, *,
     return [s.device for s in settings]
 
 
-def servable_loader(devices: Sequence[str]) -> Callable:
-    """The manager's loader: ``Servable.load`` placing each version on ``devices`` (none: TF's default)."""
+def servable_loader(devices: Sequence[str], freeze: bool = True) -> Callable:
+    """The manager's loader: ``Servable.load`` placing each version on ``devices`` (none: TF's default).
+
+    ``freeze`` is ``--freeze_graph``: run signatures with their variables folded into constants.
+    """
     from serving.servable import Servable
 
-    if not devices:
-        return Servable.load
-    return functools.partial(Servable.load, device=tuple(devices))
+    return functools.partial(Servable.load, device=tuple(devices) or None, freeze=freeze)
 
 
 def memory_label(device: str) -> str:

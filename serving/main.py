@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch requests on the server (default false)")
     p.add_argument("--batching_parameters_file", default="",
                    help="TF Serving BatchingParameters text proto (implies --enable_batching)")
+    p.add_argument("--freeze_graph", type=_bool, nargs="?", const=True, default=True,
+                   help="run each signature with its variables folded into constants: 1.4-1.6x faster "
+                        "on the benchmark model, and a second copy of the weights in memory; a signature "
+                        "that writes its variables always keeps them (default true)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=0,
                    help="threads inside one op (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=0,
@@ -201,8 +205,8 @@ class GraftServer:
         registry = CollectorRegistry() if args.enable_metrics else None
         metrics = (ServingMetrics(registry, device_memory=devices.memory_reader(gpu_devices))
                    if registry is not None else None)
-        self.manager = ModelManager(configs, poll_seconds=args.file_system_poll_wait_seconds,
-                                    listener=metrics, servable_loader=devices.servable_loader(gpu_devices))
+        self.manager = ModelManager(configs, poll_seconds=args.file_system_poll_wait_seconds, listener=metrics,
+                                    servable_loader=devices.servable_loader(gpu_devices, args.freeze_graph))
         self.service = InferenceService(self.manager, metrics=metrics, batching=batching,
                                         max_image_pixels=args.max_image_pixels,
                                         allow_reload_requests=args.enable_reload_config_rpc)

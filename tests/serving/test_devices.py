@@ -143,7 +143,8 @@ def test_servable_placed_on_cpu0_runs_there(tiny_cnn_savedmodel, tiny_cnn_keras)
 
 
 def test_no_devices_means_tensorflows_default_placement(tiny_cnn_savedmodel):
-    assert devices.servable_loader([]) == Servable.load
+    loader = devices.servable_loader([])
+    assert loader.func == Servable.load and loader.keywords == {"device": None, "freeze": True}
     servable = Servable.load("cnn", 1, str(tiny_cnn_savedmodel))
     assert servable.devices == () and servable.device is None
 

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
 from serving.main import GraftServer, build_parser, main
+from serving.servable import _FrozenCall
 from serving.body import DECODE_ON_LOOP_BYTES
 from tests import models
 from tests.serving.server import Client, Subprocess, free_port, serving, write_model_config
@@ -129,6 +130,18 @@ def test_rest_takes_a_large_body_in_many_chunks_whole(tmp_path, two_input_savedm
         assert r.status_code == 200, r.text
         (out,) = r.json()["outputs"]
         np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), np.sqrt(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("flags, frozen", [([], True), (["--freeze_graph=false"], False)])
+def test_freeze_graph_decides_how_versions_run(tmp_path, two_input_savedmodel, flags, frozen):
+    models.install_version(two_input_savedmodel, tmp_path / "two", 1)
+    with serving(["--model_name", "two", "--model_base_path", str(tmp_path / "two"), *flags]) as (server, client):
+        server.manager.wait_until_available("two")
+        with server.manager.acquire("two") as servable:
+            call = servable._pool.replicas[0].calls["serving_default"]
+        assert isinstance(call, _FrozenCall) is frozen
+        y = tf.make_ndarray(_predict(client, "two").outputs["y"])
+        np.testing.assert_allclose(y, models.two_input_expected(X), atol=1e-5)
 
 
 def test_model_config_file_is_polled(tmp_path, two_input_savedmodel):

@@ -10,12 +10,17 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from serving.buffers import aligned_empty
 from serving.errors import InvalidArgument, NotFound
 from serving.servable import (
     CLASSIFY_METHOD,
     PREDICT_METHOD,
     REGRESS_METHOD,
     Servable,
+    TensorSpec,
+    _frozen_call,
+    _FrozenCall,
+    _to_tensor,
     _traced_call,
     read_signature_defs,
 )
@@ -149,6 +154,105 @@ def test_runs_go_through_traced_wrappers_with_the_same_answers(two):
     # A run-time failure inside the model still surfaces through the wrapper.
     with pytest.raises(InvalidArgument, match="x must be >= 0"):
         two.run("checked", {"x": -np.ones((1, 3), np.float32)})
+
+
+def test_frozen_and_unfrozen_versions_give_the_same_answers(two_input_savedmodel, two):
+    unfrozen = Servable.load("two", 7, two_input_savedmodel, freeze=False)
+    for name in two.signatures:
+        assert isinstance(two._pool.replicas[0].calls[name], _FrozenCall)
+        assert not isinstance(unfrozen._pool.replicas[0].calls[name], _FrozenCall)
+    x = np.random.default_rng(4).normal(size=(6, 3)).astype(np.float32)
+    tags = np.array([b"a", b"bc", b"", b"def", b"\x00", b"long tag"], dtype=object)
+    examples = np.array([models.make_example(row).SerializeToString() for row in x], dtype=object)
+    cases = {"serving_default": {"x": x, "tag": tags}, "checked": {"x": np.abs(x)},
+             "classify": {"inputs": examples}, "regress": {"inputs": examples}}
+    for name, inputs in cases.items():
+        frozen_out, unfrozen_out = two.run(name, inputs), unfrozen.run(name, inputs)
+        assert set(frozen_out) == set(unfrozen_out) == set(two.signatures[name].outputs)
+        for key, value in unfrozen_out.items():
+            if value.dtype == object:
+                np.testing.assert_array_equal(frozen_out[key], value)
+            else:
+                np.testing.assert_allclose(frozen_out[key], value, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(two.run("serving_default", cases["serving_default"])["y"],
+                               models.two_input_expected(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_frozen_call_rejects_inputs_that_do_not_match(two):
+    call = two._pool.replicas[0].calls["serving_default"]
+    x, tag = tf.constant(np.ones((2, 3), np.float32)), tf.constant([b"a", b"b"])
+    assert set(call(x=x, tag=tag)) == {"y", "tag_len", "label_bytes"}
+    with pytest.raises(TypeError, match="expected inputs"):
+        call(x=x)
+    with pytest.raises(TypeError, match="expected inputs"):
+        call(x=x, tags=tag)
+    with pytest.raises(TypeError, match="'x' must be float32"):
+        call(x=tf.constant(np.ones((2, 3), np.float64)), tag=tag)
+    with pytest.raises(TypeError, match="'x' must be float32"):
+        call(x=tf.constant(np.ones((2, 4), np.float32)), tag=tag)
+
+
+class _Counter(tf.Module):
+    """A signature that writes its variable: each call adds its input's sum to a running total."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = tf.Variable(0.0)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])
+    def add(self, x):
+        self.total.assign_add(tf.reduce_sum(x))
+        return {"total": tf.reshape(self.total.read_value(), [1])}
+
+
+def test_a_signature_that_writes_its_variables_is_not_frozen(tmp_path, caplog):
+    module = _Counter()
+    tf.saved_model.save(module, str(tmp_path / "1"), signatures={"serving_default": module.add})
+    with caplog.at_level("INFO", logger="serving.servable"):
+        servable = Servable.load("counter", 1, tmp_path / "1")
+    assert not isinstance(servable._pool.replicas[0].calls["serving_default"], _FrozenCall)
+    assert "AssignAddVariableOp" in caplog.text and "served unfrozen" in caplog.text
+    # Its state carries from call to call, as in the SavedModel.
+    assert servable.run("serving_default", {"x": np.array([1, 2], np.float32)})["total"].tolist() == [3.0]
+    assert servable.run("serving_default", {"x": np.array([4], np.float32)})["total"].tolist() == [7.0]
+
+
+def test_a_signature_whose_freezing_fails_is_served_traced(two_input_savedmodel, monkeypatch, caplog):
+    def refuse(self, traced):
+        raise ValueError("converter refused")
+
+    monkeypatch.setattr(_FrozenCall, "__init__", refuse)
+    with caplog.at_level("WARNING", logger="serving.servable"):
+        servable = Servable.load("two", 7, two_input_savedmodel)
+    assert "freezing its variables failed: converter refused" in caplog.text
+    call = servable._pool.replicas[0].calls["serving_default"]
+    assert not isinstance(call, _FrozenCall) and call is not servable._pool.replicas[0].functions["serving_default"]
+    x = np.ones((2, 3), np.float32)
+    np.testing.assert_allclose(servable.run("serving_default", {"x": x, "tag": np.array([b"a", b"b"], object)})["y"],
+                               models.two_input_expected(x), rtol=1e-5)
+    opaque = object()
+    assert _frozen_call(opaque, "opaque", None) is opaque
+
+
+def test_an_aligned_batch_is_shared_with_tensorflow_and_anything_else_copied(two):
+    spec = TensorSpec("x", np.dtype(np.float32), tf.float32, (None, 3))
+    shared = aligned_empty((4, 3), np.float32)
+    shared[...] = 1.0
+    tensor = _to_tensor(shared, spec)
+    shared[0, 0] = 5.0  # the batcher never does this; it shows the memory is the array's own
+    assert float(tensor[0, 0]) == 5.0
+    copied_from = np.ones((4, 3), np.float32)[:, :]
+    copied_from = np.frombuffer(copied_from.tobytes(), np.float32).reshape(4, 3)  # read-only, as from a request
+    tensor = _to_tensor(copied_from, spec)
+    assert float(tensor[0, 0]) == 1.0
+    # Other dtypes convert; the answers do not depend on the path.
+    assert _to_tensor(np.ones((2, 3), np.float64), spec).dtype == tf.float32
+    x = np.random.default_rng(5).normal(size=(4, 3)).astype(np.float32)
+    aligned = aligned_empty(x.shape, np.float32)
+    aligned[...] = x
+    tags = np.array([b"a", b"b", b"c", b"d"], dtype=object)
+    np.testing.assert_array_equal(two.run("serving_default", {"x": aligned, "tag": tags})["y"],
+                                  two.run("serving_default", {"x": x.copy(), "tag": tags})["y"])
 
 
 def test_an_untraceable_signature_is_called_as_it_is():
