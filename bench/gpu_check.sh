@@ -135,8 +135,11 @@ max_enqueued_batches { value: 64 }
 num_batch_threads { value: 2 }
 EOF
 BATCHING=()
-# On a GPU the model's threads are not the bottleneck: TensorFlow's default threads.
-[[ "$MODE" == gpu ]] && BATCHING=(--batching-file "$WORK/gpu_batching.txt" --threads 0,0)
+# On a GPU the model's threads are not the bottleneck: TensorFlow's default threads,
+# not pinned to one CPU, and no switch-interval server (the frozen and unfrozen
+# graphs are both driven, and the baseline).
+[[ "$MODE" == gpu ]] && BATCHING=(--batching-file "$WORK/gpu_batching.txt" --threads 0,0 --tensorflow-cpus 0
+                                  --switch-interval-micros 0)
 timeout 270 "$PY" bench/serve.py --model-dir "$WORK/repo/bench" "${BENCH[@]}" "${BATCHING[@]}" \
   --out "$OUT/benchmarks_gpu.md" --json "$OUT/serve_gpu.json" ${DEVICE:+--device "$DEVICE"}
 
