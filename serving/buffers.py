@@ -14,6 +14,8 @@ No TensorFlow import here: the batcher uses this module.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Eigen's EIGEN_MAX_ALIGN_BYTES on x86-64 builds with AVX-512; TensorFlow aborts the
@@ -34,7 +36,7 @@ def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
     Empty and object arrays are plain ``np.empty`` ones.
     """
     dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0 or dtype.hasobject:
         # Nothing to align; and object arrays (tf.string's bytes) cannot live in a raw
         # byte buffer. Neither is ever shared (is_shareable).

@@ -111,13 +111,29 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
     per bad call. Applies to unary-request methods, i.e. everything but reflection.
     """
 
+    def __init__(self) -> None:
+        # method -> (its handler, the guarded handler): wrapped once, not on every call.
+        self._guarded: dict[str, tuple[object, object]] = {}
+
     async def intercept_service(self, continuation, handler_call_details):
         """Wrap the handler's deserializer and behaviour; other handlers pass unchanged."""
         handler = await continuation(handler_call_details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+        if handler is None:  # an unknown method (not cached: clients choose those names)
+            return None
+        method = handler_call_details.method
+        cached = self._guarded.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        guarded = self._guard(handler, method)
+        self._guarded[method] = (handler, guarded)
+        return guarded
+
+    @staticmethod
+    def _guard(handler, method: str):
+        """``handler`` with the guarded deserializer and behaviour (itself where none applies)."""
+        if handler.request_streaming or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
-        method = handler_call_details.method
 
         def deserialize(data: bytes):
             try:

@@ -242,6 +242,13 @@ def test_garbage_message_bytes_are_refused(client):
     assert details.startswith("request bytes are not a valid request message for "
                               "/tensorflow.serving.PredictionService/Predict"), details
     assert_still_serving(client)
+    # The guard is built once per method and reused: the next bad call is refused the same way.
+    code, details = _error(lambda: raw_predict(b"\x0a\xff garbage", timeout=30))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "valid request message" in details
+    # A method nobody serves is UNIMPLEMENTED, as without the guard.
+    code, _ = _error(lambda: client.channel.unary_unary("/no.Such/Method")(b"", timeout=30))
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert_still_serving(client)
 
 
 def test_oversize_message_is_resource_exhausted_and_the_server_stays_up(client):
