@@ -299,6 +299,9 @@ class _FrozenCall:
             raise ValueError(f"frozen graph has {len(self._specs)} inputs and {len(frozen.captured_inputs)} "
                              f"captures for the signature's {len(self._names)} inputs")
         self._outputs = traced.structured_outputs
+        # A signature's outputs are a flat dict: its flat order is the sorted keys.
+        self._output_names = (sorted(self._outputs) if isinstance(self._outputs, dict)
+                              and all(isinstance(v, tf.Tensor) for v in self._outputs.values()) else None)
         # The graph's own function, called on a flat list: no Python argument binding.
         self._function = frozen._inference_function
 
@@ -315,7 +318,10 @@ class _FrozenCall:
                 raise TypeError(f"input {name!r} must be {dtype.name} {shape}, got {tensor.dtype.name} "
                                 f"{tensor.shape}")
             flat.append(tensor)
-        return tf.nest.pack_sequence_as(self._outputs, tf.nest.flatten(self._function.call_preflattened(flat)))
+        results = tf.nest.flatten(self._function.call_preflattened(flat))
+        if self._output_names is not None:
+            return dict(zip(self._output_names, results))
+        return tf.nest.pack_sequence_as(self._outputs, results)
 
 
 def _frozen_call(traced, name: str, device: str | None) -> Callable:
