@@ -72,7 +72,7 @@ fi
 if [[ "$QUICK" == 1 ]]; then
   BASE=mobilenet_v3_small; SIZE=96; BENCH=(--duration 2 --warmup 0.5 --ceiling-seconds 1 --concurrency 1,8)
 else
-  BASE=mobilenet_v2; SIZE=224; BENCH=(--duration 4 --warmup 1 --ceiling-seconds 2 --concurrency 1,8,32)
+  BASE=mobilenet_v2; SIZE=224; BENCH=(--duration 3 --warmup 1 --ceiling-seconds 2 --concurrency 1,8,32)
 fi
 
 step "1. export $BASE ${SIZE}x${SIZE} (random weights) and check placement"
@@ -140,7 +140,7 @@ BATCHING=()
 # graphs are both driven, and the baseline).
 [[ "$MODE" == gpu ]] && BATCHING=(--batching-file "$WORK/gpu_batching.txt" --threads 0,0 --tensorflow-cpus 0
                                   --switch-interval-micros 0)
-timeout 270 "$PY" bench/serve.py --model-dir "$WORK/repo/bench" "${BENCH[@]}" "${BATCHING[@]}" \
+timeout 300 "$PY" bench/serve.py --model-dir "$WORK/repo/bench" "${BENCH[@]}" "${BATCHING[@]}" \
   --out "$OUT/benchmarks_gpu.md" --json "$OUT/serve_gpu.json" ${DEVICE:+--device "$DEVICE"}
 
 step "3. mixed-precision training on synthetic PNGs, export, serve on the device"
