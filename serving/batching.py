@@ -50,9 +50,10 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -194,7 +195,8 @@ class _Request:
         self.done.acquire()
         self.outputs: dict[str, np.ndarray] | None = None
         self.error: BaseException | None = None
-        self.tasks: list[_Task] = []
+        # Its queued parts, for withdrawing them; emptied once it completes.
+        self.tasks: Sequence[_Task] = ()
         self.remaining = 0
         self.parts: list | None = None
         self.mutex: threading.Lock | None = None
@@ -467,6 +469,7 @@ class Batcher:
             if not finished:
                 request.finished = True
                 depth = self._cancel(request)
+                request.tasks = ()
         if not finished:
             self._report_depth(depth)
         return not finished
@@ -535,7 +538,8 @@ class Batcher:
                 if batches:
                     head = batches[0]
                     if head.rows == 0:
-                        batches.popleft()
+                        for task in batches.popleft().tasks:
+                            task.batch = None
                         continue
                     if head.open and not (self._closing or self._flushing) and timeout_s > 0:
                         wait = head.created + timeout_s - time.monotonic()
@@ -552,6 +556,9 @@ class Batcher:
             live: list[_Task] = []
             expired: list[_Task] = []
             for task in batch.tasks:
+                # Only a queued task needs its batch (to be withdrawn from it); dropping the
+                # link leaves no task <-> batch cycle for the garbage collector.
+                task.batch = None
                 if task.state != _QUEUED:
                     continue
                 task.state = _TAKEN
@@ -572,7 +579,8 @@ class Batcher:
                 return
             live, expired, depth, started = taken
             self._report_depth(depth)
-            self._fail(expired, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
+            if expired:
+                self._fail(expired, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
             if live:
                 try:
                     self._run_batch(live, started)
@@ -673,6 +681,7 @@ class Batcher:
                 return None
             request.finished = True
             request.outputs, request.error = outputs, error
+            request.tasks = ()  # no request <-> task cycle left for the garbage collector
             request.done.release()
             return request if request.waiter is not None else None
         with request.mutex:
@@ -696,6 +705,7 @@ class Batcher:
                 depth = self._cancel(request)
             self._report_depth(depth)
         request.error = error
+        request.tasks = ()
         request.done.release()
         return request if request.waiter is not None else None
 

@@ -104,55 +104,80 @@ class _Undecodable:
         self.error = error
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):
-    """Answer request bytes that do not parse with INVALID_ARGUMENT naming the message type.
+class DecodeGuard(grpc.GenericRpcHandler):
+    """Another generic handler's methods, answering request bytes that do not parse
+    with INVALID_ARGUMENT naming the message type.
 
     grpc.aio would otherwise report the parse error as UNKNOWN and log a traceback
     per bad call. Applies to unary-request methods, i.e. everything but reflection.
+    The handlers are wrapped where they are registered (:class:`GuardedRegistry`),
+    not by an interceptor: grpc.aio runs interceptors through a closure per call
+    that ends in a reference cycle, six objects a call left to the garbage
+    collector, whose passes also scan the served model's heap and stalled the
+    event loop for 30-240 ms every few thousand calls (docs/benchmarks.md).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, inner: grpc.GenericRpcHandler) -> None:
+        self._inner = inner
         # method -> (its handler, the guarded handler): wrapped once, not on every call.
         self._guarded: dict[str, tuple[object, object]] = {}
 
-    async def intercept_service(self, continuation, handler_call_details):
-        """Wrap the handler's deserializer and behaviour; other handlers pass unchanged."""
-        handler = await continuation(handler_call_details)
+    def service(self, handler_call_details):
+        """The inner handler for the call's method, guarded; None for a method it does not serve."""
+        handler = self._inner.service(handler_call_details)
         if handler is None:  # an unknown method (not cached: clients choose those names)
             return None
         method = handler_call_details.method
         cached = self._guarded.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
-        guarded = self._guard(handler, method)
+        guarded = guard_handler(handler, method)
         self._guarded[method] = (handler, guarded)
         return guarded
 
-    @staticmethod
-    def _guard(handler, method: str):
-        """``handler`` with the guarded deserializer and behaviour (itself where none applies)."""
-        if handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
 
-        def deserialize(data: bytes):
-            try:
-                return parse(data)
-            except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
-                return _Undecodable(InvalidArgument(
-                    f"request bytes are not a valid request message for {method}: {exc}"))
+class GuardedRegistry:
+    """Stands in for a server while generated ``add_*Servicer_to_server`` functions
+    register on it: every handler they add reaches the server guarded (:class:`DecodeGuard`)."""
 
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        behaviour = getattr(handler, kind)
-        if inspect.isasyncgenfunction(behaviour):  # would need an async generator wrapper; none here
-            return handler
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
 
-        async def guarded(request, context):
-            if isinstance(request, _Undecodable):
-                await _abort(context, request.error)
-            return await behaviour(request, context)
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        """Register each generic handler behind a :class:`DecodeGuard`."""
+        self._server.add_generic_rpc_handlers(tuple(DecodeGuard(h) for h in handlers))
 
-        return handler._replace(request_deserializer=deserialize, **{kind: guarded})
+    def add_registered_method_handlers(self, service_name: str, handlers: dict) -> None:
+        """Register a service's method handlers, each guarded."""
+        self._server.add_registered_method_handlers(
+            service_name, {name: guard_handler(h, f"/{service_name}/{name}") for name, h in handlers.items()})
+
+
+def guard_handler(handler, method: str):
+    """``handler`` with a deserializer that turns a parse failure into INVALID_ARGUMENT
+    (itself where none applies: streaming requests, raw bytes, async generators)."""
+    if handler.request_streaming or handler.request_deserializer is None:
+        return handler
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError, or anything a parser raises
+            return _Undecodable(InvalidArgument(
+                f"request bytes are not a valid request message for {method}: {exc}"))
+
+    kind = "unary_stream" if handler.response_streaming else "unary_unary"
+    behaviour = getattr(handler, kind)
+    if inspect.isasyncgenfunction(behaviour):  # would need an async generator wrapper; none here
+        return handler
+
+    async def guarded(request, context):
+        if isinstance(request, _Undecodable):
+            await _abort(context, request.error)
+        return await behaviour(request, context)
+
+    return handler._replace(request_deserializer=deserialize, **{kind: guarded})
 
 
 # A deadline further away than this (a year) means "none".
@@ -433,16 +458,20 @@ async def _bind(service: InferenceService, host: str, port: int, max_message_byt
         "grpc.so_reuseport": 0,
     }
     options.update(channel_arguments)
-    server = grpc.aio.server(interceptors=[DecodeGuard(), *interceptors], options=list(options.items()))
+    # No interceptor unless one is asked for (auth): see DecodeGuard for why.
+    server = grpc.aio.server(interceptors=list(interceptors) or None, options=list(options.items()))
+    registry = GuardedRegistry(server)
     # A tensor needs at least one byte per element on the wire except when a single
     # value is broadcast; capping elements at the message size stops that abuse.
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(service, max_elements=max_message_bytes), server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), server)
-    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), server)
+        PredictionServicer(service, max_elements=max_message_bytes), registry)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(service), registry)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(service), registry)
     from serving.grpc_v2 import add_inference_servicer  # imports this module: not at the top
 
-    add_inference_servicer(service, server)
+    add_inference_servicer(service, registry)
+    # Reflection streams its requests (nothing to guard), and picks its asyncio
+    # servicer by checking for a grpc.aio.Server: it registers on the server itself.
     reflection.enable_server_reflection(
         (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

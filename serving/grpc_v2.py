@@ -20,7 +20,7 @@ import grpc
 
 from serving import v2
 from serving.errors import InvalidArgument, NotFound
-from serving.grpc_api import _rpc, deadline_of
+from serving.grpc_api import GuardedRegistry, _rpc, deadline_of
 from serving.loop import run_blocking
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -117,6 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def add_inference_servicer(service: InferenceService, server: grpc.aio.Server) -> None:
-    """Register the V2 servicer on ``server`` (before it starts)."""
+def add_inference_servicer(service: InferenceService, server: grpc.aio.Server | GuardedRegistry) -> None:
+    """Register the V2 servicer on ``server`` (before it starts; graft's own server
+    registers through a :class:`~serving.grpc_api.GuardedRegistry`)."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)

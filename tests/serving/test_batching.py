@@ -7,6 +7,7 @@ duplicated or padded-through rows fails the comparisons.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 
@@ -451,6 +452,36 @@ def test_async_caller_cancelled_while_queued_withdraws_its_rows(batchers):
     running.join(5)
     check_own_rows(rows(700, 1), batcher.submit({"x": rows(700, 1)}))
     assert not {600, 601, 602} & model.seen_ids(), "the cancelled request ran"
+
+
+def test_served_requests_leave_no_reference_cycles(batchers):
+    # Whatever a request leaves in a reference cycle waits for the garbage collector, and
+    # a collection scans the served model's heap too, holding the GIL for tens of ms
+    # (docs/benchmarks.md): every request object must be freed by reference counting.
+    model = Model()
+    batcher = batchers(model, max_batch_size=4, batch_timeout_micros=500, num_batch_threads=1,
+                       max_enqueued_batches=100, enable_large_batch_splitting=True)
+
+    async def clients(base: int) -> None:
+        async def one(c: int) -> None:
+            for r, n in enumerate((1, 3, 6)):  # 6 > max_batch_size: split in two
+                x = rows(base + c * 1000 + r * 100, n)
+                check_own_rows(x, await batcher.submit_async({"x": x}))
+        await asyncio.gather(*(one(c) for c in range(8)))
+
+    with asyncio.Runner() as runner:
+        runner.run(clients(0))  # asyncio's one-off objects
+        gc.collect()
+        gc.disable()
+        try:
+            runner.run(clients(100_000))
+            for i in range(5):
+                x = rows(200_000 + i * 100, 1 + i)
+                check_own_rows(x, batcher.submit({"x": x}))
+            left_in_cycles = gc.collect()
+        finally:
+            gc.enable()
+    assert left_in_cycles == 0
 
 
 def test_async_errors_and_rowless_requests(batchers):
