@@ -110,11 +110,10 @@ class DecodeGuard(grpc.GenericRpcHandler):
 
     grpc.aio would otherwise report the parse error as UNKNOWN and log a traceback
     per bad call. Applies to unary-request methods, i.e. everything but reflection.
-    The handlers are wrapped where they are registered (:class:`GuardedRegistry`),
-    not by an interceptor: grpc.aio runs interceptors through a closure per call
-    that ends in a reference cycle, six objects a call left to the garbage
-    collector, whose passes also scan the served model's heap and stalled the
-    event loop for 30-240 ms every few thousand calls (docs/benchmarks.md).
+    The handlers are wrapped once, where they are registered
+    (:class:`GuardedRegistry`), not by an interceptor: grpc.aio runs every
+    interceptor as one more coroutine on every call (2.5% of the event loop's
+    CPU on the benchmark, docs/benchmarks.md).
     """
 
     def __init__(self, inner: grpc.GenericRpcHandler) -> None:
@@ -458,7 +457,7 @@ async def _bind(service: InferenceService, host: str, port: int, max_message_byt
         "grpc.so_reuseport": 0,
     }
     options.update(channel_arguments)
-    # No interceptor unless one is asked for (auth): see DecodeGuard for why.
+    # No interceptor unless one is asked for (auth): each costs a coroutine per call.
     server = grpc.aio.server(interceptors=list(interceptors) or None, options=list(options.items()))
     registry = GuardedRegistry(server)
     # A tensor needs at least one byte per element on the wire except when a single
