@@ -139,8 +139,7 @@ class Servable:
             devices = [None]
         replicas = []
         for where in devices:
-            placement = tf.device(where) if where else contextlib.nullcontext()
-            with placement:
+            with _placement(where):
                 replicas.append((where, tf.saved_model.load(path, tags=[SERVE_TAG])))
         return cls(name, version, path, signature_defs, replicas, _read_lineage(path), freeze=freeze)
 
@@ -252,12 +251,16 @@ class _Replica:
         return cls(device, loaded, functions, calls)
 
 
+def _placement(device: str | None):
+    """``tf.device(device)``, or a context that changes nothing for TensorFlow's default placement."""
+    return tf.device(device) if device else contextlib.nullcontext()
+
+
 def _traced_call(signature, device: str | None) -> Callable:
     """``signature`` wrapped in one traced concrete function (the signature itself if it cannot be)."""
     _, input_specs = signature.structured_input_signature
-    placement = tf.device(device) if device else contextlib.nullcontext()
     try:
-        with placement:
+        with _placement(device):
             return tf.function(lambda **inputs: signature(**inputs)).get_concrete_function(**input_specs)
     except Exception as exc:  # an exotic signature still runs, only slower
         log.warning("calling signature %s untraced: %s", getattr(signature, "name", signature),
@@ -340,8 +343,7 @@ def _frozen_call(traced, name: str, device: str | None) -> Callable:
         if writers:
             log.info("signature %s writes its variables (%s): served unfrozen", name, ", ".join(writers))
             return traced
-        placement = tf.device(device) if device else contextlib.nullcontext()
-        with placement:
+        with _placement(device):
             return _FrozenCall(traced)
     except Exception as exc:
         log.warning("signature %s served unfrozen: freezing its variables failed: %s", name, tf_error_message(exc))
