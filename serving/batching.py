@@ -34,7 +34,10 @@ Semantics follow TF Serving's ``SharedBatchScheduler`` / ``BatchingSession``:
   dimension to the largest size in the batch, with that request's first
   element (as TF Serving does); outputs are returned as the model produced them.
 - An error raised by the run function reaches every request of that batch and
-  no other; a non-``ServingError`` becomes ``Internal``.
+  no other; a non-``ServingError`` becomes ``Internal``. The exception is
+  ``InvalidArgument`` (bad data only the model can see, such as image bytes
+  that do not decode): then each request of the batch runs again on its own,
+  so only the one with the bad data fails.
 
 A request with zero rows runs directly on the caller's thread (nothing to batch).
 """
@@ -109,13 +112,16 @@ class BatchingConfig:
                 raise ValueError(f"allowed_batch_sizes must be positive, got {list(sizes)}")
             if any(b <= a for a, b in zip(sizes, sizes[1:])):
                 raise ValueError(f"allowed_batch_sizes must be strictly increasing, got {list(sizes)}")
-            if sizes[-1] != self.max_batch_size:
-                raise ValueError(
-                    f"allowed_batch_sizes must end with max_batch_size ({self.max_batch_size}), got {list(sizes)}"
-                )
         mx = self.max_execution_batch_size
         if mx is not None and not 1 <= mx <= self.max_batch_size:
             raise ValueError(f"max_execution_batch_size must be in 1..max_batch_size ({self.max_batch_size}), got {mx}")
+        if sizes and sizes[-1] != self.execution_batch_size:
+            # As TF Serving checks: padding must never take a run past the rows one run may hold.
+            field_name = ("max_execution_batch_size" if self.execution_batch_size != self.max_batch_size
+                          else "max_batch_size")
+            raise ValueError(
+                f"allowed_batch_sizes must end with {field_name} ({self.execution_batch_size}), got {list(sizes)}"
+            )
 
     @property
     def execution_batch_size(self) -> int:
@@ -348,9 +354,8 @@ class Batcher:
             tasks = self._plan(request, inputs, rows, key, deadline, now)
             self._enqueue(tasks)
             self._queued_rows += rows
-            depth = self._queued_rows
+            self._report_depth()
             self._cond.notify()
-        self._report_depth(depth)
         return request
 
     def _check(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
@@ -411,7 +416,10 @@ class Batcher:
             sizes += [self._cap] * (left // self._cap)
             if left % self._cap:
                 sizes.append(left % self._cap)
-        if new_batches and len(self._batches) + new_batches > self.config.max_enqueued_batches:
+        limit = self.config.max_enqueued_batches
+        # Batches emptied by withdrawn requests wait in the deque until a thread pops them; they hold no rows.
+        if new_batches and len(self._batches) + new_batches > limit and \
+                sum(1 for batch in self._batches if batch.rows) + new_batches > limit:
             raise Unavailable(
                 f"batch queue{' of ' + self.name if self.name else ''} is full "
                 f"(max_enqueued_batches={self.config.max_enqueued_batches}); retry later",
@@ -468,20 +476,18 @@ class Batcher:
             finished = request.done.acquire(blocking=False)
             if not finished:
                 request.finished = True
-                depth = self._cancel(request)
+                self._cancel(request)
                 request.tasks = ()
-        if not finished:
-            self._report_depth(depth)
+                self._report_depth()
         return not finished
 
-    def _cancel(self, request: _Request) -> int:
-        """Withdraw the request's still-queued tasks (under the lock); return the new depth."""
+    def _cancel(self, request: _Request) -> None:
+        """Withdraw the request's still-queued tasks (under the lock)."""
         for task in request.tasks:
             if task.state == _QUEUED:
                 task.state = _CANCELLED
                 task.batch.rows -= task.rows
                 self._queued_rows -= task.rows
-        return self._queued_rows
 
     def flush(self) -> None:
         """Run what is queued without waiting for batch timeouts, from now on (the server is draining).
@@ -516,6 +522,7 @@ class Batcher:
                             task.state = _TAKEN
                             dropped.append(task)
                 self._queued_rows = 0
+                self._report_depth()
             self._cond.notify_all()
         self._fail(dropped, Unavailable("the batcher was closed before this request ran"))
         current = threading.current_thread()
@@ -523,12 +530,10 @@ class Batcher:
         for thread in self._threads:
             if thread is not current:
                 thread.join(None if end is None else max(0.0, end - time.monotonic()))
-        if drain:
-            self._report_depth(0)
 
     # -- batch threads -------------------------------------------------------
 
-    def _take(self) -> tuple[list[_Task], list[_Task], int, float] | None:
+    def _take(self) -> tuple[list[_Task], list[_Task], float] | None:
         """Block until a batch is due; pop it (None: closed and empty)."""
         cond = self._cond
         timeout_s = self._timeout_s
@@ -567,18 +572,17 @@ class Batcher:
                 else:
                     live.append(task)
             self._queued_rows -= batch.rows
-            depth = self._queued_rows
+            self._report_depth()
             if batches:
                 cond.notify()
-        return live, expired, depth, now
+        return live, expired, now
 
     def _worker(self) -> None:
         while True:
             taken = self._take()
             if taken is None:
                 return
-            live, expired, depth, started = taken
-            self._report_depth(depth)
+            live, expired, started = taken
             if expired:
                 self._fail(expired, DeadlineExceeded(_QUEUED_DEADLINE_MESSAGE))
             if live:
@@ -647,6 +651,14 @@ class Batcher:
             error = err
         except Exception as err:
             error = Internal(f"model run failed: {err}")
+        if isinstance(error, InvalidArgument) and len(tasks) > 1:
+            # Data that only the model can judge (image bytes that do not decode, a malformed
+            # tf.Example) fails the merged run; one request's bad data must not fail the others,
+            # so each runs again on its own and only the culprit gets the error.
+            self._observe(rows, target, [started - t.enqueued for t in tasks], run_seconds)
+            for task in tasks:
+                self._run_batch([task], started)
+            return
         woken = []
         if error is not None:
             for task in tasks:
@@ -659,9 +671,12 @@ class Batcher:
                 woken.append(self._finish(task, {n: v[pos:end] for n, v in outputs.items()}, None))
                 pos = end
         _wake([request for request in woken if request is not None])
+        self._observe(rows, target, [started - t.enqueued for t in tasks], run_seconds)
+
+    def _observe(self, rows: int, target: int, queue_delays: list[float], run_seconds: float | None) -> None:
         if run_seconds is not None and self._observer is not None:
             try:
-                self._observer.on_batch(rows, target, [started - t.enqueued for t in tasks], run_seconds)
+                self._observer.on_batch(rows, target, queue_delays, run_seconds)
             except Exception:
                 log.exception("batcher %s: observer failed", self.name)
 
@@ -702,16 +717,17 @@ class Batcher:
         else:
             # The request failed: its other queued parts need not run.
             with self._cond:
-                depth = self._cancel(request)
-            self._report_depth(depth)
+                self._cancel(request)
+                self._report_depth()
         request.error = error
         request.tasks = ()
         request.done.release()
         return request if request.waiter is not None else None
 
-    def _report_depth(self, depth: int) -> None:
+    def _report_depth(self) -> None:
+        # Called with the lock held, so that reports reach the gauge in the order the depth changed.
         if self._observer is not None:
             try:
-                self._observer.on_queue_depth(depth)
+                self._observer.on_queue_depth(self._queued_rows)
             except Exception:
                 log.exception("batcher %s: observer failed", self.name)

@@ -117,7 +117,7 @@ def test_parse_tf_serving_file(tmp_path):
         "max_enqueued_batches { value: 4 }\n"
         "num_batch_threads { value: 3 }\n"
         'thread_pool_name { value: "pool" }\n'
-        "allowed_batch_sizes: 8\nallowed_batch_sizes: 16\nallowed_batch_sizes: 32\n"
+        "allowed_batch_sizes: 8\nallowed_batch_sizes: 16\n"
         "enable_large_batch_splitting { value: true }\n"
         "max_execution_batch_size { value: 16 }\n"
         "pad_variable_length_inputs: true\n"
@@ -125,7 +125,7 @@ def test_parse_tf_serving_file(tmp_path):
     cfg = read_batching_parameters_file(path)
     assert cfg == BatchingConfig(
         max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=4, num_batch_threads=3,
-        thread_pool_name="pool", allowed_batch_sizes=(8, 16, 32), enable_large_batch_splitting=True,
+        thread_pool_name="pool", allowed_batch_sizes=(8, 16), enable_large_batch_splitting=True,
         max_execution_batch_size=16, pad_variable_length_inputs=True,
     )
     assert cfg.execution_batch_size == 16
@@ -144,6 +144,10 @@ def test_parse_tf_serving_file(tmp_path):
         ("num_batch_threads { value: 0 }", "num_batch_threads"),
         ("max_enqueued_batches { value: 0 }", "max_enqueued_batches"),
         ("max_batch_size { value: 8 } max_execution_batch_size { value: 9 }", "max_execution_batch_size"),
+        # Splitting runs at most max_execution_batch_size rows: padding past it would break that cap.
+        ("max_batch_size { value: 8 } max_execution_batch_size { value: 3 } "
+         "enable_large_batch_splitting { value: true } allowed_batch_sizes: 2 allowed_batch_sizes: 8",
+         "must end with max_execution_batch_size"),
         ("max_batch_sise { value: 8 }", "max_batch_sise"),
     ],
 )
@@ -309,6 +313,28 @@ def test_full_queue_is_unavailable_at_once(batchers):
         thread.join(5)
         check_own_rows(rows(i, 1), box["result"])
     assert 3 not in model.seen_ids()
+
+
+def test_batches_emptied_by_withdrawn_requests_leave_room_in_the_queue(batchers):
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = batchers(model, max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
+    running, box_a = in_thread(batcher.submit, {"x": rows(0, 1)})
+    assert model.started.wait(5)
+    # Two queued requests fill the queue, then give up: their batches stay queued, empty.
+    for i in (1, 2):
+        with pytest.raises(DeadlineExceeded):
+            batcher.submit({"x": rows(i, 1)}, deadline=time.monotonic() + 0.05)
+    assert batcher.queue_depth() == 0
+    later = [in_thread(batcher.submit, {"x": rows(i, 1)}) for i in (3, 4)]
+    wait_for(lambda: batcher.queue_depth() == 2)
+    gate.set()
+    running.join(5)
+    check_own_rows(rows(0, 1), box_a["result"])
+    for (thread, box), i in zip(later, (3, 4)):
+        thread.join(5)
+        check_own_rows(rows(i, 1), box["result"])
+    assert not {1, 2} & model.seen_ids()
 
 
 def test_deadline_expiring_in_queue_is_dropped_before_running(batchers):
@@ -582,6 +608,55 @@ def test_run_error_reaches_only_its_batch(batchers):
     check_own_rows(rows(950, 2), box_c["result"])
 
 
+def test_bad_data_only_the_model_sees_fails_only_its_request(batchers):
+    """An InvalidArgument from the merged run (e.g. image bytes that do not decode) reruns each
+    request alone: the request with the bad row fails, its batch-mates get their own rows."""
+    gate, entered = threading.Event(), threading.Event()
+    runs: list[list[int]] = []
+
+    def run(inputs):
+        x = inputs["x"]
+        runs.append([int(v) for v in x[:, 0]])
+        if len(runs) == 1:
+            entered.set()
+            assert gate.wait(10)
+        if (x[:, 0] == 666).any():
+            raise InvalidArgument("row 666 is not a valid image")
+        return {"y": x * 2.0, "rid": x[:, 0].astype(np.int64)}
+
+    batcher = batchers(run, max_batch_size=8, allowed_batch_sizes=(4, 8), num_batch_threads=1)
+    first, box_first = in_thread(batcher.submit, {"x": rows(0, 1)})
+    assert entered.wait(5)  # the only batch thread is busy: the next three requests share one batch
+    waiting = [in_thread(batcher.submit, {"x": x}) for x in (rows(100, 2), rows(665, 2), rows(900, 3))]
+    wait_for(lambda: batcher.queue_depth() == 7)
+    gate.set()
+    for thread, _ in [(first, box_first), *waiting]:
+        thread.join(5)
+    check_own_rows(rows(0, 1), box_first["result"])
+    (_, innocent_a), (_, culprit), (_, innocent_b) = waiting
+    check_own_rows(rows(100, 2), innocent_a["result"])
+    check_own_rows(rows(900, 3), innocent_b["result"])
+    assert isinstance(culprit["error"], InvalidArgument) and "row 666" in str(culprit["error"])
+    # One merged run (padded to 8), then each request alone, padded to the allowed size 4.
+    assert runs[1] == [100, 101, 665, 666, 900, 901, 902, 100]
+    assert runs[2:] == [[100, 101, 100, 100], [665, 666, 665, 665], [900, 901, 902, 900]]
+
+
+def test_internal_errors_are_not_retried_one_by_one(batchers):
+    calls = []
+
+    def run(inputs):
+        calls.append(len(inputs["x"]))
+        raise RuntimeError("device lost")
+
+    batcher = batchers(run, max_batch_size=4, batch_timeout_micros=200_000, num_batch_threads=1)
+    waiting = [in_thread(batcher.submit, {"x": rows(i, 1)}) for i in (0, 1)]
+    for thread, box in waiting:
+        thread.join(5)
+        assert isinstance(box["error"], Internal)
+    assert calls == [2]
+
+
 def test_output_without_batch_dimension_is_internal(batchers):
     batcher = batchers(lambda inputs: {"total": np.array([inputs["x"].sum()] * 7)}, max_batch_size=4,
                        num_batch_threads=1)
@@ -653,6 +728,36 @@ def test_observer_sees_sizes_delays_and_depth(batchers):
     (size, padded, parts, seconds), = events["batches"]
     assert (size, padded, parts) == (3, 4, 1) and seconds >= 0
     assert events["depths"][0] == 3 and events["depths"][-1] == 0
+
+
+def test_queue_depth_reports_arrive_in_order_under_concurrency(batchers):
+    """Many threads admit and take at once: the last report the gauge gets is the final depth (0),
+    because each report is made while the depth it reports is current."""
+    last = {}
+
+    class Observer:
+        def on_batch(self, size, padded_size, queue_delays, run_seconds):
+            pass
+
+        def on_queue_depth(self, depth):
+            time.sleep(0.0005)  # widen the window in which out-of-order reports would land
+            last["depth"] = depth
+
+    def run(inputs):
+        return {"y": inputs["x"] * 2.0, "rid": inputs["x"][:, 0].astype(np.int64)}
+
+    batcher = Batcher(run, BatchingConfig(max_batch_size=4, num_batch_threads=4, max_enqueued_batches=1000),
+                      observer=Observer())
+    try:
+        for _ in range(5):
+            threads = [in_thread(batcher.submit, {"x": rows(i, 1)}) for i in range(40)]
+            for thread, box in threads:
+                thread.join(10)
+                assert "result" in box, box
+            assert batcher.queue_depth() == 0
+            assert last["depth"] == 0
+    finally:
+        batcher.close()
 
 
 def test_flush_runs_queued_requests_without_waiting_for_the_timeout(batchers):
