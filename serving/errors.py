@@ -41,10 +41,13 @@ class ServingError(Exception):
 
     ``code`` is the gRPC status code name; ``http_status`` the REST status.
     ``retry_after`` (seconds), when set, becomes HTTP ``Retry-After``.
+    ``counted`` is set once the request it answers is in the request metrics, so
+    that an adapter counts only the refusals the service never saw.
     """
 
     code = "UNKNOWN"
     http_status: int | None = None
+    counted = False
 
     def __init__(self, message: str, *, retry_after: float | None = None):
         if len(message) > MAX_MESSAGE_CHARS:

@@ -2,7 +2,8 @@
 
 The servicers only translate protos to service calls and back; every
 ``ServingError`` becomes ``context.abort(grpc.StatusCode[err.code], message)`` in
-one decorator (``_rpc``), so no method maps errors by itself.
+one decorator (``_rpc``; ``_inference_rpc`` for the inference RPCs, which also
+counts the refusals the service never saw), so no method maps errors by itself.
 
 The server is ``grpc.aio`` on an event loop thread of its own (:class:`GrpcServer`),
 uvloop's loop where it is installed (``--grpc_event_loop``). Predict, the hot
@@ -74,12 +75,27 @@ _ERROR_CODE = status_pb2.StatusProto.DESCRIPTOR.fields_by_name["error_code"].enu
 
 def _rpc(method: Callable) -> Callable:
     """Run one RPC coroutine; map ServingError (and, as a logged bug, anything else) to a gRPC status."""
+    return _answering(method, None)
 
+
+def _inference_rpc(method_label: str, model_of: Callable[[Any], str]) -> Callable[[Callable], Callable]:
+    """:func:`_rpc` for an inference RPC of a servicer with ``_service`` and ``protocol``:
+    a refusal the service never saw (a missing model_spec, a bad TensorProto) is
+    counted too, as ``method_label`` for the model ``model_of(request)`` names."""
+    return lambda method: _answering(method, (method_label, model_of))
+
+
+def _answering(method: Callable, counting: tuple[str, Callable[[Any], str]] | None) -> Callable:
     @functools.wraps(method)
     async def wrapper(self, request, context):
+        start = time.perf_counter()
         try:
             return await method(self, request, context)
         except ServingError as err:
+            if counting is not None and not err.counted:
+                label, model_of = counting
+                self._service.observe_refusal(self.protocol, label, model_of(request), err,
+                                              time.perf_counter() - start)
             await _abort(context, err)
         except Exception as err:  # a bug: answer INTERNAL rather than drop the call
             log.exception("unhandled error in %s", method.__name__)
@@ -229,8 +245,18 @@ def _fill_classification(result_proto, result: ClassifyResult) -> None:
             classifications.classes.add(label=label, score=score)
 
 
+def _spec_model(request) -> str:
+    return request.model_spec.name
+
+
+def _first_task_model(request) -> str:
+    return request.tasks[0].model_spec.name if request.tasks else ""
+
+
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     """tensorflow.serving.PredictionService over an InferenceService."""
+
+    protocol = "grpc"
 
     def __init__(self, service: InferenceService, max_elements: int):
         self._service = service
@@ -243,7 +269,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 arrays[name] = codec.tensor_proto_to_numpy(tensor, max_elements=self._max_elements)
         return arrays
 
-    @_rpc
+    @_inference_rpc("predict", _spec_model)
     async def Predict(self, request, context):
         """Run a signature; the response's model_spec names the version that served."""
         version, label = _version_and_label(request.model_spec)
@@ -264,7 +290,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                             signature_name=request.model_spec.signature_name, examples=examples,
                             context=example_context, deadline=deadline_of(context), protocol="grpc")
 
-    @_rpc
+    @_inference_rpc("classify", _spec_model)
     async def Classify(self, request, context):
         """Run a classify signature over the request's tf.Examples."""
         result = await run_blocking(self._service.classify, self._examples_call(request, context))
@@ -273,7 +299,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         _fill_classification(response.result, result)
         return response
 
-    @_rpc
+    @_inference_rpc("regress", _spec_model)
     async def Regress(self, request, context):
         """Run a regress signature over the request's tf.Examples."""
         result = await run_blocking(self._service.regress, self._examples_call(request, context))
@@ -283,7 +309,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.result.regressions.add(value=value)
         return response
 
-    @_rpc
+    @_inference_rpc("multi_inference", _first_task_model)
     async def MultiInference(self, request, context):
         """Several classify/regress signatures of one model version over the same examples."""
         if not request.tasks:

@@ -20,7 +20,7 @@ import grpc
 
 from serving import v2
 from serving.errors import InvalidArgument, NotFound
-from serving.grpc_api import GuardedRegistry, _rpc, deadline_of
+from serving.grpc_api import GuardedRegistry, _inference_rpc, _rpc, deadline_of
 from serving.loop import run_blocking
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
@@ -62,6 +62,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> list[v2.InferInput]:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService: health, metadata and inference."""
 
+    protocol = PROTOCOL
+
     def __init__(self, service: InferenceService):
         self._service = service
 
@@ -101,7 +103,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.properties[v2.LINEAGE_KEY] = json.dumps(meta.lineage, sort_keys=True)
         return response
 
-    @_rpc
+    @_inference_rpc("predict", lambda request: request.model_name)
     async def ModelInfer(self, request, context):
         """Run the model; every output is returned in raw_output_contents."""
         infer_request = v2.InferRequest(

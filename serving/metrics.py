@@ -11,7 +11,7 @@ graft_batch_size                       histogram  model, version, signature (rea
 graft_batch_padding_rows_total         counter    model, version, signature
 graft_batch_queue_delay_seconds        histogram  model, version, signature (per request part)
 graft_batch_queue_depth                gauge      model, version, signature (rows waiting)
-graft_inference_seconds                histogram  model, version, signature (one model run per batch)
+graft_inference_seconds                histogram  model, version, signature (one run: a batch, or an unbatched request)
 graft_model_version_state              gauge      model, version, state (1 = current state, else 0)
 graft_model_load_seconds               histogram  model (successful loads, warmup included)
 graft_model_load_failures_total        counter    model
@@ -24,7 +24,10 @@ Unlike TF Serving's ``:tensorflow:serving:request_latency`` (successes only),
 the latency histogram records every request, failures included, with the gRPC
 code name as ``code`` (``OK`` for success), so both "p99 of successes" and
 "p99 of everything" can be queried. ``version`` is ``""`` when a request
-failed before a version was resolved (e.g. ``NOT_FOUND``).
+failed before a version was resolved (e.g. ``NOT_FOUND``), and ``signature``
+too when the adapter refused it before the service saw it (a body that is not
+JSON, a malformed gRPC message). Request bytes that do not parse as the RPC's
+message at all name no model and are not counted.
 """
 
 from __future__ import annotations
@@ -176,7 +179,8 @@ class ServingMetrics:
             "graft_batch_queue_depth", "Rows waiting in the batch queue, not yet running.",
             batch_labels, registry=registry)
         self.inference_seconds = Histogram(
-            "graft_inference_seconds", "Model run time per batch (device time, padding included).",
+            "graft_inference_seconds", "Model run time per batch, or per request run without a batcher "
+            "(device time, padding included).",
             batch_labels, buckets=LATENCY_BUCKETS, registry=registry)
         self.version_state = Gauge(
             "graft_model_version_state", "1 for the state a model version is in, 0 for the others.",
@@ -198,6 +202,7 @@ class ServingMetrics:
         GCCollector(registry=registry)
         self._request_children: dict[tuple, tuple] = {}
         self._example_children: dict[tuple, Counter] = {}
+        self._inference_children: dict[tuple, Histogram] = {}
         self._batch_labels: set[tuple[str, str, str]] = set()
 
     # -- requests (called by the service) ------------------------------------
@@ -221,6 +226,14 @@ class ServingMetrics:
         if child is None:
             child = self._example_children[key] = self.examples.labels(*key)
         child.inc(count)
+
+    def observe_inference(self, model: str, version: int | str, signature: str, seconds: float) -> None:
+        """Record one model run made without a batcher (batching off, or a signature it cannot batch)."""
+        key = (model, str(version), signature)
+        child = self._inference_children.get(key)
+        if child is None:
+            child = self._inference_children[key] = self.inference_seconds.labels(*key)
+        child.observe(seconds)
 
     def batch_observer(self, model: str, version: int | str, signature: str) -> BatchMetrics:
         """A ``BatchObserver`` for the batcher of one (model, version, signature)."""

@@ -171,9 +171,9 @@ async def _dispatch(service: InferenceService, options: RestOptions, dense_reade
     if match is None:
         raise NotFound(f"Malformed request: {method} {path}")
     name, label = match["name"], match["label"]
-    version = _version(match["version"], label)
     verb = match["verb"]
     if verb is None:
+        version = _version(match["version"], label)
         if method != "GET":
             return _method_not_allowed(request)
         if match["metadata"]:
@@ -185,6 +185,19 @@ async def _dispatch(service: InferenceService, options: RestOptions, dense_reade
         raise NotFound(f"Malformed request: {method} {path} (unknown method '{match['verb']}')")
     if method != "POST":
         return _method_not_allowed(request)
+    start = time.perf_counter()
+    try:
+        return await _infer(service, options, dense_reader, request, verb, name,
+                            _version(match["version"], label), label)
+    except ServingError as err:
+        # Bodies that are not JSON, too large or malformed count as answered requests too.
+        service.observe_refusal("rest", verb, name, err, time.perf_counter() - start)
+        raise
+
+
+async def _infer(service: InferenceService, options: RestOptions, dense_reader: DenseReader, request: Request,
+                 verb: str, name: str, version: int | None, label: str | None) -> Response:
+    """Answer a predict, classify or regress POST."""
     raw = await _raw_json_body(request, options.max_request_bytes)
     deadline = time.monotonic() + options.timeout_ms / 1000.0
     if verb != "predict":

@@ -77,14 +77,20 @@ def v2_routes(service: InferenceService, options: RestOptions) -> list[Route]:
         return _json((await run_blocking(v2.model_metadata, service, name, version)).to_json())
 
     async def infer(request: Request) -> Response:
+        start = time.perf_counter()
         deadline = time.monotonic() + options.timeout_ms / 1000.0
         name, version = _model_of(request)
-        body = await read_body(request, options.max_request_bytes)
-        header_length = request.headers.get(HEADER_LENGTH)
-        if len(body) > DECODE_ON_LOOP_BYTES:
-            return await run_blocking(_infer, service, body, header_length, name, version, deadline)
-        infer_request = _infer_request(body, header_length, name, version, deadline)
-        return encode_response(await v2.infer_async(service, infer_request), infer_request)
+        try:
+            body = await read_body(request, options.max_request_bytes)
+            header_length = request.headers.get(HEADER_LENGTH)
+            if len(body) > DECODE_ON_LOOP_BYTES:
+                return await run_blocking(_infer, service, body, header_length, name, version, deadline)
+            infer_request = _infer_request(body, header_length, name, version, deadline)
+            return encode_response(await v2.infer_async(service, infer_request), infer_request)
+        except ServingError as err:
+            # Bodies that are not JSON, too large or malformed count as answered requests too.
+            service.observe_refusal(PROTOCOL, "predict", name, err, time.perf_counter() - start)
+            raise
 
     return [
         Route("/openapi.json", openapi),

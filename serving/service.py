@@ -193,6 +193,7 @@ class InferenceService:
     def _predict_inputs(self, servable: Servable, request: PredictCall,
                         record: Callable) -> tuple[SignatureSpec, list[str], dict[str, np.ndarray]]:
         sig = self._signature(servable, request.signature_name)
+        record(servable.version, sig.name)  # bad inputs, too, count against the version that refused them
         wanted = _output_filter(sig, request.output_filter)
         raw = request.inputs(sig) if callable(request.inputs) else request.inputs
         inputs = self._validate(sig, raw)
@@ -204,9 +205,9 @@ class InferenceService:
         with self._request(request.protocol, "classify", request.model) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig = self._method_signature(servable, request.signature_name, CLASSIFY_METHOD)
+                record(servable.version, sig.name, len(request.examples))
                 inputs = _examples_tensor(sig, request.examples, request.context)
                 self._check_example_images(request.examples, request.context)
-                record(servable.version, sig.name, len(request.examples))
                 outputs = self._run(servable, sig, inputs, request.deadline)
                 return ClassifyResult(servable.name, servable.version, sig.name,
                                       _classifications(outputs, len(request.examples)))
@@ -216,9 +217,9 @@ class InferenceService:
         with self._request(request.protocol, "regress", request.model) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig = self._method_signature(servable, request.signature_name, REGRESS_METHOD)
+                record(servable.version, sig.name, len(request.examples))
                 inputs = _examples_tensor(sig, request.examples, request.context)
                 self._check_example_images(request.examples, request.context)
-                record(servable.version, sig.name, len(request.examples))
                 outputs = self._run(servable, sig, inputs, request.deadline)
                 return RegressResult(servable.name, servable.version, sig.name,
                                      _regressions(outputs, len(request.examples)))
@@ -381,7 +382,7 @@ class InferenceService:
         start = time.perf_counter()
         served: dict[str, Any] = {}
 
-        def record(version: int, signature: str, examples: int) -> None:
+        def record(version: int, signature: str, examples: int = 0) -> None:
             served.update(version=version, signature=signature, examples=examples)
 
         code = "OK"
@@ -392,6 +393,8 @@ class InferenceService:
             raise
         except Exception as exc:
             code = getattr(exc, "code", "INTERNAL")
+            if isinstance(exc, ServingError):
+                exc.counted = True
             raise
         finally:
             if self._metrics is not None:
@@ -405,6 +408,18 @@ class InferenceService:
                 self._in_flight -= 1
                 if self._in_flight == 0:
                     self._idle.notify_all()
+
+    def observe_refusal(self, protocol: str, method: str, model: str, error: ServingError,
+                        seconds: float) -> None:
+        """Count an inference request that an adapter refused before the service saw it
+        (a body that is not JSON, one too large, a malformed URL or message): the request
+        metrics cover every answer, not only those the service gave. Does nothing for an
+        error the service already counted."""
+        if error.counted:
+            return
+        error.counted = True
+        if self._metrics is not None:
+            self._metrics.observe_request(model, None, "", method, protocol, error.code, seconds)
 
     @staticmethod
     def _signature(servable: Servable, name: str) -> SignatureSpec:
@@ -517,7 +532,7 @@ class InferenceService:
             raise DeadlineExceeded("Deadline exceeded before the request could run")
         batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
         if batcher is None:
-            return servable.run(sig.name, inputs)
+            return self._run_direct(servable, sig, inputs)
         return batcher.submit(inputs, deadline)
 
     async def _run_async(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
@@ -526,8 +541,19 @@ class InferenceService:
             raise DeadlineExceeded("Deadline exceeded before the request could run")
         batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
         if batcher is None:
-            return await asyncio.to_thread(servable.run, sig.name, inputs)
+            return await asyncio.to_thread(self._run_direct, servable, sig, inputs)
         return await batcher.submit_async(inputs, deadline)
+
+    def _run_direct(self, servable: Servable, sig: SignatureSpec,
+                    inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One model run without a batcher, timed for the inference histogram as a batch's run is."""
+        start = time.perf_counter()
+        try:
+            return servable.run(sig.name, inputs)
+        finally:
+            if self._metrics is not None:
+                self._metrics.observe_inference(servable.name, servable.version, sig.name,
+                                                time.perf_counter() - start)
 
     def _batcher(self, servable: Servable, sig: SignatureSpec) -> Batcher | None:
         if self._batching is None or not _is_batchable(sig):

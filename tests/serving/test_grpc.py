@@ -17,6 +17,7 @@ import tensorflow as tf
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -259,6 +260,33 @@ def test_predict_errors(server, kwargs, code, message):
     got_code, details = _code(lambda: server.predict.Predict(_request(**kwargs), timeout=30))
     assert got_code == code, details
     assert message in details
+
+
+def _grpc_request_counts(client) -> dict[tuple, float]:
+    """graft_requests_total with protocol "grpc", by (model, version, signature, method, code), from /metrics."""
+    text = client.http.get(client.rest + "/metrics", timeout=30).text
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "graft_requests"]
+    return {(s.labels["model"], s.labels["version"], s.labels["signature"], s.labels["method"], s.labels["code"]):
+            s.value for s in family.samples if s.name == "graft_requests_total" and s.labels["protocol"] == "grpc"}
+
+
+def test_refusals_before_the_service_are_counted(server):
+    before = _grpc_request_counts(server)
+    bad_tensor = _request(inputs={"x": _bad_content(), "tag": TAGS})
+    no_model = _request(model="")
+    for request in (bad_tensor, no_model):
+        assert _code(lambda: server.predict.Predict(request, timeout=30))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    no_tasks = inference_pb2.MultiInferenceRequest()
+    assert _code(lambda: server.predict.MultiInference(no_tasks, timeout=30))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    server.predict.Predict(_request(), timeout=30)
+    after = _grpc_request_counts(server)
+    moved = {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
+    assert moved == {
+        ("two", "", "", "predict", "INVALID_ARGUMENT"): 1,
+        ("", "", "", "predict", "INVALID_ARGUMENT"): 1,
+        ("", "", "", "multi_inference", "INVALID_ARGUMENT"): 1,
+        ("two", "1", "serving_default", "predict", "OK"): 1,
+    }
 
 
 def test_message_over_the_limit(server):

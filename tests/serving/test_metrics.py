@@ -1,5 +1,6 @@
-"""Tests of serving.metrics: known traffic through ServingMetrics and a real Batcher,
-read back by parsing the exposition text with prometheus_client.parser."""
+"""Tests of serving.metrics: known traffic through a real InferenceService (real
+ModelManager, SavedModel and batcher), read back by parsing the exposition text
+with prometheus_client.parser."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.batching import Batcher, BatchingConfig
-from serving.errors import ServingError
+from serving.batching import BatchingConfig
+from serving.config import ModelConfig
+from serving.errors import InvalidArgument, NotFound, ServingError
+from serving.manager import ModelManager
 from serving.metrics import LATENCY_BUCKETS, ServingMetrics
+from serving.service import InferenceService, PredictCall
+from tests import models
 
 MODEL, VERSION, SIGNATURE = "digits", 3, "serving_default"
 
@@ -55,76 +60,78 @@ def value(families: dict, family: str, sample: str, **labels) -> float:
     return found[0] if found else 0.0
 
 
-class Served:
-    """What the service does around a batcher: time, submit, record outcome and examples."""
-
-    def __init__(self, metrics: ServingMetrics, batcher: Batcher):
-        self.metrics = metrics
-        self.batcher = batcher
-
-    def predict(self, x: np.ndarray, protocol: str) -> dict | ServingError:
-        start = time.perf_counter()
-        try:
-            out = self.batcher.submit({"x": x})
-        except ServingError as err:
-            self.metrics.observe_request(MODEL, VERSION, SIGNATURE, "predict", protocol, err.code,
-                                         time.perf_counter() - start)
-            return err
-        self.metrics.observe_request(MODEL, VERSION, SIGNATURE, "predict", protocol, "OK",
-                                     time.perf_counter() - start)
-        self.metrics.observe_examples(MODEL, VERSION, SIGNATURE, "predict", len(x))
-        return out
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, two_input_savedmodel):
+    root = tmp_path_factory.mktemp("metrics_repo")
+    models.install_version(two_input_savedmodel, root / MODEL, VERSION)
+    return root
 
 
-def test_known_traffic_moves_every_family_by_the_expected_amount():
-    metrics = ServingMetrics(CollectorRegistry(), device_memory=lambda: {"GPU:0": 4096, "GPU:1": 0})
-    gate, entered = threading.Event(), threading.Event()
+def start_service(repo, metrics: ServingMetrics, batching: BatchingConfig | None):
+    """A real InferenceService over a real ModelManager serving the two-input SavedModel."""
+    manager = ModelManager([ModelConfig(MODEL, str(repo / MODEL))], poll_seconds=0)
+    manager.add_listener(metrics)
+    service = InferenceService(manager, metrics=metrics, batching=batching)
+    manager.start()
+    manager.wait_until_available(MODEL)
+    return manager, service
 
-    def run(inputs):
-        if not entered.is_set():
-            entered.set()
-            assert gate.wait(10)
-        return {"y": inputs["x"] * 2.0}
 
-    batcher = Batcher(run, BatchingConfig(max_batch_size=4, allowed_batch_sizes=(2, 4), num_batch_threads=1),
-                      observer=metrics.batch_observer(MODEL, VERSION, SIGNATURE))
-    served = Served(metrics, batcher)
-    results: dict[str, object] = {}
+def stop_service(manager, service) -> None:
+    service.begin_drain()
+    manager.stop()
+    service.close()
 
-    def call(key, x):
-        results[key] = served.predict(x, "grpc")
 
+def predict(service, x: np.ndarray, protocol: str, model: str = MODEL):
+    """One predict through the service, as the adapters call it; the outputs, or the error."""
+    tags = np.array([b"t"] * len(x), dtype=object)
     try:
-        # A runs alone (1 row, padded to 2) and holds the only batch thread; meanwhile
-        # B (1 row) and C (2 rows) queue as one batch of 3 rows, padded to 4.
-        threads = [threading.Thread(target=call, args=("a", np.full((1, 2), 1.0)))]
-        threads[0].start()
-        assert entered.wait(5)
-        for key, x in (("b", np.full((1, 2), 2.0)), ("c", np.full((2, 2), 3.0))):
-            threads.append(threading.Thread(target=call, args=(key, x)))
-            threads[-1].start()
-            target = 1 if key == "b" else 3
-            end = time.monotonic() + 5
-            while batcher.queue_depth() != target:
-                assert time.monotonic() < end
-                time.sleep(0.001)
-        depth_while_queued = value(scrape(metrics), "graft_batch_queue_depth", "graft_batch_queue_depth",
-                                   model=MODEL, version=VERSION)
-        gate.set()
+        return service.predict(PredictCall(model=model, inputs={"x": x, "tag": tags}, protocol=protocol)).outputs
+    except ServingError as err:
+        return err
+
+
+def wait_for_gauge(metrics: ServingMetrics, family: str, expected: float, **labels) -> None:
+    end = time.monotonic() + 5
+    while value(scrape(metrics), family, family, **labels) != expected:
+        assert time.monotonic() < end, f"{family} never reached {expected}"
+        time.sleep(0.005)
+
+
+def test_known_traffic_moves_every_family_by_the_expected_amount(repo):
+    metrics = ServingMetrics(CollectorRegistry(), device_memory=lambda: {"GPU:0": 4096, "GPU:1": 0})
+    # The timeout forms the batches: a lone request waits 0.4 s for company, then runs.
+    config = BatchingConfig(max_batch_size=4, allowed_batch_sizes=(2, 4), batch_timeout_micros=400_000,
+                            num_batch_threads=1)
+    manager, service = start_service(repo, metrics, config)
+    x_a, x_b, x_c = (np.full((n, 3), v, dtype=np.float32) for n, v in ((1, 1.0), (1, 2.0), (2, 3.0)))
+    results: dict[str, object] = {}
+    try:
+        # A runs alone (1 row, padded to 2); then B (1 row) and C (2 rows) share one batch
+        # of 3 rows, padded to 4, and wait in the queue together until the timeout.
+        results["a"] = predict(service, x_a, "grpc")
+        threads = [threading.Thread(target=lambda k=k, x=x: results.__setitem__(k, predict(service, x, "grpc")))
+                   for k, x in (("b", x_b), ("c", x_c))]
+        for thread in threads:
+            thread.start()
+        wait_for_gauge(metrics, "graft_batch_queue_depth", 3, model=MODEL, version=VERSION)
         for thread in threads:
             thread.join(5)
-        rejected = served.predict(np.zeros((5, 2)), "rest")  # over max_batch_size
+        rejected = predict(service, np.zeros((5, 3), dtype=np.float32), "rest")  # over max_batch_size
+        unknown = predict(service, x_a, "rest", model="nope")
+        # A refusal an adapter made before the service saw it (a body that is not JSON).
+        refused = InvalidArgument("JSON Parse error: Invalid value")
+        service.observe_refusal("rest", "predict", MODEL, refused, 0.00015)
+        service.observe_refusal("rest", "predict", MODEL, refused, 0.00015)  # counted once
     finally:
-        batcher.close()
-    assert not isinstance(results["c"], ServingError)
-    np.testing.assert_array_equal(results["c"]["y"], np.full((2, 2), 6.0))
-    assert isinstance(rejected, ServingError) and rejected.code == "INVALID_ARGUMENT"
-    metrics.observe_request("nope", None, SIGNATURE, "predict", "rest", "NOT_FOUND", 0.00015)
+        stop_service(manager, service)
+    for key, x in (("a", x_a), ("b", x_b), ("c", x_c)):
+        np.testing.assert_allclose(results[key]["y"], models.two_input_expected(x), atol=1e-5)
+    assert isinstance(rejected, InvalidArgument) and rejected.counted
+    assert isinstance(unknown, NotFound)
 
-    # Lifecycle: v3 loads fine, v4 fails to load.
-    for state in ("START", "LOADING", "AVAILABLE"):
-        metrics.on_state(MODEL, 3, state)
-    metrics.on_load(MODEL, 3, 1.5, None)
+    # A load failure, reported as the manager reports one.
     metrics.on_state(MODEL, 4, "LOADING")
     metrics.on_load(MODEL, 4, 0.2, "bad SavedModel")
     metrics.on_state(MODEL, 4, "END")
@@ -134,17 +141,22 @@ def test_known_traffic_moves_every_family_by_the_expected_amount():
         assert name in fam, f"missing family {name}"
         assert fam[name].type == kind, (name, fam[name].type)
 
-    assert depth_while_queued == 3
     ok = dict(model=MODEL, version=VERSION, signature=SIGNATURE, method="predict", protocol="grpc", code="OK")
     assert value(fam, "graft_requests", "graft_requests_total", **ok) == 3
-    assert value(fam, "graft_requests", "graft_requests_total", protocol="rest", code="INVALID_ARGUMENT") == 1
+    assert value(fam, "graft_requests", "graft_requests_total", protocol="rest", version=VERSION,
+                 code="INVALID_ARGUMENT") == 1
     assert value(fam, "graft_requests", "graft_requests_total", model="nope", version="", code="NOT_FOUND") == 1
+    assert value(fam, "graft_requests", "graft_requests_total", model=MODEL, version="", signature="",
+                 code="INVALID_ARGUMENT") == 1
 
     lat = "graft_request_latency_seconds"
     assert value(fam, lat, lat + "_count", protocol="grpc", code="OK") == 3
-    assert value(fam, lat, lat + "_count", protocol="rest", code="INVALID_ARGUMENT") == 1  # failures included
-    assert value(fam, lat, lat + "_bucket", model="nope", le="0.0001") == 0  # 150 us: resolved
-    assert value(fam, lat, lat + "_bucket", model="nope", le="0.0002") == 1
+    # Failures are included, those the service answered and those an adapter refused.
+    assert value(fam, lat, lat + "_count", protocol="rest", signature=SIGNATURE, code="INVALID_ARGUMENT") == 1
+    assert value(fam, lat, lat + "_bucket", model=MODEL, signature="", le="0.0001") == 0  # 150 us: resolved
+    assert value(fam, lat, lat + "_bucket", model=MODEL, signature="", le="0.0002") == 1
+    # B and C waited for the 0.4 s timeout: the latency histogram sees it.
+    assert value(fam, lat, lat + "_bucket", protocol="grpc", code="OK", le="0.2048") == 0
 
     assert value(fam, "graft_examples", "graft_examples_total", model=MODEL, version=VERSION) == 4
 
@@ -156,18 +168,17 @@ def test_known_traffic_moves_every_family_by_the_expected_amount():
     assert value(fam, "graft_batch_padding_rows", "graft_batch_padding_rows_total", **batch) == 2
     delay = "graft_batch_queue_delay_seconds"
     assert value(fam, delay, delay + "_count", **batch) == 3
+    assert value(fam, delay, delay + "_bucket", le="0.2048", **batch) == 0  # each waited the timeout out
     assert value(fam, "graft_inference_seconds", "graft_inference_seconds_count", **batch) == 2
     assert value(fam, "graft_inference_seconds", "graft_inference_seconds_sum", **batch) > 0
-    assert value(fam, "graft_batch_queue_depth", "graft_batch_queue_depth", **batch) == 0
 
     state = "graft_model_version_state"
-    assert value(fam, state, state, model=MODEL, version=3, state="AVAILABLE") == 1
-    assert sum(value(fam, state, state, model=MODEL, version=3, state=s)
-               for s in ("START", "LOADING", "UNLOADING", "END", "ERROR")) == 0
+    assert value(fam, state, state, model=MODEL, version=VERSION, state="END") == 1  # stopped
+    assert value(fam, state, state, model=MODEL, version=VERSION, state="AVAILABLE") == 0
     assert value(fam, state, state, model=MODEL, version=4, state="END") == 1
     assert value(fam, state, state, model=MODEL, version=4, state="LOADING") == 0
     assert value(fam, "graft_model_load_seconds", "graft_model_load_seconds_count", model=MODEL) == 1
-    assert value(fam, "graft_model_load_seconds", "graft_model_load_seconds_sum", model=MODEL) == 1.5
+    assert value(fam, "graft_model_load_seconds", "graft_model_load_seconds_sum", model=MODEL) > 0
     assert value(fam, "graft_model_load_failures", "graft_model_load_failures_total", model=MODEL) == 1
 
     (build,) = fam["graft_build_info"].samples
@@ -179,9 +190,24 @@ def test_known_traffic_moves_every_family_by_the_expected_amount():
     assert value(fam, "graft_device_memory_bytes", "graft_device_memory_bytes", device="GPU:0") == 4096
     assert value(fam, "process_start_time_seconds", "process_start_time_seconds") > 0
 
-    # Unloading a version drops its (otherwise stale) queue-depth series.
-    metrics.on_unload(MODEL, VERSION)
-    assert not scrape(metrics)["graft_batch_queue_depth"].samples
+    # Stopping unloaded the version, which dropped its (otherwise stale) queue-depth series.
+    assert not fam["graft_batch_queue_depth"].samples
+
+
+def test_runs_without_a_batcher_are_timed_too(repo):
+    metrics = ServingMetrics(CollectorRegistry())
+    manager, service = start_service(repo, metrics, None)
+    try:
+        for i in range(3):
+            x = np.full((2, 3), float(i), dtype=np.float32)
+            np.testing.assert_allclose(predict(service, x, "grpc")["y"], models.two_input_expected(x), atol=1e-5)
+    finally:
+        stop_service(manager, service)
+    fam = scrape(metrics)
+    batch = dict(model=MODEL, version=VERSION, signature=SIGNATURE)
+    assert value(fam, "graft_inference_seconds", "graft_inference_seconds_count", **batch) == 3
+    assert value(fam, "graft_inference_seconds", "graft_inference_seconds_sum", **batch) > 0
+    assert value(fam, "graft_batch_size", "graft_batch_size_count", **batch) == 0
 
 
 def test_device_memory_has_samples_only_with_gpus():

@@ -17,6 +17,7 @@ import re
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests import models
 from tests.serving.server import serving, write_model_config
@@ -176,6 +177,33 @@ def test_model_list_health_and_metrics(server):
     assert metrics.status_code == 200
     assert 'graft_requests_total{code="OK",method="predict",model="two",protocol="rest"' in metrics.text
     assert get(server, "/monitoring/prometheus/metrics").status_code == 200
+
+
+def _request_counts(client) -> dict[tuple, float]:
+    """graft_requests_total by (model, version, signature, protocol, code), parsed from /metrics."""
+    text = get(client, "/metrics").text
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "graft_requests"]
+    return {(s.labels["model"], s.labels["version"], s.labels["signature"], s.labels["protocol"],
+             s.labels["code"]): s.value for s in family.samples if s.name == "graft_requests_total"}
+
+
+def test_refusals_before_the_service_are_counted_and_both_metrics_paths_agree(server):
+    before = _request_counts(server)
+    assert post(server, "/v1/models/two:predict", data="{not json").status_code == 400
+    assert post(server, "/v1/models/two:predict", data=b" " * (MAX_BYTES + 1)).status_code == 413
+    assert post(server, "/v1/models/two/versions/abc:predict", GOOD_TWO).status_code == 400
+    assert post(server, "/v1/models/two:predict", {"inputs": {"x": X}}).status_code == 400  # the service's
+    after = _request_counts(server)
+    moved = {key: n - before.get(key, 0) for key, n in after.items() if n != before.get(key, 0)}
+    # The body error (413) has its own code; the three 400s are INVALID_ARGUMENT, one of them the service's.
+    too_large = [key for key in moved if key[4] not in ("INVALID_ARGUMENT",)]
+    assert len(too_large) == 1 and moved[too_large[0]] == 1 and too_large[0][:4] == ("two", "", "", "rest")
+    assert moved[("two", "", "", "rest", "INVALID_ARGUMENT")] == 2
+    assert moved[("two", "1", "serving_default", "rest", "INVALID_ARGUMENT")] == 1
+    # TF Serving's path serves the same registry.
+    tf_path = get(server, "/monitoring/prometheus/metrics").text
+    assert {f.name for f in text_string_to_metric_families(tf_path)} == \
+        {f.name for f in text_string_to_metric_families(get(server, "/metrics").text)}
 
 
 # -------------------------------------------------------------------------- errors

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests import models
@@ -263,3 +264,16 @@ def test_metrics_label_v2_requests(server, triton):
     triton.infer("two", _two_inputs())
     text = server.http.get(server.rest + "/metrics", timeout=30).text
     assert 'model="two"' in text and 'protocol="rest_v2"' in text
+
+
+def test_refused_bodies_are_counted(server):
+    def refused() -> float:
+        text = server.http.get(server.rest + "/metrics", timeout=30).text
+        (family,) = [f for f in text_string_to_metric_families(text) if f.name == "graft_requests"]
+        return sum(s.value for s in family.samples if s.name == "graft_requests_total" and s.labels == {
+            "model": "two", "version": "", "signature": "", "method": "predict", "protocol": "rest_v2",
+            "code": "INVALID_ARGUMENT"})
+
+    before = refused()
+    assert _post(server, "/v2/models/two/infer", data="{not json").status_code == 400
+    assert refused() == before + 1
