@@ -35,7 +35,7 @@ from serving.errors import Unauthenticated
 # REST paths answered without a token (exact matches: routing is exact too, so a
 # path that merely starts like one of these still needs the token).
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-METRICS_PATHS = frozenset({"/metrics", "/monitoring/prometheus/metrics"})
+METRICS_PATHS = frozenset({"/metrics", "/monitoring/prometheus/metrics"})  # the default; see TokenAuth
 # gRPC methods answered without a token: grpc.health.v1 and V2's server health (as /v2/health/*).
 HEALTH_METHODS = frozenset({
     "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
@@ -87,20 +87,23 @@ def read_token_file(path: str | Path) -> tuple[str, ...]:
 class TokenAuth:
     """The accepted bearer tokens and the rule for which endpoints stay open."""
 
-    def __init__(self, tokens: Iterable[str], *, protect_metrics: bool = False):
+    def __init__(self, tokens: Iterable[str], *, protect_metrics: bool = False,
+                 metrics_paths: Iterable[str] = METRICS_PATHS):
         self._tokens = tuple(t.encode("ascii") for t in tokens)
         if not self._tokens:
             raise ValueError("TokenAuth needs at least one token")
         self.protect_metrics = protect_metrics
+        self._metrics_paths = frozenset(metrics_paths)
 
     @classmethod
-    def from_file(cls, path: str | Path, *, protect_metrics: bool = False) -> TokenAuth:
+    def from_file(cls, path: str | Path, *, protect_metrics: bool = False,
+                  metrics_paths: Iterable[str] = METRICS_PATHS) -> TokenAuth:
         """Read the tokens from a token file (see :func:`parse_tokens`)."""
-        return cls(read_token_file(path), protect_metrics=protect_metrics)
+        return cls(read_token_file(path), protect_metrics=protect_metrics, metrics_paths=metrics_paths)
 
     def rest_path_is_open(self, path: str) -> bool:
         """True when the REST ``path`` is answered without a token."""
-        return path in HEALTH_PATHS or (not self.protect_metrics and path in METRICS_PATHS)
+        return path in HEALTH_PATHS or (not self.protect_metrics and path in self._metrics_paths)
 
     def grpc_method_is_open(self, method: str) -> bool:
         """True when the gRPC ``method`` (``/package.Service/Method``) is answered without a token."""

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from serving.loop import EVENT_LOOPS  # asyncio only: the parser stays free of TensorFlow
 
@@ -103,10 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest REST body (after gunzip) and gRPC message, in bytes (default 64 MiB)")
     p.add_argument("--drain_seconds", type=float, default=DEFAULT_DRAIN_SECONDS,
                    help="on SIGTERM, wait at most this long for in-flight requests (default 30)")
-    p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=False,
-                   help="batch requests on the server (default false)")
+    p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=None,
+                   help="batch requests on the server (default false, or true with --batching_parameters_file)")
     p.add_argument("--batching_parameters_file", default="",
-                   help="TF Serving BatchingParameters text proto (implies --enable_batching)")
+                   help="TF Serving BatchingParameters text proto (implies --enable_batching unless it is "
+                        "given as false)")
     p.add_argument("--freeze_graph", type=_bool, nargs="?", const=True, default=True,
                    help="run each signature with its variables folded into constants: 1.4-1.6x faster "
                         "on the benchmark model, and a second copy of the weights in memory; a signature "
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"largest encoded image accepted, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS})")
     p.add_argument("--enable_metrics", type=_bool, nargs="?", const=True, default=True,
                    help="serve Prometheus metrics at /metrics and /monitoring/prometheus/metrics (default true)")
+    p.add_argument("--monitoring_config_file", default="",
+                   help="TF Serving MonitoringConfig text proto: prometheus_config { enable path } chooses "
+                        "whether metrics are served and at which path besides /metrics")
     p.add_argument("--auth_token_file", default="",
                    help="require a bearer token from this file (one per line) in the REST Authorization "
                         "header and the gRPC 'authorization' metadata (default: no authentication)")
@@ -199,10 +204,12 @@ class GraftServer:
         from serving.service import InferenceService
 
         configs = self._read_configs()
-        auth, credentials = _auth(args), _grpc_credentials(args)  # bad files fail before any model loads
+        # Bad files fail before any model loads.
+        metrics_paths = _metrics_paths(args)
+        auth, credentials = _auth(args, metrics_paths), _grpc_credentials(args)
         batching = _batching_config(args)
         _handler_threads(args, batching)
-        registry = CollectorRegistry() if args.enable_metrics else None
+        registry = CollectorRegistry() if metrics_paths else None
         metrics = (ServingMetrics(registry, device_memory=devices.memory_reader(gpu_devices))
                    if registry is not None else None)
         self.manager = ModelManager(configs, poll_seconds=args.file_system_poll_wait_seconds, listener=metrics,
@@ -224,7 +231,7 @@ class GraftServer:
             from serving.asgi import RestServer
 
             app = create_app(self.service, RestOptions(args.max_request_bytes, args.rest_api_timeout_in_ms),
-                             metrics_registry=registry, auth=auth)
+                             metrics_registry=registry, auth=auth, metrics_paths=metrics_paths)
             self._rest = RestServer(app, args.host, args.rest_api_port, threads=args.rest_api_num_threads,
                                     certfile=args.rest_tls_cert, keyfile=args.rest_tls_key,
                                     event_loop=args.rest_event_loop)
@@ -311,12 +318,28 @@ def _configure_tensorflow(args: argparse.Namespace) -> None:
              tf.config.threading.get_inter_op_parallelism_threads())
 
 
-def _auth(args: argparse.Namespace):
+def _metrics_paths(args: argparse.Namespace) -> tuple[str, ...]:
+    """The REST paths that serve metrics (none: no registry at all)."""
+    from serving.metrics import DEFAULT_METRICS_PATHS, metrics_paths_from_monitoring_config
+
+    if not args.enable_metrics:
+        return ()
+    if not args.monitoring_config_file:
+        return DEFAULT_METRICS_PATHS
+    text = Path(args.monitoring_config_file).read_text(encoding="utf-8")
+    try:
+        return metrics_paths_from_monitoring_config(text)
+    except ValueError as exc:
+        raise ValueError(f"--monitoring_config_file {args.monitoring_config_file}: {exc}") from None
+
+
+def _auth(args: argparse.Namespace, metrics_paths: tuple[str, ...]):
     if not args.auth_token_file:
         return None
     from serving.auth import TokenAuth
 
-    return TokenAuth.from_file(args.auth_token_file, protect_metrics=args.auth_metrics)
+    return TokenAuth.from_file(args.auth_token_file, protect_metrics=args.auth_metrics,
+                               metrics_paths=metrics_paths)
 
 
 def _interceptors(auth) -> list:
@@ -373,7 +396,13 @@ def _tune_switch_interval(args: argparse.Namespace) -> None:
 
 
 def _batching_config(args: argparse.Namespace):
-    if not (args.enable_batching or args.batching_parameters_file):
+    enabled = args.enable_batching
+    if enabled is None:  # not given: a parameters file alone turns batching on
+        enabled = bool(args.batching_parameters_file)
+    if not enabled:
+        if args.batching_parameters_file:
+            log.warning("--batching_parameters_file %s is ignored: --enable_batching is false",
+                        args.batching_parameters_file)
         return None
     from serving.batching import BatchingConfig, read_batching_parameters_file
 

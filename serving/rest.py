@@ -17,6 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from serving.body import DECODE_ON_LOOP_BYTES, read_body
 from serving.errors import InvalidArgument, NotFound, ServingError, Unauthenticated
 from serving.jsonarray import DenseReader
 from serving.loop import run_blocking
+from serving.metrics import DEFAULT_METRICS_PATHS
 from serving.service import ExamplesCall, PredictCall, version_status_json
 
 if TYPE_CHECKING:
@@ -67,8 +69,9 @@ class RestOptions:
 
 
 def create_app(service: InferenceService, options: RestOptions | None = None,
-               metrics_registry: CollectorRegistry | None = None, auth: TokenAuth | None = None) -> Starlette:
-    """The ASGI app serving ``service``; ``/metrics`` only when a registry is given.
+               metrics_registry: CollectorRegistry | None = None, auth: TokenAuth | None = None,
+               metrics_paths: Sequence[str] = DEFAULT_METRICS_PATHS) -> Starlette:
+    """The ASGI app serving ``service``; the registry at ``metrics_paths`` only when one is given.
 
     With ``auth`` every path needs ``Authorization: Bearer <token>`` except those
     ``auth.rest_path_is_open`` names (health; metrics unless protected): 401 otherwise.
@@ -97,7 +100,7 @@ def create_app(service: InferenceService, options: RestOptions | None = None,
             text = await run_blocking(generate_latest, metrics_registry)
             return Response(text, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
-        routes += [Route("/metrics", metrics), Route("/monitoring/prometheus/metrics", metrics)]
+        routes += [Route(path, metrics) for path in metrics_paths]
 
     from serving.rest_v2 import v2_routes  # V2 routes and /openapi.json
 

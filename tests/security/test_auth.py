@@ -64,6 +64,10 @@ def test_open_endpoints_follow_protect_metrics():
     assert open_metrics.rest_path_is_open("/metrics")
     assert not closed_metrics.rest_path_is_open("/metrics")
     assert not closed_metrics.rest_path_is_open("/monitoring/prometheus/metrics")
+    # The paths --monitoring_config_file chose are the open ones, and no others.
+    moved = TokenAuth([TOKEN], metrics_paths=("/metrics", "/ops/prom"))
+    assert moved.rest_path_is_open("/ops/prom") and moved.rest_path_is_open("/metrics")
+    assert not moved.rest_path_is_open("/monitoring/prometheus/metrics")
 
 
 @pytest.mark.parametrize("argv, problem", [

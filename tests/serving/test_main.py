@@ -15,7 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
-from serving.main import GraftServer, build_parser, main
+from serving.main import GraftServer, _batching_config, build_parser, main
+from serving.metrics import metrics_paths_from_monitoring_config
 from serving.servable import _FrozenCall
 from serving.body import DECODE_ON_LOOP_BYTES
 from tests import models
@@ -31,11 +32,11 @@ def test_defaults_are_tf_servings():
     assert args.file_system_poll_wait_seconds == 1.0
     assert args.model_config_file_poll_wait_seconds == 0.0
     assert args.rest_api_timeout_in_ms == 30000
-    assert args.enable_batching is False
+    assert args.enable_batching is None  # not given: false, unless a batching parameters file is
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], False), (["--enable_batching"], True), (["--enable_batching=true"], True),
+    ([], None), (["--enable_batching"], True), (["--enable_batching=true"], True),
     (["--enable_batching=false"], False), (["--enable_batching=0"], False),
     (["--enable_batching", "TRUE"], True),
 ])
@@ -61,6 +62,63 @@ def test_bad_model_config_exits_1(tmp_path, caplog):
     assert main(["--model_config_file", str(config), "--port", "0",
                  "--rest_api_port", str(free_port()), "--host", "127.0.0.1"]) == 1
     assert "cannot start" in caplog.text
+
+
+@pytest.mark.parametrize("flags, batching", [
+    ([], False),
+    (["--enable_batching"], True),
+    (["--batching_parameters_file", "{file}"], True),   # the file alone turns batching on
+    (["--enable_batching=true", "--batching_parameters_file", "{file}"], True),
+    (["--enable_batching=false", "--batching_parameters_file", "{file}"], False),  # as in TF Serving
+])
+def test_batching_flags(tmp_path, flags, batching, caplog):
+    path = tmp_path / "batching.config"
+    path.write_text("max_batch_size { value: 8 }")
+    args = build_parser().parse_args(["--model_base_path", "/m", *(f.format(file=path) for f in flags)])
+    config = _batching_config(args)
+    assert (config is not None) is batching
+    if config is not None and "--batching_parameters_file" in flags:
+        assert config.max_batch_size == 8
+    assert ("is ignored" in caplog.text) is ("--enable_batching=false" in flags)
+
+
+def test_monitoring_config_text():
+    assert metrics_paths_from_monitoring_config("") == ()
+    assert metrics_paths_from_monitoring_config("prometheus_config { enable: false path: '/m' }") == ()
+    assert metrics_paths_from_monitoring_config("prometheus_config { enable: true }") == \
+        ("/metrics", "/monitoring/prometheus/metrics")
+    assert metrics_paths_from_monitoring_config(
+        'prometheus_config { enable: true, path: "/ops/prom" }') == ("/metrics", "/ops/prom")
+    assert metrics_paths_from_monitoring_config("prometheus_config { enable: true path: '/metrics' }") == \
+        ("/metrics",)
+    for bad, needle in [("prometheus_config { enable: yes_please }", "MonitoringConfig"),
+                        ("prometheus { enable: true }", "prometheus"),
+                        ("prometheus_config { enable: true path: 'ops' }", "absolute"),
+                        ("prometheus_config { enable: true path: '/v1/models/x' }", "/v1")]:
+        with pytest.raises(ValueError, match=needle):
+            metrics_paths_from_monitoring_config(bad)
+
+
+def test_monitoring_config_file_moves_or_removes_the_metrics_paths(tmp_path, two_input_savedmodel):
+    models.install_version(two_input_savedmodel, tmp_path / "two", 1)
+    model = ["--model_name", "two", "--model_base_path", str(tmp_path / "two")]
+    config = tmp_path / "monitoring.config"
+    config.write_text('prometheus_config {\n  enable: true,\n  path: "/ops/prometheus"\n}\n')
+    with serving([*model, "--monitoring_config_file", str(config)]) as (_, client):
+        _predict(client, "two")
+        text = client.http.get(client.rest + "/ops/prometheus", timeout=30).text
+        families = {f.name for f in text_string_to_metric_families(text)}
+        assert {"graft_requests", "graft_inference_seconds"} <= families
+        assert client.http.get(client.rest + "/metrics", timeout=30).status_code == 200
+        assert client.http.get(client.rest + "/monitoring/prometheus/metrics", timeout=30).status_code == 404
+    config.write_text("prometheus_config { enable: false }")
+    with serving([*model, "--monitoring_config_file", str(config)]) as (_, client):
+        _predict(client, "two")
+        for path in ("/metrics", "/monitoring/prometheus/metrics"):
+            assert client.http.get(client.rest + path, timeout=30).status_code == 404
+    config.write_text("prometheus_config { enable: true path: 'relative' }")
+    assert main(["--monitoring_config_file", str(config), *model, "--port", "0",
+                 "--rest_api_port", str(free_port()), "--host", "127.0.0.1"]) == 1
 
 
 def _predict(client: Client, model: str, timeout: float = 30):
