@@ -260,12 +260,6 @@ def test_corrupt_compressed_body_is_400(server):
     assert r.status_code == 400 and "deflate" in r.json()["error"]
 
 
-def test_metrics_label_v2_requests(server, triton):
-    triton.infer("two", _two_inputs())
-    text = server.http.get(server.rest + "/metrics", timeout=30).text
-    assert 'model="two"' in text and 'protocol="rest_v2"' in text
-
-
 def test_refused_bodies_are_counted(server):
     def refused() -> float:
         text = server.http.get(server.rest + "/metrics", timeout=30).text
@@ -277,3 +271,10 @@ def test_refused_bodies_are_counted(server):
     before = refused()
     assert _post(server, "/v2/models/two/infer", data="{not json").status_code == 400
     assert refused() == before + 1
+
+
+def test_metrics_label_v2_requests(server, triton):
+    triton.infer("two", _two_inputs())
+    text = server.http.get(server.rest + "/metrics", timeout=30).text
+    assert 'model="two"' in text and 'protocol="rest_v2"' in text
+
