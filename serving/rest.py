@@ -201,8 +201,9 @@ async def _dispatch(service: InferenceService, options: RestOptions, dense_reade
 async def _infer(service: InferenceService, options: RestOptions, dense_reader: DenseReader, request: Request,
                  verb: str, name: str, version: int | None, label: str | None) -> Response:
     """Answer a predict, classify or regress POST."""
-    raw = await _raw_json_body(request, options.max_request_bytes)
+    # From the request's arrival, as the V2 route counts it: a slow upload uses up the timeout too.
     deadline = time.monotonic() + options.timeout_ms / 1000.0
+    raw = await _raw_json_body(request, options.max_request_bytes)
     if verb != "predict":
         return await run_blocking(_examples, service, verb, name, version, label, raw, deadline)
     if len(raw) > DECODE_ON_LOOP_BYTES:
