@@ -98,6 +98,19 @@ def check_own_rows(x: np.ndarray, out: dict) -> None:
     np.testing.assert_array_equal(out["rid"], x[:, 0].astype(np.int64))
 
 
+def occupied(batchers, **config):
+    """A batcher over ``Model`` whose only batch thread is busy with row 0 until ``gate`` is set.
+
+    Returns ``(model, gate, batcher, (thread, box))``, the last for that first request.
+    """
+    gate = threading.Event()
+    model = Model(gate=gate)
+    batcher = batchers(model, num_batch_threads=1, **config)
+    first = in_thread(batcher.submit, {"x": rows(0, 1)})
+    assert model.started.wait(5)
+    return model, gate, batcher, first
+
+
 # -- configuration -------------------------------------------------------------
 
 
@@ -293,11 +306,7 @@ def test_batch_waits_for_peers_within_timeout(batchers):
 
 
 def test_full_queue_is_unavailable_at_once(batchers):
-    gate = threading.Event()
-    model = Model(gate=gate)
-    batcher = batchers(model, max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
-    running, box_a = in_thread(batcher.submit, {"x": rows(0, 1)})
-    assert model.started.wait(5)
+    model, gate, batcher, (running, box_a) = occupied(batchers, max_batch_size=1, max_enqueued_batches=2)
     queued = [in_thread(batcher.submit, {"x": rows(i, 1)}) for i in (1, 2)]
     wait_for(lambda: batcher.queue_depth() == 2)
     start = time.monotonic()
@@ -316,11 +325,7 @@ def test_full_queue_is_unavailable_at_once(batchers):
 
 
 def test_batches_emptied_by_withdrawn_requests_leave_room_in_the_queue(batchers):
-    gate = threading.Event()
-    model = Model(gate=gate)
-    batcher = batchers(model, max_batch_size=1, max_enqueued_batches=2, num_batch_threads=1)
-    running, box_a = in_thread(batcher.submit, {"x": rows(0, 1)})
-    assert model.started.wait(5)
+    model, gate, batcher, (running, box_a) = occupied(batchers, max_batch_size=1, max_enqueued_batches=2)
     # Two queued requests fill the queue, then give up: their batches stay queued, empty.
     for i in (1, 2):
         with pytest.raises(DeadlineExceeded):
@@ -338,11 +343,7 @@ def test_batches_emptied_by_withdrawn_requests_leave_room_in_the_queue(batchers)
 
 
 def test_deadline_expiring_in_queue_is_dropped_before_running(batchers):
-    gate = threading.Event()
-    model = Model(gate=gate)
-    batcher = batchers(model, max_batch_size=4, num_batch_threads=1)
-    running, box_a = in_thread(batcher.submit, {"x": rows(0, 1)})
-    assert model.started.wait(5)
+    model, gate, batcher, (running, box_a) = occupied(batchers, max_batch_size=4)
     start = time.monotonic()
     with pytest.raises(DeadlineExceeded):
         batcher.submit({"x": rows(500, 2)}, deadline=time.monotonic() + 0.15)
@@ -437,11 +438,7 @@ def test_a_batch_wakes_each_event_loop_once_and_every_waiter_gets_its_rows(batch
 
 
 def test_async_deadline_expiring_in_queue_is_dropped_before_running(batchers):
-    gate = threading.Event()
-    model = Model(gate=gate)
-    batcher = batchers(model, max_batch_size=4, num_batch_threads=1)
-    running, box = in_thread(batcher.submit, {"x": rows(0, 1)})
-    assert model.started.wait(5)
+    model, gate, batcher, (running, box) = occupied(batchers, max_batch_size=4)
 
     async def expire():
         start = time.monotonic()
@@ -458,11 +455,7 @@ def test_async_deadline_expiring_in_queue_is_dropped_before_running(batchers):
 
 
 def test_async_caller_cancelled_while_queued_withdraws_its_rows(batchers):
-    gate = threading.Event()
-    model = Model(gate=gate)
-    batcher = batchers(model, max_batch_size=4, num_batch_threads=1)
-    running, _ = in_thread(batcher.submit, {"x": rows(0, 1)})
-    assert model.started.wait(5)
+    model, gate, batcher, (running, _) = occupied(batchers, max_batch_size=4)
 
     async def cancel():
         task = asyncio.ensure_future(batcher.submit_async({"x": rows(600, 3)}))
@@ -690,11 +683,7 @@ def test_close_drains_queued_work(batchers):
 
 
 def test_close_without_drain_fails_queued_requests(batchers):
-    gate = threading.Event()
-    model = Model(gate=gate)
-    batcher = batchers(model, max_batch_size=1, num_batch_threads=1)
-    running, box_a = in_thread(batcher.submit, {"x": rows(0, 1)})
-    assert model.started.wait(5)
+    model, gate, batcher, (running, box_a) = occupied(batchers, max_batch_size=1)
     queued, box_b = in_thread(batcher.submit, {"x": rows(1, 1)})
     wait_for(lambda: batcher.queue_depth() == 1)
     closer, _ = in_thread(batcher.close, drain=False)
