@@ -31,11 +31,11 @@ from pathlib import Path
 import grpc
 
 from serving.errors import Unauthenticated
+from serving.metrics import DEFAULT_METRICS_PATHS
 
 # REST paths answered without a token (exact matches: routing is exact too, so a
 # path that merely starts like one of these still needs the token).
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
-METRICS_PATHS = frozenset({"/metrics", "/monitoring/prometheus/metrics"})  # the default; see TokenAuth
 # gRPC methods answered without a token: grpc.health.v1 and V2's server health (as /v2/health/*).
 HEALTH_METHODS = frozenset({
     "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
@@ -88,7 +88,7 @@ class TokenAuth:
     """The accepted bearer tokens and the rule for which endpoints stay open."""
 
     def __init__(self, tokens: Iterable[str], *, protect_metrics: bool = False,
-                 metrics_paths: Iterable[str] = METRICS_PATHS):
+                 metrics_paths: Iterable[str] = DEFAULT_METRICS_PATHS):
         self._tokens = tuple(t.encode("ascii") for t in tokens)
         if not self._tokens:
             raise ValueError("TokenAuth needs at least one token")
@@ -97,7 +97,7 @@ class TokenAuth:
 
     @classmethod
     def from_file(cls, path: str | Path, *, protect_metrics: bool = False,
-                  metrics_paths: Iterable[str] = METRICS_PATHS) -> TokenAuth:
+                  metrics_paths: Iterable[str] = DEFAULT_METRICS_PATHS) -> TokenAuth:
         """Read the tokens from a token file (see :func:`parse_tokens`)."""
         return cls(read_token_file(path), protect_metrics=protect_metrics, metrics_paths=metrics_paths)
 

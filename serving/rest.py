@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
