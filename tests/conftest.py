@@ -8,32 +8,12 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from tests import models  # noqa: E402
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def free_port() -> int:
-    """One free TCP port on 127.0.0.1."""
-    return _free_port()
-
-
-@pytest.fixture
-def free_port_factory():
-    """A callable returning a fresh free TCP port on 127.0.0.1 at each call."""
-    return _free_port
 
 
 @pytest.fixture(scope="session")
@@ -64,6 +44,25 @@ def tiny_cnn_keras(_tiny_cnn):
 
 
 @pytest.fixture(scope="session")
+def cnn_and_two_repo(tmp_path_factory, tiny_cnn_savedmodel, two_input_savedmodel):
+    """A factory of fresh repositories holding ``cnn/1`` (the tiny CNN) and ``two/1``.
+
+    ``cnn_and_two_repo(name, stable=True)`` returns the new repository's
+    models.config, which names both models and, with ``stable``, labels
+    ``two/1`` as ``stable``. Each call makes its own copy, so module fixtures
+    may change theirs freely.
+    """
+    def make(name: str, *, stable: bool = True) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        models.install_version(tiny_cnn_savedmodel, root / "cnn", 1)
+        models.install_version(two_input_savedmodel, root / "two", 1)
+        labels = {"two": 'version_labels { key: "stable" value: 1 }'} if stable else {}
+        return models.write_model_config(root / "models.config", {"cnn": root / "cnn", "two": root / "two"}, labels)
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def two_input_savedmodel(tmp_path_factory) -> Path:
     """Path of the two-input tf.Module SavedModel (see ``models.export_two_input_module``).
 
@@ -72,3 +71,9 @@ def two_input_savedmodel(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("two_input") / "savedmodel"
     models.export_two_input_module(path)
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Always print the skip count, zero included: a skip must name an outside reason (see -ra above)."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    terminalreporter.write_sep("-", f"{len(skipped)} skipped")

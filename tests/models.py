@@ -206,3 +206,13 @@ def install_version(src: str | os.PathLike, base_path: str | os.PathLike, versio
     shutil.copytree(src, staging)
     os.rename(staging, target)
     return target
+
+
+def write_model_config(path: Path, models: dict[str, Path], extra: dict[str, str] | None = None) -> Path:
+    """Write a TF Serving models.config naming each model's base path (``extra``: text per model)."""
+    extra = extra or {}
+    entries = "".join(
+        f'  config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" {extra.get(name, "")} }}\n'
+        for name, base in models.items())
+    path.write_text(f"model_config_list {{\n{entries}}}\n")
+    return path

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import functools
 import importlib
-import importlib.util
 import io
 import json
 import re
@@ -324,10 +323,8 @@ def manifest_invocations(objects: list[dict], stages: dict[str, Stage],
 # -- the real parsers ----------------------------------------------------------------------
 
 def parser_for(program: str) -> argparse.ArgumentParser:
-    """``build_parser()`` of the program's module; skips only while that module is not written."""
+    """``build_parser()`` of the program's module."""
     module_name = PROGRAMS[program]
-    if importlib.util.find_spec(module_name) is None:
-        pytest.skip(f"{module_name} does not exist yet: {program}'s flags cannot be checked")
     module = importlib.import_module(module_name)
     build = getattr(module, "build_parser", None)
     assert callable(build), f"{module_name} must expose build_parser() -> argparse.ArgumentParser"

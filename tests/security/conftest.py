@@ -16,7 +16,7 @@ from tensorflow_serving.apis import predict_pb2
 from serving.main import GraftServer, build_parser
 from tests import models
 from tests.security.certs import Pki, make_pki
-from tests.serving.server import free_port
+from tests.ports import free_port
 
 MODEL = "two"
 X = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 4.0]], dtype=np.float32)

@@ -7,7 +7,6 @@ exercises exactly what ``graft-serve`` runs; nothing is stubbed. Servers bind
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -19,25 +18,9 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from serving.main import GraftServer, build_parser
 from serving.process import ServeProcess
+from tests.ports import free_port
 
 READY_TIMEOUT_S = 90.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def write_model_config(path: Path, models: dict[str, Path], extra: dict[str, str] | None = None) -> Path:
-    """Write a TF Serving models.config naming each model's base path (``extra``: text per model)."""
-    extra = extra or {}
-    entries = "".join(
-        f'  config {{ name: "{name}" base_path: "{base}" model_platform: "tensorflow" {extra.get(name, "")} }}\n'
-        for name, base in models.items())
-    path.write_text(f"model_config_list {{\n{entries}}}\n")
-    return path
 
 
 class Client:

@@ -16,7 +16,7 @@ import pytest
 
 from serving.affinity import split_cpus
 from serving.main import main
-from tests.serving.server import free_port
+from tests.ports import free_port
 
 
 def test_tensorflow_gets_the_last_cpus_and_the_other_threads_the_rest():

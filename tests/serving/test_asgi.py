@@ -37,7 +37,6 @@ APP = Starlette(routes=[Route("/slow", slow), Route("/thread", in_thread), Route
 
 @pytest.fixture(params=["uvloop", "asyncio"])
 def served(request):
-    pytest.importorskip(request.param)
     server = RestServer(APP, "127.0.0.1", 0, threads=2, event_loop=request.param)
     assert server.event_loop == request.param
     thread = threading.Thread(target=server.serve, daemon=True)

@@ -218,9 +218,19 @@ def test_memory_in_use_reads_each_device_and_skips_unready_ones():
 
     assert devices.memory_in_use(["/device:GPU:0", "/device:GPU:1"], info) == {"GPU:0": 1234}
     assert devices.memory_label("/device:GPU:3") == "GPU:3" and devices.memory_label("GPU:1") == "GPU:1"
-    # The real reader on a real device (CPU memory is reported as 0 by TensorFlow).
-    assert devices.memory_in_use(["/device:CPU:0"], tf.config.experimental.get_memory_info) == {"CPU:0": 0}
     assert devices.memory_reader([])() == {}
+
+
+def test_memory_in_use_leaves_out_a_device_whose_allocator_keeps_no_stats():
+    # What TensorFlow raises for the CPU allocator on builds that keep no statistics.
+    def no_stats(device):
+        raise ValueError(f"Allocator stats not available for device '{device}'")
+
+    assert devices.memory_in_use(["/device:CPU:0"], no_stats) == {}
+    # TensorFlow's own reader on this process's CPU, whichever way this build answers:
+    # a byte count, or no entry at all; never an exception.
+    real = devices.memory_in_use(["/device:CPU:0"], tf.config.experimental.get_memory_info)
+    assert real in ({}, {"CPU:0": real.get("CPU:0")}) and all(v >= 0 for v in real.values())
 
 
 def test_device_memory_metric_reports_the_reader():

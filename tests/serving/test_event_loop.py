@@ -13,6 +13,7 @@ import pytest
 
 from serving.loop import new_event_loop
 from serving.main import build_parser
+import uvloop
 
 
 def _is_asyncios_own(loop: asyncio.AbstractEventLoop) -> bool:
@@ -22,7 +23,6 @@ def _is_asyncios_own(loop: asyncio.AbstractEventLoop) -> bool:
 
 @pytest.mark.parametrize("kind, expected", [("auto", "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
 def test_each_kind_makes_its_loop_and_auto_prefers_uvloop(kind, expected):
-    uvloop = pytest.importorskip("uvloop")
     loop = new_event_loop(kind)
     try:
         assert isinstance(loop, uvloop.Loop) == (expected == "uvloop")

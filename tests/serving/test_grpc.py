@@ -33,7 +33,8 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.models import write_model_config
+from tests.serving.server import serving
 
 X = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]], dtype=np.float32)
 TAGS = np.array([b"ab", b"\x00xyz"], dtype=object)

@@ -21,7 +21,8 @@ from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.service import training_summary
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.models import write_model_config
+from tests.serving.server import serving
 
 LINEAGE = {
     "base": "vgg16",

@@ -20,7 +20,9 @@ from serving.metrics import metrics_paths_from_monitoring_config
 from serving.servable import _FrozenCall
 from serving.body import DECODE_ON_LOOP_BYTES
 from tests import models
-from tests.serving.server import Client, Subprocess, free_port, serving, write_model_config
+from tests.ports import free_port
+from tests.models import write_model_config
+from tests.serving.server import Client, Subprocess, serving
 
 X = np.array([[1.0, 2.0, 3.0], [0.0, -1.0, 0.5]], dtype=np.float32)
 

@@ -22,6 +22,7 @@ from serving.manager import ModelManager
 from serving.metrics import LATENCY_BUCKETS, ServingMetrics
 from serving.service import InferenceService, PredictCall
 from tests import models
+import tensorflow as tf
 
 MODEL, VERSION, SIGNATURE = "digits", 3, "serving_default"
 
@@ -211,7 +212,6 @@ def test_runs_without_a_batcher_are_timed_too(repo):
 
 
 def test_device_memory_has_samples_only_with_gpus():
-    tf = pytest.importorskip("tensorflow")
     fam = scrape(ServingMetrics(CollectorRegistry()))
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
     # The family is always declared, so dashboards and alerts find it on CPU nodes too.

@@ -26,7 +26,8 @@ from schemathesis.checks import (
 )
 
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.models import write_model_config
+from tests.serving.server import serving
 
 EXAMPLES = 6  # per operation; about 35 operations
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,

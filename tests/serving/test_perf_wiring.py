@@ -22,7 +22,8 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2
 
 from tests import models
-from tests.serving.server import Subprocess, free_port
+from tests.ports import free_port
+from tests.serving.server import Subprocess
 
 MAX_BATCH = 8
 BATCHING = f"""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,7 +37,6 @@ def _generated_tree(root: Path) -> dict[str, bytes]:
 
 
 def test_committed_modules_match_a_fresh_generation(tmp_path):
-    pytest.importorskip("grpc_tools")
     written = generate.generate(tmp_path)
     assert written, "nothing generated"
     fresh = _generated_tree(tmp_path)
@@ -44,6 +44,23 @@ def test_committed_modules_match_a_fresh_generation(tmp_path):
     assert sorted(fresh) == sorted(committed), "run `make protos`: the set of generated files changed"
     stale = [name for name in fresh if fresh[name] != committed[name]]
     assert not stale, f"run `make protos`: stale generated files {stale}"
+
+
+def test_a_changed_proto_without_regenerated_stubs_is_caught(tmp_path):
+    """The check above must fail when a .proto gains a field and nobody runs `make protos`."""
+    root = tmp_path / "protos"
+    shutil.copytree(generate.PROTO_ROOT, root)
+    batching = root / "graft" / "batching.proto"
+    text = batching.read_text()
+    last = text.rstrip().rindex("}")
+    batching.write_text(text[:last] + "  int64 graft_test_only_field = 999;\n}\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    generate.generate(out, root)
+    fresh, committed = _generated_tree(out), _generated_tree(generate.OUT_DIR)
+    assert sorted(fresh) == sorted(committed)
+    assert sorted(name for name in fresh if fresh[name] != committed[name]) == ["graft/batching_pb2.py",
+                                                                         "graft/batching_pb2.pyi"]
 
 
 def test_every_proto_under_protos_is_generated():
@@ -55,7 +72,6 @@ def test_every_proto_under_protos_is_generated():
 
 
 def test_generator_rewrites_imports_and_emits_services_only_where_declared(tmp_path, monkeypatch):
-    pytest.importorskip("grpc_tools")
     root = tmp_path / "protos"
     (root / "gentest").mkdir(parents=True)
     (root / "gentest" / "base.proto").write_text(

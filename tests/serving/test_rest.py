@@ -20,7 +20,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.serving.server import serving
 
 MAX_BYTES = 1_000_000
 MAX_PIXELS = 64 * 64
@@ -28,12 +28,8 @@ X = [[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_cnn_savedmodel, two_input_savedmodel):
-    root = tmp_path_factory.mktemp("rest_repo")
-    models.install_version(tiny_cnn_savedmodel, root / "cnn", 1)
-    models.install_version(two_input_savedmodel, root / "two", 1)
-    config = write_model_config(root / "models.config", {"cnn": root / "cnn", "two": root / "two"},
-                                {"two": 'version_labels { key: "stable" value: 1 }'})
+def server(cnn_and_two_repo):
+    config = cnn_and_two_repo("rest_repo")
     flags = ["--model_config_file", str(config), "--max_request_bytes", str(MAX_BYTES),
              "--max_image_pixels", str(MAX_PIXELS), "--enable_batching=true"]
     with serving(flags) as (_, client):

@@ -19,19 +19,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
 from tests import models
-from tests.serving.server import serving, write_model_config
+from tests.serving.server import serving
 
 X = np.array([[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]], dtype=np.float32)
 TAGS = np.array([b"ab", b"\xff\x00z"], dtype=object)  # the second is not UTF-8 text
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_cnn_savedmodel, two_input_savedmodel):
-    root = tmp_path_factory.mktemp("v2_rest_repo")
-    models.install_version(tiny_cnn_savedmodel, root / "cnn", 1)
-    models.install_version(two_input_savedmodel, root / "two", 1)
-    config = write_model_config(root / "models.config", {"cnn": root / "cnn", "two": root / "two"},
-                                {"two": 'version_labels { key: "stable" value: 1 }'})
+def server(cnn_and_two_repo):
+    config = cnn_and_two_repo("v2_rest_repo")
     with serving(["--model_config_file", str(config), "--enable_batching=true"]) as (_, client):
         yield client
 

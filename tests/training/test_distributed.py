@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.ports import free_ports
 from tests.training.conftest import make_image_folder
 from training import cli, distributed
 
@@ -28,18 +28,6 @@ def tf_config(ports, task_type="worker", index=0, chief_port=None) -> str:
     if chief_port is not None:
         cluster["chief"] = [f"127.0.0.1:{chief_port}"]
     return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now (all held open together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 # -- TF_CONFIG --------------------------------------------------------------

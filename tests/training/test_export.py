@@ -14,6 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from training import export, repo
+from serving import servable as servable_module
 
 SIZE = 32
 CLASSES = ["circle", "square", "stripe"]
@@ -164,7 +165,6 @@ def test_second_export_is_version_two_and_bad_inputs_leave_nothing(exported, tmp
 
 
 def test_serving_loads_the_version(exported, images):
-    servable_module = pytest.importorskip("serving.servable")
     model, _, path = exported
     servable = servable_module.Servable.load("shapes", 1, path)
     try:

