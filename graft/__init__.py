@@ -1,0 +1,1 @@
+"""Graft's shared ground: what graft-train writes and graft-serve reads (``graft.contract``)."""
