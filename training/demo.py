@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.process import ServeProcess
+from graft import contract
+from serving.runtime.process import ServeProcess
 
 MARKER = ".graft-demo"
 MODEL_NAME = "digits"
@@ -383,7 +384,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import tensorflow as tf
 
-    from training import bases, data, export, promote
+    from training import bases, data, promote
 
     # The baselines rebuild tf.functions per model on purpose; TF's retracing advice is noise here.
     tf.get_logger().setLevel("ERROR")
@@ -393,7 +394,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     _step(2, f"fit version 1: vgg16 + hed weights, scenario auto, {args.images_per_class} images per class")
     version1 = _fit(split.small, split.val, repo, workdir / "runs" / "v1", args)
-    lineage = json.loads((version1 / "assets.extra" / export.LINEAGE_FILE).read_text())
+    lineage = contract.read_lineage(version1)
     evidence = lineage["scenario"]["evidence"]
     probes = ", ".join(f"{k} {v * 100:.1f}%" for k, v in evidence.get("probe_scores", {}).items())
     _say(f"auto decision: scenario {lineage['scenario']['scenario']} ({lineage['scenario']['name']}), "

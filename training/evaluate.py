@@ -8,7 +8,6 @@ promotion gate reuses :func:`evaluate_savedmodel`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from training.export import IMAGE_FEATURE, LABELS_FILE, LINEAGE_FILE
+from graft import contract
+from training.export import IMAGE_FEATURE
 
 SIGNATURES = ("serving_default", "predict_images", "classify")
 
@@ -86,20 +86,7 @@ def classification_metrics(labels: Sequence[int], predictions: Sequence[int],
     return accuracy, per_class, confusion
 
 
-def read_class_names(path: str | os.PathLike) -> list[str]:
-    """The class names of an exported version, from ``assets/labels.txt`` (else graft.json)."""
-    labels = Path(path) / "assets" / LABELS_FILE
-    if labels.is_file():
-        return [line for line in labels.read_text(encoding="utf-8").splitlines() if line]
-    lineage = Path(path) / "assets.extra" / LINEAGE_FILE
-    if lineage.is_file():
-        names = json.loads(lineage.read_text(encoding="utf-8")).get("class_names")
-        if names:
-            return [str(name) for name in names]
-    raise ValueError(f"{path}: no assets/{LABELS_FILE} and no class_names in the lineage")
-
-
-def _image_hw(signature) -> tuple[int, int]:
+def _signature_image_size(signature) -> tuple[int, int]:
     spec = signature.structured_input_signature[1]["images"]
     height, width = spec.shape[1], spec.shape[2]
     if height is None or width is None:
@@ -123,7 +110,7 @@ def _scores_from_float_images(loaded, images, batch_size: int) -> np.ndarray:
     from training.data import make_dataset
 
     fn = loaded.signatures["serving_default"]
-    size = _image_hw(fn)
+    size = _signature_image_size(fn)
     dataset = make_dataset(images, size, batch_size, training=False, seed=0, augment=False, cache=False)
     parts = [fn(images=batch)["scores"].numpy() for batch, _ in dataset]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
@@ -155,9 +142,9 @@ def evaluate_savedmodel(path: str | os.PathLike, images, *, signature: str = "se
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     path = Path(path)
-    if not (path / "saved_model.pb").is_file():
-        raise ValueError(f"{path} is not a SavedModel directory (no saved_model.pb)")
-    model_classes = read_class_names(path)
+    if not (path / contract.SAVED_MODEL_FILE).is_file():
+        raise ValueError(f"{path} is not a SavedModel directory (no {contract.SAVED_MODEL_FILE})")
+    model_classes = contract.read_class_names(path)
     index = {name: i for i, name in enumerate(model_classes)}
     unknown = [name for name in images.class_names if name not in index]
     if unknown:

@@ -9,9 +9,9 @@ The SavedModel carries three signatures (docs/internals.md, "export contract"):
 - ``classify``: TF Serving's classify method, ``inputs`` = serialized tf.Example with
   ``image/encoded`` -> ``classes`` string [N,C], ``scores`` float32 [N,C].
 
-It also writes ``assets/labels.txt``, ``assets.extra/graft.json`` (lineage) and
-``assets.extra/tf_serving_warmup_requests``. Everything is written into a hidden
-staging directory and renamed into place as one step (training.repo).
+It also writes the class names, the lineage and the warmup requests where
+graft.contract puts them. Everything is written into a hidden staging directory
+and renamed into place as one step (training.repo).
 """
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import saved_model_pb2
 
+from graft import contract
 from training import repo as model_repo
 from training.data import decode_and_resize
 
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
+# The tf.Example feature the classify signature reads the encoded image from.
 IMAGE_FEATURE = "image/encoded"
-LINEAGE_FILE = "graft.json"
-WARMUP_FILE = "tf_serving_warmup_requests"
-LABELS_FILE = "labels.txt"
+SIGNATURE_METHODS = {
+    "serving_default": contract.PREDICT_METHOD,
+    "predict_images": contract.PREDICT_METHOD,
+    "classify": contract.CLASSIFY_METHOD,
+}
 # Enough to trace the common batch shapes without slowing every load.
 WARMUP_BATCH_SIZES = (1, 4)
 _PACKAGES = ("graft", "tensorflow", "keras", "numpy", "tensorflow-serving-api")
@@ -117,25 +118,6 @@ class _Signatures:
         }
 
 
-def set_method_names(export_dir: str | os.PathLike, methods: Mapping[str, str]) -> None:
-    """Rewrite signature method names in ``saved_model.pb`` (TF 2.21 writes predict for all).
-
-    TF Serving's Classify and Regress APIs refuse signatures whose method name is not
-    ``tensorflow/serving/classify`` / ``.../regress``.
-    """
-    pb_path = Path(export_dir) / "saved_model.pb"
-    saved = saved_model_pb2.SavedModel()
-    saved.ParseFromString(pb_path.read_bytes())
-    for meta_graph in saved.meta_graphs:
-        for name, method in methods.items():
-            if name not in meta_graph.signature_def:
-                raise KeyError(f"signature {name!r} not found in {pb_path}")
-            meta_graph.signature_def[name].method_name = method
-    tmp = pb_path.with_name(".saved_model.pb.tmp")
-    tmp.write_bytes(saved.SerializeToString())
-    os.replace(tmp, pb_path)
-
-
 def write_warmup_requests(path: str | os.PathLike, model_name: str, images: np.ndarray) -> int:
     """Write PredictionLog records for ``serving_default`` (TF Serving's warmup format).
 
@@ -194,10 +176,12 @@ def export_version(
     """Write ``model`` as the next version of ``<repo>/<model_name>`` and return its path.
 
     ``model`` maps raw 0..255 RGB float32 [N,H,W,3] to class probabilities.
-    ``lineage`` is stored in ``assets.extra/graft.json`` with ``class_names``,
-    ``model_name``, ``image_size``, ``signatures``, ``package_versions`` and
-    ``created_at`` added (the version is the directory name, known only at
-    publish). ``warmup_images`` (float32 [K,H,W,3]) feed the warmup records; when None, mid-grey images are used.
+    ``lineage`` (fields of graft.contract's lineage schema) is stored as the
+    version's lineage with ``class_names``, ``model_name``, ``image_size``,
+    ``signatures``, ``package_versions`` and ``created_at`` added (the version
+    is the directory name, known only at publish); ValueError when a field
+    breaks the schema. ``warmup_images`` (float32 [K,H,W,3]) feed the warmup
+    records; when None, mid-grey images are used.
     """
     height, width = image_hw(image_size)
     class_names = [str(name) for name in class_names]
@@ -215,28 +199,28 @@ def export_version(
     if warmup_images.ndim != 4 or warmup_images.shape[1:] != (height, width, 3):
         raise ValueError(f"warmup images must be [K,{height},{width},3], got {warmup_images.shape}")
 
+    # Checked against the schema before anything is written.
+    record = contract.new_lineage(**{
+        **lineage,
+        "model_name": model_name,
+        "class_names": class_names,
+        "image_size": [height, width],
+        "signatures": dict(SIGNATURE_METHODS),
+        "package_versions": package_versions(),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+
     with model_repo.staging_dir(target_dir) as tmp:
         archive.write_out(str(tmp), verbose=False)
-        set_method_names(tmp, {"classify": CLASSIFY_METHOD})
-        (tmp / "assets").mkdir(exist_ok=True)
-        (tmp / "assets" / LABELS_FILE).write_text("\n".join(class_names) + "\n", encoding="utf-8")
-        extra = tmp / "assets.extra"
-        extra.mkdir(exist_ok=True)
-        write_warmup_requests(extra / WARMUP_FILE, model_name, warmup_images)
-        record = dict(lineage)
-        record.update({
-            "model_name": model_name,
-            "class_names": class_names,
-            "image_size": [height, width],
-            "signatures": {
-                "serving_default": PREDICT_METHOD,
-                "predict_images": PREDICT_METHOD,
-                "classify": CLASSIFY_METHOD,
-            },
-            "package_versions": package_versions(),
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        })
-        (extra / LINEAGE_FILE).write_text(
+        # Exporters write the predict method for every signature; TF Serving's Classify API needs its own.
+        contract.set_method_names(tmp, {name: method for name, method in SIGNATURE_METHODS.items()
+                                        if method != contract.PREDICT_METHOD})
+        labels_txt = contract.class_names_path(tmp)
+        labels_txt.parent.mkdir(exist_ok=True)
+        labels_txt.write_text("\n".join(class_names) + "\n", encoding="utf-8")
+        contract.warmup_path(tmp).parent.mkdir(exist_ok=True)
+        write_warmup_requests(contract.warmup_path(tmp), model_name, warmup_images)
+        contract.lineage_path(tmp).write_text(
             json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
         _, path = model_repo.publish_dir(tmp, target_dir)
     return str(path)

@@ -36,14 +36,14 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock, Timeout
+from tensorboard.compat.proto import types_pb2
 
+from graft import contract
 from training import repo as model_repo
 
 EXIT_PROMOTED = 0
 EXIT_REJECTED = 1
 EXIT_ERROR = 2
-HISTORY_FILE = "labels.history.jsonl"
-LOCK_FILE = ".graft-promote.lock"
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 EVAL_SIGNATURES = ("serving_default", "predict_images", "classify")
 # Fault-injection hook for the crash-consistency tests: when it names a step,
@@ -133,38 +133,37 @@ def chance_level(labels: Sequence[int]) -> float:
 
 # -- signatures -----------------------------------------------------------------
 
+def dtype_name(enum: int) -> str:
+    """TensorFlow's name for a DataType enum ("float32", "int64", "string"), without TensorFlow."""
+    try:
+        name = types_pb2.DataType.Name(enum)
+    except ValueError:
+        return f"dtype {enum}"
+    base = name.removeprefix("DT_").lower()
+    ref = base.endswith("_ref")
+    base = base.removesuffix("_ref")
+    # The proto's names for these three predate TensorFlow's width-suffixed ones.
+    base = {"float": "float32", "double": "float64", "half": "float16"}.get(base, base)
+    return base + ("_ref" if ref else "")
+
+
 def read_signatures(path: str | os.PathLike) -> dict[str, dict]:
-    """Signature name -> {"method", "inputs", "outputs"} from ``saved_model.pb`` (no TF load).
+    """Signature name -> {"method", "inputs", "outputs"} of a version's ``serve`` graph (no TF load).
 
     Each input/output maps alias -> (dtype name, shape) with None for unknown
-    dimensions and a None shape for unknown rank.
+    dimensions and a None shape for unknown rank. ValueError when ``path``
+    holds no readable SavedModel.
     """
-    import tensorflow as tf
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    pb_path = Path(path) / "saved_model.pb"
-    saved = saved_model_pb2.SavedModel()
-    try:
-        saved.ParseFromString(pb_path.read_bytes())
-    except Exception as exc:  # OSError, or protobuf's own DecodeError
-        raise PromotionError(f"cannot read {pb_path}: {exc}") from exc
-    graphs = [g for g in saved.meta_graphs if "serve" in g.meta_info_def.tags] or list(saved.meta_graphs)
-    if not graphs:
-        raise PromotionError(f"{pb_path} holds no meta graph")
-
     def tensors(infos) -> dict[str, tuple]:
         found = {}
         for alias, info in sorted(infos.items()):
             shape = None if info.tensor_shape.unknown_rank else tuple(
                 dim.size if dim.size >= 0 else None for dim in info.tensor_shape.dim)
-            found[alias] = (tf.dtypes.as_dtype(info.dtype).name, shape)
+            found[alias] = (dtype_name(info.dtype), shape)
         return found
 
-    return {
-        name: {"method": sig.method_name, "inputs": tensors(sig.inputs), "outputs": tensors(sig.outputs)}
-        for name, sig in sorted(graphs[0].signature_def.items())
-        if not name.startswith("__")  # __saved_model_init_op is not an endpoint
-    }
+    return {name: {"method": sig.method_name, "inputs": tensors(sig.inputs), "outputs": tensors(sig.outputs)}
+            for name, sig in contract.read_signature_defs(path).items()}
 
 
 def signature_differences(current: str | os.PathLike, candidate: str | os.PathLike) -> list[str]:
@@ -174,8 +173,6 @@ def signature_differences(current: str | os.PathLike, candidate: str | os.PathLi
     same method, input and output names, dtypes and shapes; the class lists
     (assets/labels.txt) must be equal. Extra candidate signatures are fine.
     """
-    from training.evaluate import read_class_names
-
     differences = []
     old, new = read_signatures(current), read_signatures(candidate)
     for name, spec in old.items():
@@ -198,7 +195,7 @@ def signature_differences(current: str | os.PathLike, candidate: str | os.PathLi
                     differences.append(f"signature {name!r}: {side[:-1]} {alias!r} shape "
                                        f"{_shape_text(theirs[alias][1])} instead of {_shape_text(shape)}")
     try:
-        old_classes, new_classes = read_class_names(current), read_class_names(candidate)
+        old_classes, new_classes = contract.read_class_names(current), contract.read_class_names(candidate)
     except ValueError as exc:
         differences.append(str(exc))
     else:
@@ -258,18 +255,13 @@ def measure_latency(path: str | os.PathLike, images, *, signature: str = "servin
 
 # -- history ----------------------------------------------------------------------
 
-def history_path(model_directory: str | os.PathLike) -> Path:
-    """``<model dir>/labels.history.jsonl``."""
-    return Path(model_directory) / HISTORY_FILE
-
-
 def read_history(model_directory: str | os.PathLike) -> list[dict]:
     """The history entries, oldest first; lines that are not JSON objects are skipped.
 
     A SIGKILL can at worst leave a torn last line; skipping it loses nothing
     the next command's reconciliation does not restore.
     """
-    path = history_path(model_directory)
+    path = contract.history_path(model_directory)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -287,7 +279,7 @@ def read_history(model_directory: str | os.PathLike) -> list[dict]:
 
 def append_history(model_directory: str | os.PathLike, entry: Mapping) -> None:
     """Append one JSON line with a single ``write`` on an ``O_APPEND`` descriptor, then fsync."""
-    path = history_path(model_directory)
+    path = contract.history_path(model_directory)
     line = json.dumps(dict(entry), sort_keys=True) + "\n"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
     try:
@@ -356,7 +348,7 @@ def reconcile(model_directory: str | os.PathLike, labels: Mapping[str, int]) -> 
 def _locked(model_directory: Path, timeout: float, say: Callable[[str], None]) -> Iterator[None]:
     """Hold the model's promotion lock (flock: released by the kernel if the process dies)."""
     model_directory.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(model_directory / LOCK_FILE), timeout=timeout)
+    lock = FileLock(str(model_directory / contract.PROMOTE_LOCK_FILE), timeout=timeout)
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -371,7 +363,7 @@ def _locked(model_directory: Path, timeout: float, say: Callable[[str], None]) -
 
 def _read_labels(model_directory: Path) -> dict[str, int]:
     try:
-        return model_repo.read_labels(model_directory)
+        return contract.read_labels(model_directory) or {}
     except ValueError as exc:
         raise PromotionError(f"unreadable labels: {exc}") from exc
 
@@ -568,7 +560,10 @@ def _promote_locked(report, directory: Path, candidate, eval_data, label: str, g
 
     compatible = True
     if current_path is not None:
-        differences = signature_differences(current_path, path)
+        try:
+            differences = signature_differences(current_path, path)
+        except ValueError as exc:  # a saved_model.pb that is not a SavedModel
+            raise PromotionError(str(exc)) from exc
         compatible = not differences
         report["signature_check"].update(compatible=compatible, differences=differences)
     if not compatible and not gate.allow_signature_change:
@@ -646,7 +641,7 @@ def rollback(repo: str | os.PathLike, model_name: str, *, label: str = "stable",
                 raise PromotionError(f"label {label!r} is not set for model {model_name!r}")
             stack = label_stack(read_history(directory), label)
             if len(stack) < 2:
-                raise PromotionError(f"label {label!r} has no earlier version in {HISTORY_FILE} "
+                raise PromotionError(f"label {label!r} has no earlier version in {contract.HISTORY_FILE} "
                                      f"to roll back to (it is on version {current})")
             target = stack[-2]
             try:

@@ -1,7 +1,6 @@
 """Model-repository helpers: version numbering, atomic publish, and labels.json.
 
-The repository layout is ``<repo>/<model_name>/<N>/`` with integer version
-directories plus ``labels.json`` (``{"stable": 3, "canary": 4}``). Writers build a
+The layout and the labels.json rules are graft.contract's. Writers build a
 version inside a hidden temporary directory in the model directory (same file
 system, so the final ``os.rename`` is atomic) and only then rename it to the next
 integer; the server skips hidden and non-integer names, so it never sees a
@@ -21,9 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
-LABELS_FILE = "labels.json"
-LOCK_FILE = ".graft-publish.lock"
-TEMP_PREFIX = ".tmp-"
+from graft import contract
 
 
 def model_dir(repo: str | os.PathLike, model_name: str) -> Path:
@@ -44,7 +41,7 @@ def list_versions(directory: str | os.PathLike) -> list[int]:
     for entry in path.iterdir():
         # The server reads "007" as version 7, so it must count here too; any directory
         # counts, complete or not, so that a number is never handed out twice.
-        if entry.is_dir() and entry.name.isascii() and entry.name.isdigit():
+        if entry.is_dir() and contract.is_version_name(entry.name):
             versions.add(int(entry.name))
     return sorted(versions)
 
@@ -94,7 +91,7 @@ def staging_dir(directory: str | os.PathLike) -> Iterator[Path]:
     """
     parent = Path(directory)
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=parent))
+    tmp = Path(tempfile.mkdtemp(prefix=contract.TEMP_PREFIX, dir=parent))
     # mkdtemp makes 0700; a server running as another user must be able to read it.
     os.chmod(tmp, _umask_mode(0o777))
     try:
@@ -118,7 +115,7 @@ def publish_dir(tmp: str | os.PathLike, directory: str | os.PathLike,
     if tmp.resolve().parent != parent.resolve():
         raise ValueError(f"staging directory {tmp} is not directly inside {parent}")
     _fsync_tree(tmp)
-    with FileLock(str(parent / LOCK_FILE)):
+    with FileLock(str(parent / contract.PUBLISH_LOCK_FILE)):
         number = next_version(parent) if version is None else int(version)
         if number < 0:
             raise ValueError(f"version must be an integer >= 0, got {number}")
@@ -131,46 +128,15 @@ def publish_dir(tmp: str | os.PathLike, directory: str | os.PathLike,
     return number, target
 
 
-def _check_labels(labels: Mapping[str, int]) -> dict[str, int]:
-    checked: dict[str, int] = {}
-    for name, version in labels.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"label names must be non-empty strings, got {name!r}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"label {name!r} must map to a version number (int >= 0), got {version!r}")
-        checked[name] = version
-    return checked
-
-
-def read_labels(directory: str | os.PathLike) -> dict[str, int]:
-    """Read ``<directory>/labels.json``; an absent file means no labels.
-
-    Raises ``ValueError`` naming the file when it is not a JSON object of
-    label -> version number (an int >= 0, as the server reads it).
-    """
-    path = Path(directory) / LABELS_FILE
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object of label -> version")
-    try:
-        return _check_labels(data)
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from exc
-
-
 def write_labels(directory: str | os.PathLike, labels: Mapping[str, int]) -> Path:
-    """Atomically replace ``<directory>/labels.json`` (temp file, fsync, ``os.replace``)."""
+    """Atomically replace ``<directory>/labels.json`` (temp file, fsync, ``os.replace``).
+
+    The labels must follow graft.contract's rules; ValueError names the first bad entry.
+    """
     parent = Path(directory)
     parent.mkdir(parents=True, exist_ok=True)
-    data = _check_labels(labels)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".json", dir=parent)
+    data = contract.check_labels(labels)
+    fd, tmp_name = tempfile.mkstemp(prefix=contract.TEMP_PREFIX, suffix=".json", dir=parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2, sort_keys=True)
@@ -178,7 +144,7 @@ def write_labels(directory: str | os.PathLike, labels: Mapping[str, int]) -> Pat
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp_name, _umask_mode(0o666))
-        target = parent / LABELS_FILE
+        target = contract.labels_path(parent)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -13,6 +13,7 @@ from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
+from graft import contract
 from training import export, repo
 from serving import servable as servable_module
 
@@ -80,12 +81,15 @@ def test_layout_and_lineage(exported):
     lineage = json.loads((version / "assets.extra" / "graft.json").read_text())
     assert lineage["base"] == "tiny" and lineage["scenario"] == {"id": 1}
     assert lineage["class_names"] == CLASSES and lineage["image_size"] == [SIZE, SIZE]
-    assert lineage["signatures"]["classify"] == export.CLASSIFY_METHOD
+    assert lineage["signatures"]["classify"] == contract.CLASSIFY_METHOD
     assert {"tensorflow", "keras", "python"} <= set(lineage["package_versions"])
     assert lineage["created_at"].endswith("+00:00")
+    # Written through the contract's schema, and read back by its validating reader.
+    assert lineage["schema_version"] == contract.LINEAGE_SCHEMA_VERSION
+    assert contract.read_lineage(version) == lineage
     # Nothing but the version (and the hidden publish lock) is left in the model directory.
     assert [p.name for p in (repo_dir / "shapes").iterdir() if not p.name.startswith(".")] == ["1"]
-    assert not [p for p in (repo_dir / "shapes").iterdir() if p.name.startswith(repo.TEMP_PREFIX)]
+    assert not [p for p in (repo_dir / "shapes").iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
 
 
 def test_method_names_in_saved_model_pb(exported):
@@ -158,10 +162,12 @@ def test_second_export_is_version_two_and_bad_inputs_leave_nothing(exported, tmp
     with pytest.raises(ValueError, match="warmup"):
         export.export_version(model, CLASSES, repo_dir, "shapes", image_size=SIZE, lineage={},
                               warmup_images=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match="'metrics' must be"):
+        export.export_version(model, CLASSES, repo_dir, "shapes", image_size=SIZE, lineage={"metrics": []})
     assert repo.list_versions(repo_dir / "shapes") == [1]
     path = export.export_version(model, CLASSES, repo_dir, "shapes", image_size=(SIZE, SIZE), lineage={})
     assert path.endswith("/shapes/2")
-    assert not [p for p in (repo_dir / "shapes").iterdir() if p.name.startswith(repo.TEMP_PREFIX)]
+    assert not [p for p in (repo_dir / "shapes").iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
 
 
 def test_serving_loads_the_version(exported, images):

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from tests.training.conftest import make_image_folder
+from graft import contract
 from training import cli, export, promote, repo
 
 SIZE = 32
@@ -106,7 +107,7 @@ def _assert_consistent(model_dir: Path) -> None:
         path = model_dir / str(version)
         assert (path / "saved_model.pb").is_file() and (path / "variables").is_dir(), path
         assert (path / "assets" / "labels.txt").is_file(), path
-    labels = repo.read_labels(model_dir)
+    labels = contract.read_labels(model_dir) or {}
     for name, version in labels.items():
         assert version in versions, (name, version, versions)
 
@@ -153,7 +154,7 @@ def test_better_export_dir_is_published_then_labelled(tmp_path, exports, eval_di
     assert _labels(model_dir) == {"stable": 2}
     # The published copy is the export, byte for byte.
     assert (model_dir / "2" / "saved_model.pb").read_bytes() == (exports["good"] / "saved_model.pb").read_bytes()
-    assert not [p for p in model_dir.iterdir() if p.name.startswith(repo.TEMP_PREFIX)]
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
     history = promote.read_history(model_dir)
     assert history[-1]["stack"] == [1, 2] and history[-1]["source"] == str(exports["good"])
 
@@ -299,7 +300,7 @@ def test_history_is_repaired_from_labels_json(tmp_path, exports, eval_dir):
     promote.promote(root, "m", 2, eval_dir)
     # A hand edit (or a command killed after labels.json, before its history line).
     repo.write_labels(model_dir, {"stable": 3})
-    with open(model_dir / promote.HISTORY_FILE, "a") as handle:
+    with open(model_dir / contract.HISTORY_FILE, "a") as handle:
         handle.write('{"torn": ')  # a torn last line must not swallow the next entry
     result = promote.rollback(root, "m")
     assert (result["from"], result["to"]) == (3, 2)

@@ -8,6 +8,7 @@ import threading
 
 import pytest
 
+from graft import contract
 from training import repo
 
 
@@ -109,20 +110,20 @@ def test_concurrent_publishers_get_distinct_versions(tmp_path):
 
 def test_labels_round_trip_and_validation(tmp_path):
     model = tmp_path / "m"
-    assert repo.read_labels(model) == {}
+    assert contract.read_labels(model) is None  # no file: no labels
     repo.write_labels(model, {"stable": 3, "canary": 4})
     assert json.loads((model / "labels.json").read_text()) == {"canary": 4, "stable": 3}
-    assert repo.read_labels(model) == {"stable": 3, "canary": 4}
+    assert contract.read_labels(model) == {"stable": 3, "canary": 4}
     for bad in ({"stable": -1}, {"stable": "3"}, {"": 1}, {"x": True}):
         with pytest.raises(ValueError):
             repo.write_labels(model, bad)
-    assert repo.read_labels(model) == {"stable": 3, "canary": 4}
+    assert contract.read_labels(model) == {"stable": 3, "canary": 4}
     (model / "labels.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="labels.json"):
-        repo.read_labels(model)
+        contract.read_labels(model)
     (model / "labels.json").write_text("{broken")
     with pytest.raises(ValueError, match="not valid JSON"):
-        repo.read_labels(model)
+        contract.read_labels(model)
 
 
 def test_labels_readers_never_see_a_partial_file(tmp_path):
@@ -134,7 +135,7 @@ def test_labels_readers_never_see_a_partial_file(tmp_path):
     def reader():
         while not stop.is_set():
             try:
-                seen.add(repo.read_labels(model)["stable"])
+                seen.add(contract.read_labels(model)["stable"])
             except Exception as exc:
                 failures.append(exc)
 
@@ -148,4 +149,4 @@ def test_labels_readers_never_see_a_partial_file(tmp_path):
     thread.join()
     assert not failures
     assert seen and max(seen) <= 59
-    assert not [p for p in model.iterdir() if p.name.startswith(repo.TEMP_PREFIX)]
+    assert not [p for p in model.iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
