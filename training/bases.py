@@ -13,15 +13,10 @@ from types import MappingProxyType
 
 import keras
 import numpy as np
-from keras import ops
 
+from training.data import image_hw
+from training.preprocess import TORCH_STD, Preprocess
 from training.weights import WeightsReport, WeightsSource, apply_weights, resolve_weights
-
-PREPROCESS_MODES = ("caffe", "tf", "torch", "none")
-# keras.applications.imagenet_utils constants, restated so the layer needs no Keras internals.
-_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-_TORCH_MEAN = (0.485, 0.456, 0.406)
-_TORCH_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -82,55 +77,9 @@ def get_base(name: str) -> BaseSpec:
     return BASES[key]
 
 
-@keras.saving.register_keras_serializable(package="graft")
-class Preprocess(keras.layers.Layer):
-    """Raw 0..255 RGB -> a base's expected input, inside the model (so exports take raw pixels).
-
-    caffe: RGB->BGR, minus the ImageNet BGR means; tf: x / 127.5 - 1;
-    torch: x / 255, minus the ImageNet means, over the standard deviations;
-    none: unchanged (the base rescales itself). Runs in float32 whatever the
-    global dtype policy.
-    """
-
-    def __init__(self, mode: str, **kwargs):
-        if mode not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess mode must be one of {', '.join(PREPROCESS_MODES)}, not {mode!r}")
-        kwargs.setdefault("dtype", "float32")
-        super().__init__(**kwargs)
-        self.mode = mode
-
-    def call(self, inputs):
-        """Apply the mode's arithmetic."""
-        x = ops.cast(inputs, self.compute_dtype)
-        if self.mode == "caffe":
-            return ops.flip(x, axis=-1) - ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
-        if self.mode == "tf":
-            return x / 127.5 - 1.0
-        if self.mode == "torch":
-            mean = ops.convert_to_tensor(_TORCH_MEAN, dtype=self.compute_dtype)
-            std = ops.convert_to_tensor(_TORCH_STD, dtype=self.compute_dtype)
-            return (x / 255.0 - mean) / std
-        return x
-
-    def compute_output_shape(self, input_shape):
-        """Same shape as the input."""
-        return input_shape
-
-    def get_config(self):
-        """Serializable config (mode)."""
-        return {**super().get_config(), "mode": self.mode}
-
-
 def preprocess_layer(spec: BaseSpec) -> keras.layers.Layer:
     """A layer mapping raw 0..255 RGB to `spec`'s expected input."""
     return Preprocess(spec.preprocess_mode, name="preprocess")
-
-
-def _size(image_size) -> tuple[int, int]:
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = (int(side) for side in image_size)
-    return height, width
 
 
 def truncate(trunk: keras.Model, cut_layer: str) -> keras.Model:
@@ -147,7 +96,7 @@ def build_trunk(spec: BaseSpec, image_size, *, cut_layer: str | None = None) -> 
     Raises ValueError for a size under `spec.min_size` or an unknown cut
     layer (naming the block ends and every valid layer name).
     """
-    height, width = _size(image_size)
+    height, width = image_hw(image_size)
     if min(height, width) < spec.min_size:
         raise ValueError(f"{spec.name} needs images of at least {spec.min_size}x{spec.min_size}, "
                          f"not {height}x{width}")
@@ -185,7 +134,7 @@ class Backbone:
 # an extra Rescaling(1/sqrt(std)) only when it loads weights="imagenet"
 # (tensorflow#49930). Our trunks are built with weights=None, so the
 # correction goes into the variance instead: (x-m)/sqrt(v*std) == (x-m)/sqrt(v)/sqrt(std).
-_IMAGENET_STD_RGB = np.asarray(_TORCH_STD, dtype=np.float32)
+_IMAGENET_STD_RGB = np.asarray(TORCH_STD, dtype=np.float32)
 
 
 def _correct_efficientnet_variance(trunk: keras.Model) -> list[str]:
@@ -217,7 +166,7 @@ def build_backbone(spec: BaseSpec, image_size, weights: str | WeightsSource, *,
         _check_cut(spec, trunk, cut_layer)
         trunk = truncate(trunk, cut_layer)
         report = report.restricted_to(layer.name for layer in trunk.layers)
-    height, width = _size(image_size)
+    height, width = image_hw(image_size)
     inputs = keras.Input((height, width, 3), name="images")
     outputs = trunk(preprocess_layer(spec)(inputs))
     model = keras.Model(inputs, outputs, name=f"{spec.name}_backbone")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import keras
@@ -166,10 +167,16 @@ def augmentation(seed: int) -> keras.Sequential:
     ], name="augmentation")
 
 
-def _check_size(image_size: int | tuple[int, int]) -> tuple[int, int]:
+def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """An image size given as N (a square) or (H, W), as ``(H, W)`` ints."""
     if isinstance(image_size, (int, np.integer)):
-        image_size = (image_size, image_size)
+        return int(image_size), int(image_size)
     height, width = (int(side) for side in image_size)
+    return height, width
+
+
+def _check_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    height, width = image_hw(image_size)
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, not {image_size}")
     return height, width

@@ -295,7 +295,7 @@ class _Run:
         self.task = task
         self.backbone = backbone
         self.options = options
-        self.size = _hw(options.image_size)
+        self.size = data.image_hw(options.image_size)
         self.replicas = strategy.num_replicas_in_sync
         if options.batch_size % self.replicas:
             raise ValueError(f"--batch-size {options.batch_size} is the global batch: it must be a multiple "
@@ -424,12 +424,6 @@ class _Run:
             self._forward[id(model)] = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
         correct, loss, count = sum_across_workers(self.strategy, _local_scores(self._forward[id(model)], val_ds))
         return {"accuracy": correct / count, "loss": loss / count} if count else None
-
-
-def _hw(size) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    return int(size[0]), int(size[1])
 
 
 def _make_optimizer(phase) -> tuple[keras.optimizers.Optimizer, keras.optimizers.Optimizer]:

@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from graft import contract
 from training import repo as model_repo
-from training.data import decode_and_resize
+from training.data import decode_and_resize, image_hw
 
 # The tf.Example feature the classify signature reads the encoded image from.
 IMAGE_FEATURE = "image/encoded"
@@ -42,14 +42,6 @@ SIGNATURE_METHODS = {
 # Enough to trace the common batch shapes without slowing every load.
 WARMUP_BATCH_SIZES = (1, 4)
 _PACKAGES = ("graft", "tensorflow", "keras", "numpy", "tensorflow-serving-api")
-
-
-def image_hw(image_size: int | Sequence[int]) -> tuple[int, int]:
-    """Normalise an image size given as N or (H, W) to ``(H, W)``."""
-    if isinstance(image_size, (int, np.integer)):
-        return int(image_size), int(image_size)
-    height, width = (int(v) for v in image_size)
-    return height, width
 
 
 def package_versions() -> dict[str, str]:

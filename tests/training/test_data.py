@@ -9,7 +9,8 @@ from PIL import Image
 
 from tests.training.conftest import make_image_folder
 from training.data import (
-    ImageSet, augmentation, decode_and_resize, load_arrays, make_dataset, scan_image_folder, split_image_set,
+    ImageSet, augmentation, decode_and_resize, image_hw, load_arrays, make_dataset, scan_image_folder,
+    split_image_set,
 )
 
 SIZE = (32, 32)
@@ -198,3 +199,11 @@ def test_empty_image_set_and_bad_sizes_are_refused(tmp_path):
         make_dataset(images, SIZE, 0, training=False, seed=0)
     with pytest.raises(ValueError):
         make_dataset(images, (0, 4), 1, training=False, seed=0)
+
+
+def test_image_hw_reads_a_square_or_height_and_width():
+    assert image_hw(32) == (32, 32)
+    assert image_hw(np.int64(32)) == (32, 32)
+    assert image_hw((24, 40)) == (24, 40)
+    assert image_hw([np.int32(24), 40.0]) == (24, 40)
+    assert all(type(side) is int for side in image_hw(np.int64(8)))
