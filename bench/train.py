@@ -61,12 +61,12 @@ def _write_digits(root: str, per_class: int, val_per_class: int, size: int, seed
 
 
 def _run(cached: bool, spec, weights, cut_layer, train_set, val_set, args):
-    from training import bases, fit, scenarios
+    from training import bases, fit, phases, scenarios
 
     backbone = bases.build_backbone(spec, args.size, weights, cut_layer=cut_layer)
     plan = scenarios.plan_for(1, spec, cut_layer=cut_layer, head_epochs=args.epochs, head_lr=1e-3)
-    options = fit.FitOptions(image_size=args.size, batch_size=args.batch_size, seed=args.seed,
-                             augment=False, cache_features=cached, patience=args.epochs + 1, verbose=0)
+    options = phases.FitOptions(image_size=args.size, batch_size=args.batch_size, seed=args.seed,
+                                augment=False, cache_features=cached, patience=args.epochs + 1, verbose=0)
     started = time.perf_counter()
     result = fit.train(plan, backbone, train_set, val_set, options)
     total = time.perf_counter() - started

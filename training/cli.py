@@ -259,7 +259,7 @@ def _default_run_dir(model_name: str) -> Path:
 
 def run_fit(args: argparse.Namespace) -> int:
     """``graft-train fit``: decide, train, export the next version, evaluate it, write the report."""
-    from training import bases, data, evaluate, export, fit, repo, report, scenarios, weights
+    from training import bases, data, evaluate, export, fit, phases, repo, report, scenarios, weights
 
     # Every flag that can be wrong is checked before the (slow) image scan.
     repo.model_dir(args.repo, args.model_name)
@@ -270,11 +270,11 @@ def run_fit(args: argparse.Namespace) -> int:
         raise ValueError(f"--image-size {image_size} is below {spec.name}'s minimum of {spec.min_size}")
     source = weights.resolve_weights(args.weights, spec)
     train_set, val_set, skipped = _load_sets(args)
-    options = fit.FitOptions(
+    options = phases.FitOptions(
         image_size=image_size, batch_size=args.batch_size, seed=args.seed, augment=args.augment,
         augment_copies=args.augment_copies, patience=args.patience, head_patience=args.head_patience,
         log_dir=args.log_dir, strategy=args.strategy)
-    if args.log_dir and not fit.tensorboard_available():
+    if args.log_dir and not phases.tensorboard_available():
         raise ValueError("--log-dir needs the tensorboard package: pip install tensorboard")
 
     with fit.precision_policy(args.mixed_precision), fit.strategy_scope(args.strategy):

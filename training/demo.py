@@ -175,7 +175,7 @@ def baselines(lineage: dict, train_set, val_set, arrays: dict[str, Arrays], *, s
     The random-weight row reruns version 1's recipe (scenario, cut, head, phases,
     learning rates) with ``--weights none``.
     """
-    from training import bases, fit, scenarios
+    from training import bases, fit, phases, scenarios
 
     spec = bases.get_base(lineage["base"])
     hp = lineage["hyper_parameters"]
@@ -185,9 +185,9 @@ def baselines(lineage: dict, train_set, val_set, arrays: dict[str, Arrays], *, s
                               finetune_epochs=hp["finetune_epochs"], head_lr=hp["head_lr"],
                               finetune_lr=hp["finetune_lr"])
     backbone = bases.build_backbone(spec, hp["image_size"], "none", cut_layer=plan.cut_layer)
-    options = fit.FitOptions(image_size=hp["image_size"], batch_size=hp["batch_size"], seed=seed,
-                             augment=hp["augment"], augment_copies=hp["augment_copies"],
-                             patience=hp["patience"], head_patience=hp["head_patience"], verbose=0)
+    options = phases.FitOptions(image_size=hp["image_size"], batch_size=hp["batch_size"], seed=seed,
+                                augment=hp["augment"], augment_copies=hp["augment_copies"],
+                                patience=hp["patience"], head_patience=hp["head_patience"], verbose=0)
     layer = plan.cut_layer or spec.block_ends[-1]
     random_probe = probe_accuracy(backbone, layer, arrays["train"], arrays["test"])
     result = fit.train(plan, backbone, train_set, val_set, options)

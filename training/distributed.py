@@ -9,8 +9,8 @@ dimension 0"), so this module trains the same FreezePlan phases as
   configures collective ops once, at program start-up);
 - the model (the backbone the caller built in the strategy's scope, plus the
   head) lives in ``strategy.scope()``; each phase sets the trunk's trainable
-  layers through ``bases.set_trunk_trainable`` (BatchNormalization always
-  frozen), gets a fresh optimizer, and trains with a ``tf.function`` step run by
+  layers through training.phases (BatchNormalization always frozen), gets a
+  fresh optimizer, and trains with a ``tf.function`` step run by
   ``strategy.run``; the loss is ``tf.nn.compute_average_loss`` over the global
   batch, and Keras' optimizer all-reduces the gradients;
 - each worker reads only its own shard of the images (explicit sharding by
@@ -41,6 +41,9 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+
+from training import data, export, phases
+from training.phases import FitOptions, PhaseRun, TrainResult
 
 TF_CONFIG_ENV = "TF_CONFIG"
 # The task types that train; "evaluator" (a side job reading checkpoints) and
@@ -187,8 +190,6 @@ def export_version(model: keras.Model, class_names, repo: str | os.PathLike, mod
     waits for the others, so that none leaves the cluster while the chief
     still writes. ``kwargs`` are export_version's keyword arguments.
     """
-    from training import export
-
     strategy = model_strategy(model)
     task = read_task()
     path = None
@@ -214,9 +215,7 @@ def weights_digest(model: keras.Model) -> str:
 
 def _shard(images, index: int, count: int):
     """Every ``count``-th image from ``index`` (stratified enough: files are in class order)."""
-    from training.data import ImageSet
-
-    return ImageSet(images.root, list(images.class_names), images.files[index::count],
+    return data.ImageSet(images.root, list(images.class_names), images.files[index::count],
                     images.labels[index::count], [])
 
 
@@ -287,10 +286,7 @@ def _local_scores(forward, dataset: tf.data.Dataset | None) -> np.ndarray:
 class _Run:
     """The datasets and validation shared by the phases of one multi-worker run."""
 
-    def __init__(self, strategy, task: Task, backbone, train_images, val_images, options):
-        from training import data, fit
-
-        self.data, self.fit = data, fit
+    def __init__(self, strategy, task: Task, backbone, train_images, val_images, options: FitOptions):
         self.strategy = strategy
         self.task = task
         self.backbone = backbone
@@ -312,7 +308,7 @@ class _Run:
         self._forward: dict[int, tf.types.experimental.GenericFunction] = {}
 
     def _local(self, images, *, training, augment, seed=None):
-        return self.data.make_dataset(images, self.size, self.per_replica, training=training,
+        return data.make_dataset(images, self.size, self.per_replica, training=training,
                                       seed=self.options.seed if seed is None else seed, augment=augment)
 
     def _worker_seed(self, offset=0) -> int:
@@ -336,16 +332,16 @@ class _Run:
         if self._features is None:
             model = self.backbone.model
             plain = self._local(self.train_shard, training=False, augment=False)
-            parts = [self.fit.extract_features(model, plain)]
+            parts = [phases.extract_features(model, plain)]
             for copy in range(self.options.augment_copies):
                 augmented = self._local(self.train_shard, training=True, augment=True,
                                         seed=self._worker_seed(1000 * (copy + 1)))
-                parts.append(self.fit.extract_features(model, augmented))
+                parts.append(phases.extract_features(model, augmented))
             features = np.concatenate([p[0] for p in parts])
             labels = np.concatenate([p[1] for p in parts])
             val = None
             if self.val_shard is not None and len(self.val_shard.files):
-                val = self.fit.extract_features(model, self._local(self.val_shard, training=False, augment=False))
+                val = phases.extract_features(model, self._local(self.val_shard, training=False, augment=False))
             self._features = (features, labels, val)
         features, labels, val = self._features
         train = (tf.data.Dataset.from_tensor_slices((features, labels))
@@ -428,16 +424,14 @@ class _Run:
 
 def _make_optimizer(phase) -> tuple[keras.optimizers.Optimizer, keras.optimizers.Optimizer]:
     """(optimizer to apply, the phase's own optimizer); a loss-scale wrapper under mixed precision."""
-    from training import fit
-
-    inner = fit.make_optimizer(phase.optimizer, phase.learning_rate, phase.momentum)
+    inner = phases.make_optimizer(phase.optimizer, phase.learning_rate, phase.momentum)
     if keras.config.dtype_policy().name == "mixed_float16":
         return keras.optimizers.LossScaleOptimizer(inner), inner
     return inner, inner
 
 
-def train(plan, backbone, train_images, val_images, options):
-    """Run every phase of ``plan`` on every worker of the ``TF_CONFIG`` cluster; return fit.TrainResult.
+def train(plan, backbone, train_images, val_images, options: FitOptions) -> TrainResult:
+    """Run every phase of ``plan`` on every worker of the ``TF_CONFIG`` cluster.
 
     Call it inside ``fit.strategy_scope("multiworker")`` on every worker, with
     the backbone built in that scope, the same arguments everywhere, and
@@ -447,39 +441,23 @@ def train(plan, backbone, train_images, val_images, options):
     ``options.checkpoint_dir`` on the chief only. ``metrics["distribution"]``
     records the cluster, the steps and this worker's ``weights_digest``.
     """
-    from training import bases, fit
-
     strategy = current_strategy()
     task = read_task()
-    if options.augment_copies < 0:
-        raise ValueError("augment_copies must be >= 0")
-    if not plan.phases:
-        raise ValueError("the plan has no phases")
-    if options.log_dir and not fit.tensorboard_available():
-        raise ValueError("a TensorBoard log dir needs the tensorboard package: pip install tensorboard")
+    phases.check_run(plan, options)
     keras.utils.set_random_seed(options.seed)
     run = _Run(strategy, task, backbone, train_images, val_images, options)
-    num_classes = len(train_images.class_names)
-    verbose = fit.progress_verbosity(options.verbose)
+    verbose = phases.progress_verbosity(options.verbose)
+    head, full = phases.assemble(plan, backbone, len(train_images.class_names), options, strategy)
 
-    with strategy.scope():
-        feature_shape = tuple(backbone.model.output.shape[1:])
-        head = fit.build_head(plan.head, num_classes, feature_shape, dropout=options.gap_dropout,
-                              seed=options.seed)
-        inputs = keras.Input((*run.size, 3), name="images")
-        full = keras.Model(inputs, head(backbone.model(inputs)), name=f"graft_{backbone.spec.name}")
-
-    cache_allowed = plan.cache_features if options.cache_features is None else options.cache_features
     monitor = "val_accuracy" if run.has_val else "accuracy"
-    trunk_names = [layer.name for layer in backbone.trunk.layers]
     history: dict[str, dict[str, list[float]]] = {}
     runs = []
     with contextlib.ExitStack() as stack:
         checkpoint_dir = stack.enter_context(write_dir(options.checkpoint_dir, task, "graft-ckpt-"))
         log_dir = options.log_dir if task.is_chief else None
         for index, phase in enumerate(plan.phases):
-            trainable = bases.set_trunk_trainable(backbone.trunk, plan.trainable_trunk_layers(trunk_names, phase))
-            cached = bool(cache_allowed and not phase.train_trunk)
+            trainable = phases.set_phase_trainable(plan, backbone, phase)
+            cached = phases.uses_cached_features(plan, options, phase)
             target = head if cached else full
             with strategy.scope():
                 optimizer, phase_optimizer = _make_optimizer(phase)
@@ -492,9 +470,7 @@ def train(plan, backbone, train_images, val_images, options):
             checkpoint = checkpoint_dir / f"{index:02d}-{phase.name}.weights.h5"
             writer = (tf.summary.create_file_writer(str(Path(log_dir) / phase.name)) if log_dir else None)
             if verbose:
-                what = "head on cached features" if cached else (
-                    f"{len(trainable)} trunk layers + head" if phase.train_trunk else "head, trunk frozen")
-                print(f"[{task.type} {task.index}] phase {index + 1}/{len(plan.phases)} {phase.name}: {what}, "
+                print(f"[{task.type} {task.index}] {phases.phase_title(index, plan, phase, cached, trainable)}, "
                       f"{steps} steps/epoch over {task.workers} workers", flush=True)
             started = time.perf_counter()
             logs, epoch_seconds, best_epoch, best_value = run.fit_epochs(
@@ -505,13 +481,12 @@ def train(plan, backbone, train_images, val_images, options):
             if checkpoint.exists():
                 target.load_weights(str(checkpoint))
             history[phase.name] = logs
-            runs.append(fit.PhaseRun(
+            runs.append(PhaseRun(
                 name=phase.name, train_trunk=phase.train_trunk, cached_features=cached,
                 optimizer=phase_optimizer, epochs_run=len(epoch_seconds), best_epoch=best_epoch,
                 best_value=None if best_epoch is None else float(best_value), monitor=monitor,
                 seconds=seconds, epoch_seconds=epoch_seconds, trainable_trunk_layers=trainable,
-                frozen_trunk_layers=[layer.name for layer in backbone.trunk.layers
-                                     if layer.weights and layer.name not in trainable]))
+                frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable)))
 
     metrics = {
         "train_images": len(train_images.files),
@@ -527,4 +502,4 @@ def train(plan, backbone, train_images, val_images, options):
         "replicas_in_sync": run.replicas, "global_batch_size": options.batch_size,
         "weights_digest": weights_digest(full),
     }
-    return fit.TrainResult(model=full, head=head, history=history, metrics=metrics, phases=runs)
+    return TrainResult(model=full, head=head, history=history, metrics=metrics, phases=runs)

@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     import keras
     import numpy as np
 
-    from training import bases, data, distributed, fit, scenarios
+    from training import bases, data, distributed, fit, phases, scenarios
 
     task = distributed.read_task()
     images = data.scan_image_folder(args.data)
@@ -44,9 +44,9 @@ def main(argv=None) -> int:
     # Three residual blocks with BatchNormalization: tiny, and the BN rule applies.
     cut = "conv2_block3_out"
     # No dropout: with 27 images its noise would hide the trend the test checks.
-    options = fit.FitOptions(image_size=SIZE, batch_size=8, seed=0, augment=False, patience=10,
-                             checkpoint_dir=args.checkpoint_dir, strategy="multiworker", verbose=2,
-                             gap_dropout=0.0)
+    options = phases.FitOptions(image_size=SIZE, batch_size=8, seed=0, augment=False, patience=10,
+                                checkpoint_dir=args.checkpoint_dir, strategy="multiworker", verbose=2,
+                                gap_dropout=0.0)
     keras.utils.set_random_seed(1)
     with fit.strategy_scope("multiworker"):
         backbone = bases.build_backbone(spec, SIZE, "none", cut_layer=cut)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from training import bases, data, export, fit, scenarios
+from training import bases, data, export, fit, phases, scenarios
 
 SIZE = 32
 
@@ -50,10 +50,10 @@ def _weights_of(layers):
 
 
 def test_gap_and_seed_heads():
-    head = fit.build_head("gap", 3, (2, 2, 8))
+    head = phases.build_head("gap", 3, (2, 2, 8))
     assert [type(layer).__name__ for layer in head.layers[1:]] == ["GlobalAveragePooling2D", "Dropout", "Dense"]
     assert head.output.shape == (None, 3)
-    seed = fit.build_head("seed", 4, (1, 1, 16))
+    seed = phases.build_head("seed", 4, (1, 1, 16))
     kinds = [(type(layer).__name__, getattr(layer, "units", None), getattr(layer, "rate", None))
              for layer in seed.layers[1:]]
     # The article's head: Flatten, Dense 1024 relu, Dropout 0.5, Dense 1024 relu, Dense softmax.
@@ -64,16 +64,16 @@ def test_gap_and_seed_heads():
     probs = seed(np.random.default_rng(0).normal(size=(5, 1, 1, 16)).astype(np.float32)).numpy()
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(ValueError):
-        fit.build_head("mlp", 3, (2, 2, 8))
+        phases.build_head("mlp", 3, (2, 2, 8))
     with pytest.raises(ValueError):
-        fit.build_head("gap", 1, (2, 2, 8))
+        phases.build_head("gap", 1, (2, 2, 8))
 
 
 def test_mixed_precision_keeps_the_softmax_in_float32_and_restores_the_policy():
     before = keras.config.dtype_policy().name
     with fit.precision_policy(True) as name:
         assert name == "mixed_float16"
-        head = fit.build_head("seed", 3, (1, 1, 8))
+        head = phases.build_head("seed", 3, (1, 1, 8))
         assert head.get_layer("fc1").compute_dtype == "float16"
         assert head.get_layer("predictions").compute_dtype == "float32"
         assert head(np.ones((2, 1, 1, 8), np.float32)).dtype == "float32"
@@ -81,13 +81,13 @@ def test_mixed_precision_keeps_the_softmax_in_float32_and_restores_the_policy():
 
 
 def test_optimizers_and_strategy_names():
-    sgd = fit.make_optimizer("sgd", 1e-4, 0.9)
+    sgd = phases.make_optimizer("sgd", 1e-4, 0.9)
     assert isinstance(sgd, keras.optimizers.SGD)
     assert sgd.get_config()["momentum"] == pytest.approx(0.9)
-    assert fit.make_optimizer("sgd", 1e-4, 0.9) is not sgd
-    assert isinstance(fit.make_optimizer("adam", 1e-3), keras.optimizers.Adam)
+    assert phases.make_optimizer("sgd", 1e-4, 0.9) is not sgd
+    assert isinstance(phases.make_optimizer("adam", 1e-3), keras.optimizers.Adam)
     with pytest.raises(ValueError):
-        fit.make_optimizer("lamb", 1e-3)
+        phases.make_optimizer("lamb", 1e-3)
     with pytest.raises(ValueError):
         fit.make_strategy("tpu")
 
@@ -101,7 +101,7 @@ def test_scenario1_caches_features_and_assembles_the_trained_head(image_sets, tm
     assert features.std(axis=0).mean() > 1e-4, "random trunk features must vary with the input"
     trunk_before = _weights_of(backbone.trunk.layers)
     plan = scenarios.plan_for(1, spec, head_epochs=4, head_lr=3e-3)
-    options = fit.FitOptions(image_size=SIZE, batch_size=8, seed=1, augment_copies=1, verbose=0)
+    options = phases.FitOptions(image_size=SIZE, batch_size=8, seed=1, augment_copies=1, verbose=0)
 
     result = fit.train(plan, backbone, train_set, val_set, options)
 
@@ -126,9 +126,9 @@ def test_tensorboard_log_dir(image_sets, tmp_path):
     train_set, val_set = image_sets
     spec = bases.get_base("vgg16")
     backbone = bases.build_backbone(spec, SIZE, "none", cut_layer="block1_pool")
-    options = fit.FitOptions(image_size=SIZE, batch_size=8, verbose=0, log_dir=str(tmp_path / "tb"))
+    options = phases.FitOptions(image_size=SIZE, batch_size=8, verbose=0, log_dir=str(tmp_path / "tb"))
     plan = scenarios.plan_for(1, spec, head_epochs=1)
-    if not fit.tensorboard_available():
+    if not phases.tensorboard_available():
         with pytest.raises(ValueError, match="pip install tensorboard"):
             fit.train(plan, backbone, train_set, val_set, options)
         return
@@ -151,7 +151,7 @@ def test_finetune_phases_fresh_optimizers_and_frozen_batchnorm(image_sets):
     tuned = [layer for layer in backbone.trunk.layers[5:]
              if isinstance(layer, keras.layers.Conv2D)]
     early_before, tuned_before = _weights_of(frozen_early), _weights_of(tuned)
-    options = fit.FitOptions(image_size=SIZE, batch_size=12, seed=0, augment=False, verbose=0)
+    options = phases.FitOptions(image_size=SIZE, batch_size=12, seed=0, augment=False, verbose=0)
 
     result = fit.train(plan, backbone, train_set, val_set, options)
 
@@ -186,7 +186,7 @@ def test_finetune_phases_fresh_optimizers_and_frozen_batchnorm(image_sets):
 def test_mirrored_strategy_and_mixed_precision_on_cpu(image_sets, tmp_path):
     train_set, val_set = image_sets
     spec = bases.get_base("vgg16")
-    options = fit.FitOptions(image_size=SIZE, batch_size=8, strategy="mirrored", verbose=0)
+    options = phases.FitOptions(image_size=SIZE, batch_size=8, strategy="mirrored", verbose=0)
     with pytest.raises(ValueError, match="strategy_scope"):
         fit.train(scenarios.plan_for(1, spec, head_epochs=1), None, train_set, val_set, options)
     with fit.precision_policy(True), fit.strategy_scope("mirrored") as strategy:
