@@ -11,17 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import os
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 # Errors a user can cause (bad paths, bad values): reported in one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USAGE = 2
-# Probes need a few images per class, not the whole set: this caps their cost.
-PROBE_IMAGES_PER_CLASS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,204 +132,15 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _subset(images, per_class: int, seed: int):
-    """At most ``per_class`` images of each class, chosen by ``seed`` (keeps the probes cheap)."""
-    import numpy as np
-
-    from training.data import ImageSet
-
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(images.labels)
-    keep: list[int] = []
-    for label in range(len(images.class_names)):
-        members = np.flatnonzero(labels == label)
-        keep.extend(sorted(rng.permutation(members)[:per_class].tolist()))
-    keep.sort()
-    return ImageSet(images.root, list(images.class_names), [images.files[i] for i in keep],
-                    [images.labels[i] for i in keep], [])
-
-
-def _load_sets(args):
-    from training import data
-
-    images = data.scan_image_folder(args.data)
-    _say(f"data: {images.root}: {len(images)} images in {len(images.class_names)} classes "
-         f"({', '.join(f'{k} {v}' for k, v in images.per_class_counts().items())})")
-    skipped = list(images.skipped)
-    if args.val_data:
-        val = data.scan_image_folder(args.val_data)
-        if val.class_names != images.class_names:
-            raise ValueError(f"--val-data classes {val.class_names} differ from --data classes {images.class_names}")
-        skipped += val.skipped
-        train = images
-        _say(f"validation: {val.root}: {len(val)} images")
-    else:
-        train, val = data.split_image_set(images, args.val_split, args.seed)
-        _say(f"split: {len(train)} train / {len(val)} validation (val-split {args.val_split}, seed {args.seed})")
-    if skipped:
-        _say(f"skipped {len(skipped)} unreadable file(s):")
-        for path, reason in skipped[:20]:
-            _say(f"  {path}: {reason}")
-        if len(skipped) > 20:
-            _say(f"  ... and {len(skipped) - 20} more (all listed in report.json)")
-    return train, val, skipped
-
-
-def _decide_scenario(args, spec, source, image_size, train, val):
-    """The scenario, cut layer and evidence: from the flag, or from `auto`'s probes."""
-    from training import bases, data, probe, scenarios
-
-    choice = scenarios.parse_scenario(args.scenario)
-    if choice != "auto":
-        return choice, args.cut_layer, {"chosen_by": "user", "flag": args.scenario}, None
-    threshold = args.small_threshold or scenarios.SMALL_THRESHOLD
-    backbone = bases.build_backbone(spec, image_size, source)
-    probe_train = _subset(train, PROBE_IMAGES_PER_CLASS, args.seed)
-    probe_val = _subset(val, PROBE_IMAGES_PER_CLASS, args.seed)
-    x, y = data.load_arrays(probe_train, image_size)
-    vx, vy = data.load_arrays(probe_val, image_size)
-    _say(f"auto: linear probes at {', '.join(spec.block_ends)} on {len(x)} train / {len(vx)} validation images")
-    scores = probe.probe_blocks(backbone, x, y, vx, vy, spec.block_ends, seed=args.seed,
-                                batch_size=args.batch_size)
-    decision = scenarios.decide_auto(train.per_class_counts(), scores, spec.block_ends,
-                                     small_threshold=threshold)
-    evidence = {"chosen_by": "auto", **decision.evidence}
-    cut = args.cut_layer or decision.cut_layer
-    # The probing backbone is the training one when nothing is cut away.
-    return decision.scenario, cut, evidence, (backbone if cut is None else None)
-
-
-def _describe_phase(phase, plan, run_options) -> str:
-    detail = f"{phase.optimizer} lr={phase.learning_rate:g}"
-    if phase.optimizer == "sgd" and phase.momentum:
-        detail += f" momentum={phase.momentum:g}"
-    if phase.train_trunk:
-        where = "trunk trains" + (f" except its first {plan.freeze_first} layers" if plan.freeze_first else "")
-        where += ", BatchNormalization frozen"
-    else:
-        where = "trunk frozen"
-        if plan.cache_features:
-            where += ", head on cached features"
-            if run_options.augment_copies:
-                where += f" (+{run_options.augment_copies} augmented copies)"
-    epochs = f"{phase.epochs} epoch{'s' if phase.epochs != 1 else ''}"
-    return f"{phase.name}: {epochs}, {detail}, {where}"
-
-
-def _print_decisions(spec, image_size, backbone, plan, evidence, options) -> None:
-    source = backbone.source
-    report = backbone.weights_report
-    _say(f"base: {spec.name} at {image_size}x{image_size} (preprocess '{spec.preprocess_mode}' inside the model)")
-    if source is None or source.kind == "none":
-        _say("weights: none (random initialisation)")
-    else:
-        _say(f"weights: {source.kind} {source.path} sha256 {source.sha256[:12]}; {len(report.loaded)} layers "
-             f"loaded (by {report.mode}), {len(report.missing_in_model)} not in the file, "
-             f"{len(report.unmatched_in_file)} file entries unused")
-    for note in report.notes:
-        _say(f"  note: {note}")
-    why = "chosen by --scenario"
-    if evidence.get("chosen_by") == "auto":
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in evidence["probe_scores"].items())
-        why = (f"auto: {evidence['size']} data (median {evidence['median_images_per_class']:g} images/class, "
-               f"threshold {evidence['small_threshold']}), {evidence['similarity']} "
-               f"(best probe {evidence['best_block']}; probes: {scores})")
-    _say(f"scenario: {plan.scenario} {plan.name} ({why})")
-    trunk_layers = len(backbone.trunk.layers)
-    _say(f"cut: {plan.cut_layer or 'none (full trunk)'}; trunk has {trunk_layers} layers")
-    bn = sum(1 for layer in backbone.trunk.layers if type(layer).__name__ == "BatchNormalization")
-    for phase in plan.phases:
-        names = [layer.name for layer in backbone.trunk.layers]
-        frozen = plan.frozen_trunk_layers(names, phase)
-        extra = f" + {bn} BatchNormalization layers always" if phase.train_trunk and bn else ""
-        _say(f"frozen in {phase.name}: {len(frozen)} of {trunk_layers} trunk layers{extra}")
-    _say("phases:")
-    for phase in plan.phases:
-        _say(f"  {_describe_phase(phase, plan, options)}")
-
-
-def _default_run_dir(model_name: str) -> Path:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{model_name}-{stamp}"
-
-
 def run_fit(args: argparse.Namespace) -> int:
     """``graft-train fit``: decide, train, export the next version, evaluate it, write the report."""
-    from training import bases, data, evaluate, export, fit, phases, repo, report, scenarios, weights
+    # Heavy (TensorFlow): imported when a fit runs, so that --help stays instant.
+    from training import pipeline
 
-    # Every flag that can be wrong is checked before the (slow) image scan.
-    repo.model_dir(args.repo, args.model_name)
-    spec = bases.get_base(args.base)
-    scenarios.parse_scenario(args.scenario)
-    image_size = args.image_size or spec.default_size
-    if image_size < spec.min_size:
-        raise ValueError(f"--image-size {image_size} is below {spec.name}'s minimum of {spec.min_size}")
-    source = weights.resolve_weights(args.weights, spec)
-    train_set, val_set, skipped = _load_sets(args)
-    options = phases.FitOptions(
-        image_size=image_size, batch_size=args.batch_size, seed=args.seed, augment=args.augment,
-        augment_copies=args.augment_copies, patience=args.patience, head_patience=args.head_patience,
-        log_dir=args.log_dir, strategy=args.strategy)
-    if args.log_dir and not phases.tensorboard_available():
-        raise ValueError("--log-dir needs the tensorboard package: pip install tensorboard")
-
-    with fit.precision_policy(args.mixed_precision), fit.strategy_scope(args.strategy):
-        scenario, cut, evidence, backbone = _decide_scenario(args, spec, source, image_size, train_set, val_set)
-        plan = scenarios.plan_for(
-            scenario, spec, cut_layer=cut, freeze_first=args.freeze_first, head=args.head,
-            head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
-            head_lr=args.head_lr, finetune_lr=args.finetune_lr, evidence=evidence)
-        if backbone is None:
-            backbone = bases.build_backbone(spec, image_size, source, cut_layer=plan.cut_layer)
-        _print_decisions(spec, image_size, backbone, plan, evidence, options)
-        result = fit.train(plan, backbone, train_set, val_set, options)
-
-    lineage = {
-        "base": spec.name,
-        "preprocess": spec.preprocess_mode,
-        "weights": {**source.describe(), "report": backbone.weights_report.describe()},
-        "scenario": plan.describe(),
-        "frozen_layers": {run.name: run.frozen_trunk_layers for run in result.phases},
-        "bn_frozen": [layer.name for layer in bases.bn_layers(backbone.trunk)],
-        "hyper_parameters": {
-            "image_size": image_size, "batch_size": args.batch_size, "head": args.head,
-            "head_epochs": args.head_epochs, "finetune_epochs": args.finetune_epochs,
-            "head_lr": args.head_lr, "finetune_lr": args.finetune_lr, "freeze_first": args.freeze_first,
-            "cut_layer": plan.cut_layer, "seed": args.seed, "augment": args.augment,
-            "augment_copies": args.augment_copies, "patience": args.patience,
-            "head_patience": args.head_patience,
-            "val_split": None if args.val_data else args.val_split, "strategy": args.strategy,
-            "mixed_precision": args.mixed_precision,
-        },
-        "metrics": result.metrics,
-        "dataset": {
-            "root": train_set.root, "fingerprint": train_set.fingerprint(),
-            "val_root": val_set.root, "val_fingerprint": val_set.fingerprint(),
-            "class_counts": train_set.per_class_counts(), "val_count": len(val_set),
-            "skipped": len(skipped),
-        },
-    }
-    warmup, _ = data.load_arrays(_subset(val_set, 1, args.seed), (image_size, image_size))
-    exporter = export.export_version
-    if args.strategy == "multiworker":
-        from training import distributed
-
-        exporter = distributed.export_version  # the chief's lands in --repo; None elsewhere
-    path = exporter(result.model, train_set.class_names, args.repo, args.model_name,
-                    image_size=image_size, lineage=lineage, warmup_images=warmup[:4])
-    if path is None:
-        _say(f"not the chief: the chief exports, evaluates and reports "
-             f"(weights digest {result.metrics['distribution']['weights_digest']})")
-        return 0
-    evaluation = evaluate.evaluate_savedmodel(path, val_set, batch_size=args.batch_size)
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.model_name)
-    summary = {"command": "fit", "version_path": path, **lineage,
-               "skipped_files": [{"path": p, "reason": r} for p, r in skipped]}
-    files = report.write_fit_report(run_dir, history=result.history, summary=summary, evaluation=evaluation)
-    _say("validation, through the exported SavedModel:")
-    _say(report.format_evaluation(evaluation))
-    _say(f"report: {files['report']}")
-    _say(path)
+    # Every FitConfig field is the flag of the same name.
+    config = pipeline.FitConfig(**{field.name: getattr(args, field.name)
+                                   for field in dataclasses.fields(pipeline.FitConfig)})
+    pipeline.run(config)
     return 0
 
 

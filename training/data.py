@@ -152,6 +152,19 @@ def split_image_set(images: ImageSet, val_fraction: float, seed: int) -> tuple[I
     return part(train), part(sorted(chosen))
 
 
+def sample_per_class(images: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """At most ``per_class`` images of each class, chosen by ``seed``, in file order (no skipped list)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(images.labels)
+    keep: list[int] = []
+    for label in range(len(images.class_names)):
+        members = np.flatnonzero(labels == label)
+        keep.extend(sorted(rng.permutation(members)[:per_class].tolist()))
+    keep.sort()
+    return ImageSet(images.root, list(images.class_names), [images.files[i] for i in keep],
+                    [images.labels[i] for i in keep], [])
+
+
 def augmentation(seed: int) -> keras.Sequential:
     """The article's ImageDataGenerator settings as Keras layers (training split only).
 

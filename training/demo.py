@@ -112,18 +112,19 @@ def write_digits(root: str | os.PathLike, *, image_size: int = 64, small_per_cla
 # -- training ---------------------------------------------------------------------------
 
 def _fit(data: Path, val: Path, repo: Path, run_dir: Path, args) -> Path:
-    """Run ``graft-train fit`` in process; return the exported version directory."""
-    from training import cli, repo as model_repo
+    """Run the training pipeline as ``graft-train fit`` would; return the exported version directory."""
+    # Heavy (TensorFlow): the pipeline trains.
+    from training import pipeline
 
-    argv = ["fit", "--data", str(data), "--val-data", str(val), "--base", "vgg16", "--weights", "hed",
-            "--scenario", "auto", "--image-size", str(args.image_size), "--head-epochs", str(args.epochs),
-            "--head-lr", f"{args.head_lr:g}", "--head-patience", str(args.patience), "--seed", str(args.seed),
-            "--repo", str(repo), "--model-name", MODEL_NAME, "--run-dir", str(run_dir)]
-    _say("$ graft-train " + " ".join(argv))
-    fit_args = cli.build_parser().parse_args(argv)
-    fit_args._run(fit_args)
-    directory = model_repo.model_dir(repo, MODEL_NAME)
-    return directory / str(model_repo.list_versions(directory)[-1])
+    config = pipeline.FitConfig(
+        data=data, val_data=val, base="vgg16", weights="hed", scenario="auto", image_size=args.image_size,
+        head_epochs=args.epochs, head_lr=args.head_lr, head_patience=args.patience, seed=args.seed,
+        repo=repo, model_name=MODEL_NAME, run_dir=run_dir)
+    _say(f"$ graft-train fit --data {data} --val-data {val} --base vgg16 --weights hed --scenario auto "
+         f"--image-size {config.image_size} --head-epochs {config.head_epochs} --head-lr {config.head_lr:g} "
+         f"--head-patience {config.head_patience} --seed {config.seed} --repo {repo} --model-name {MODEL_NAME} "
+         f"--run-dir {run_dir}")
+    return Path(pipeline.run(config))
 
 
 def small_cnn(image_size: int, num_classes: int, seed: int):

@@ -9,8 +9,8 @@ from PIL import Image
 
 from tests.training.conftest import make_image_folder
 from training.data import (
-    ImageSet, augmentation, decode_and_resize, image_hw, load_arrays, make_dataset, scan_image_folder,
-    split_image_set,
+    ImageSet, augmentation, decode_and_resize, image_hw, load_arrays, make_dataset, sample_per_class,
+    scan_image_folder, split_image_set,
 )
 
 SIZE = (32, 32)
@@ -207,3 +207,13 @@ def test_image_hw_reads_a_square_or_height_and_width():
     assert image_hw((24, 40)) == (24, 40)
     assert image_hw([np.int32(24), 40.0]) == (24, 40)
     assert all(type(side) is int for side in image_hw(np.int64(8)))
+
+
+def test_sample_per_class_caps_each_class_by_seed(image_folder):
+    images = scan_image_folder(image_folder)
+    sample = sample_per_class(images, 2, seed=4)
+    assert sample.per_class_counts() == {"cat": 2, "dog": 2, "emu": 2}
+    assert sample.files == sorted(sample.files) and set(sample.files) <= set(images.files)
+    assert [images.labels[images.files.index(f)] for f in sample.files] == sample.labels
+    assert sample_per_class(images, 2, seed=4).files == sample.files
+    assert sample_per_class(images, 10, seed=0).files == images.files
