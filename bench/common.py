@@ -36,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.process import ServeProcess
+from serving.runtime.process import ServeProcess
 
 GRPC_PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
 # A hard cap on requests per run, whatever the duration: loops stay bounded in count too.

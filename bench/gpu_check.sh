@@ -181,7 +181,7 @@ print("tensorflow:", tf.__version__, "built with CUDA:", tf.test.is_built_with_c
 gpus = tf.config.list_physical_devices("GPU")
 print("GPUs TensorFlow sees:", [g.name for g in gpus] or "none")
 try:
-    import serving.main, training.cli  # noqa: F401  (graft and its dependencies)
+    import serving.runtime.main, training.cli  # noqa: F401  (graft and its dependencies)
 except ImportError as exc:
     print(f"FAIL 5 graft's dependencies are missing ({exc}); install graft with its [gpu] extra")
     sys.exit(5)

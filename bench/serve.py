@@ -306,7 +306,7 @@ def make_bodies(input_name: str, height: int, width: int) -> dict[str, bytes]:
     from PIL import Image
     from tensorflow_serving.apis import predict_pb2
 
-    from serving.codec import numpy_to_tensor_proto
+    from serving.codecs.tensor_proto import numpy_to_tensor_proto
 
     image = sample_image(height, width)
     request = predict_pb2.PredictRequest()

@@ -137,6 +137,9 @@ def read_labels(base_path: str | os.PathLike) -> dict[str, int] | None:
 # -- lineage (assets.extra/graft.json) -----------------------------------------------------
 
 LINEAGE_SCHEMA_VERSION = 1
+# The key under which graft-serve's metadata and status answers carry a version's lineage
+# (REST metadata, gRPC GetModelMetadata's metadata map, V2 model parameters).
+LINEAGE_METADATA_KEY = "graft"
 
 
 def _is_str_list(value: Any) -> bool:
@@ -166,7 +169,7 @@ LINEAGE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "base": (_is_str, "a string"),
     "preprocess": (_is_str, "a string"),
     "weights": (_is_object, "an object"),
-    "scenario": (_is_object, "an object"),
+    "scenario": (lambda v: isinstance(v, (str, dict)), "a name or an object"),
     "frozen_layers": (_is_object, "an object"),
     "bn_frozen": (_is_str_list, "a list of layer names"),
     "hyper_parameters": (_is_object, "an object"),

@@ -49,19 +49,23 @@ import bisect
 import copy
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from serving.buffers import aligned_empty
-from serving.errors import DeadlineExceeded, Internal, InvalidArgument, ServingError, Unavailable
+from serving.config import BatchingConfig
+from serving.errors import (
+    DeadlineExceeded,
+    Internal,
+    InvalidArgument,
+    ServingError,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,108 +74,6 @@ RunFunction = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 # Retry-After for a full queue: one second is the smallest value HTTP can state
 # and is long enough for a few batches to drain at any realistic batch latency.
 QUEUE_FULL_RETRY_AFTER_S = 1.0
-
-
-def _default_threads() -> int:
-    # TF Serving defaults to port::MaxParallelism(): the CPUs this process may use.
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """TF Serving's ``BatchingParameters``, with TF Serving's defaults.
-
-    ``max_execution_batch_size`` (None: ``max_batch_size``) caps the rows of one
-    run when large-batch splitting is on; it is ignored otherwise. Invalid values
-    raise ``ValueError`` naming the field.
-    """
-
-    max_batch_size: int = 1000
-    batch_timeout_micros: int = 0
-    max_enqueued_batches: int = 10
-    num_batch_threads: int = field(default_factory=_default_threads)
-    thread_pool_name: str = "batch_threads"
-    allowed_batch_sizes: tuple[int, ...] = ()
-    enable_large_batch_splitting: bool = False
-    max_execution_batch_size: int | None = None
-    pad_variable_length_inputs: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "allowed_batch_sizes", tuple(int(s) for s in self.allowed_batch_sizes))
-        for name in ("max_batch_size", "max_enqueued_batches", "num_batch_threads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_timeout_micros < 0:
-            raise ValueError(f"batch_timeout_micros must not be negative, got {self.batch_timeout_micros}")
-        sizes = self.allowed_batch_sizes
-        if sizes:
-            if sizes[0] < 1:
-                raise ValueError(f"allowed_batch_sizes must be positive, got {list(sizes)}")
-            if any(b <= a for a, b in zip(sizes, sizes[1:])):
-                raise ValueError(f"allowed_batch_sizes must be strictly increasing, got {list(sizes)}")
-        mx = self.max_execution_batch_size
-        if mx is not None and not 1 <= mx <= self.max_batch_size:
-            raise ValueError(f"max_execution_batch_size must be in 1..max_batch_size ({self.max_batch_size}), got {mx}")
-        if sizes and sizes[-1] != self.execution_batch_size:
-            # As TF Serving checks: padding must never take a run past the rows one run may hold.
-            field_name = ("max_execution_batch_size" if self.execution_batch_size != self.max_batch_size
-                          else "max_batch_size")
-            raise ValueError(
-                f"allowed_batch_sizes must end with {field_name} ({self.execution_batch_size}), got {list(sizes)}"
-            )
-
-    @property
-    def execution_batch_size(self) -> int:
-        """The most rows one run takes: ``max_execution_batch_size`` when splitting, else ``max_batch_size``."""
-        if self.enable_large_batch_splitting and self.max_execution_batch_size is not None:
-            return self.max_execution_batch_size
-        return self.max_batch_size
-
-
-def batching_config_from_proto(msg) -> BatchingConfig:
-    """A ``BatchingConfig`` from a ``BatchingParameters`` message; unset fields keep the defaults."""
-    kwargs: dict = {}
-    for name in ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches", "num_batch_threads",
-                 "max_execution_batch_size"):
-        if msg.HasField(name):
-            kwargs[name] = int(getattr(msg, name).value)
-    if msg.HasField("thread_pool_name"):
-        kwargs["thread_pool_name"] = msg.thread_pool_name.value
-    if msg.HasField("enable_large_batch_splitting"):
-        kwargs["enable_large_batch_splitting"] = bool(msg.enable_large_batch_splitting.value)
-    kwargs["allowed_batch_sizes"] = tuple(msg.allowed_batch_sizes)
-    kwargs["pad_variable_length_inputs"] = bool(msg.pad_variable_length_inputs)
-    return BatchingConfig(**kwargs)
-
-
-def parse_batching_parameters(text: str) -> BatchingConfig:
-    """Parse TF Serving's ``BatchingParameters`` text format (``--batching_parameters_file``).
-
-    Raises ``ValueError`` naming the field for unknown fields, bad syntax or
-    invalid values.
-    """
-    from google.protobuf import text_format
-
-    from serving.protos.graft import batching_pb2
-
-    msg = batching_pb2.BatchingParameters()
-    try:
-        text_format.Parse(text, msg)
-    except text_format.ParseError as err:
-        raise ValueError(f"invalid batching parameters: {err}") from None
-    return batching_config_from_proto(msg)
-
-
-def read_batching_parameters_file(path: str | os.PathLike) -> BatchingConfig:
-    """Read and parse a ``BatchingParameters`` text file; ``ValueError`` names the file on failure."""
-    text = Path(path).read_text()
-    try:
-        return parse_batching_parameters(text)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
 
 
 class BatchObserver(Protocol):

@@ -2,9 +2,9 @@
 
 TensorFlow's CPU kernels require tensor memory aligned to 64 bytes (Eigen's
 ``EIGEN_MAX_ALIGN_BYTES``), and ``tf.constant`` copies every numpy array it is
-given. numpy aligns large arrays to 16 bytes only. For a merged batch of 32
-images of 96x96 that copy is 3.5 MB, 0.8-1.6 ms of the batch thread on the
-benchmark machine while the model's core waits for it. The batcher therefore
+given. numpy aligns large arrays to 16 bytes only, and for a merged batch of
+images that copy costs the batch thread time while the model's core waits for
+it (docs/benchmarks.md, seventh pass). The batcher therefore
 merges a batch into a buffer from :func:`aligned_empty`, and
 ``serving.servable`` hands such an array to TensorFlow through DLPack, which
 shares its memory (docs/benchmarks.md, seventh pass).

@@ -20,7 +20,6 @@ no plan, versions load where TensorFlow puts them (``/CPU:0``).
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -120,6 +119,7 @@ def configure_gpus(options: GpuOptions, *,
     load). If it is too late, memory growth is skipped with a warning, but an
     explicit cap raises RuntimeError.
     """
+    # TensorFlow (heavy): the pure planning functions above stay testable without it.
     import tensorflow as tf
 
     gpus = tf.config.list_physical_devices("GPU")
@@ -142,16 +142,6 @@ def configure_gpus(options: GpuOptions, *,
                  f"memory capped at {setting.memory_limit_mb} MiB" if setting.memory_limit_mb is not None
                  else "memory growth on" if setting.memory_growth else "TensorFlow's default allocation")
     return [s.device for s in settings]
-
-
-def servable_loader(devices: Sequence[str], freeze: bool = True) -> Callable:
-    """The manager's loader: ``Servable.load`` placing each version on ``devices`` (none: TF's default).
-
-    ``freeze`` is ``--freeze_graph``: run signatures with their variables folded into constants.
-    """
-    from serving.servable import Servable
-
-    return functools.partial(Servable.load, device=tuple(devices) or None, freeze=freeze)
 
 
 def memory_label(device: str) -> str:
@@ -182,6 +172,7 @@ def memory_reader(devices: Sequence[str]) -> Callable[[], dict[str, int]]:
     def read() -> dict[str, int]:
         if not devices:
             return {}
+        # TensorFlow (heavy): a CPU-only server never needs it here.
         import tensorflow as tf
 
         return memory_in_use(devices, tf.config.experimental.get_memory_info)

@@ -3,12 +3,17 @@
 Every failure the service reports to a client is a ``ServingError``. Each class
 carries the gRPC status code *name* and the HTTP status from a single table, so the
 REST and gRPC adapters map errors in exactly one place each and never disagree.
+Anything else that escapes to an adapter is a bug: :func:`unexpected` turns it
+into an ``Internal`` error whose message names only a request id, and logs the
+traceback under the same id, so no exception text ever reaches a client.
 This module imports neither Starlette nor grpc on purpose.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import uuid
 from collections.abc import Iterator
 
 # gRPC code name -> HTTP status, as TF Serving's REST layer maps them.
@@ -144,3 +149,20 @@ def located(where: str) -> Iterator[None]:
         yield
     except InvalidArgument as exc:
         raise InvalidArgument(f"{where}: {exc.message}") from None
+
+
+def unexpected(exc: BaseException, log: logging.Logger, where: str) -> Internal:
+    """The client's answer to a bug: a generic ``Internal`` error carrying a fresh request id.
+
+    The traceback of ``exc`` goes to ``log`` with the same id and ``where`` (the
+    RPC or the HTTP method and path), so an operator can find it from the id a
+    client reports.
+    """
+    request_id = uuid.uuid4().hex[:16]
+    log.error("unexpected error in %s (request id %s)", where, request_id, exc_info=exc)
+    return Internal(f"Internal error (request id {request_id}); the server log has the details")
+
+
+def metric_code(exc: BaseException) -> str:
+    """The status code name a failed request is counted under: the error's own, else INTERNAL."""
+    return exc.code if isinstance(exc, ServingError) else Internal.code

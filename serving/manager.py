@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import prediction_log_pb2
 
+from graft import contract
 from serving.config import ModelConfig
 from serving.errors import HTTP_STATUS_BY_CODE, InvalidArgument, NotFound, ServingError
 from serving.repository import Repository, select_versions
@@ -38,7 +39,6 @@ from serving.servable import Servable, tf_error_message
 
 log = logging.getLogger(__name__)
 
-WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit; more is an error, as there
 
 # TF error codes share gRPC's numbering; map them to the names status reports.
@@ -598,7 +598,7 @@ def replay_warmup(servable: Servable) -> int:
     Returns the number of records replayed (0 without a warmup file). Raises
     WarmupError on a bad record, a failing request, or more than 1000 records.
     """
-    path = os.path.join(servable.path, WARMUP_FILE)
+    path = os.fspath(contract.warmup_path(servable.path))
     if not os.path.isfile(path):
         return 0
     count = 0

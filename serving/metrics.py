@@ -42,8 +42,8 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    GCCollector,
     Gauge,
+    GCCollector,
     Histogram,
     Info,
     PlatformCollector,
@@ -275,29 +275,3 @@ class ServingMetrics:
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, with its content type (for ``/metrics``)."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-def metrics_paths_from_monitoring_config(text: str) -> tuple[str, ...]:
-    """The REST paths a TF Serving ``MonitoringConfig`` text proto (``--monitoring_config_file``)
-    asks metrics to be served at: ``/metrics`` and ``prometheus_config.path`` (TF Serving's
-    default path when empty), or none when ``prometheus_config.enable`` is false.
-
-    ``ValueError`` names the problem: bad syntax, an unknown field, or a path that is
-    not absolute or lies under the API's own ``/v1/`` and ``/v2/`` trees.
-    """
-    from google.protobuf import text_format
-
-    from serving.protos.graft.monitoring_config_pb2 import MonitoringConfig
-
-    config = MonitoringConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ValueError(f"not a MonitoringConfig text proto: {exc}") from None
-    prometheus = config.prometheus_config
-    if not prometheus.enable:
-        return ()
-    path = prometheus.path or TF_SERVING_METRICS_PATH
-    if not path.startswith("/") or path.lower().startswith(("/v1/", "/v2/")) or path.lower() in ("/v1", "/v2"):
-        raise ValueError(f"prometheus_config.path must be an absolute path outside /v1 and /v2, got {path!r}")
-    return tuple(dict.fromkeys(("/metrics", path)))

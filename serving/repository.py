@@ -12,18 +12,15 @@ made by a tool that does not rename atomically is never loaded half-written.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from graft import contract
 from serving.config import VersionPolicy
 
 log = logging.getLogger(__name__)
-
-SAVED_MODEL_FILE = "saved_model.pb"
-LABELS_FILE = "labels.json"
 
 Fingerprint = tuple[tuple[str, int, int], ...]
 
@@ -46,10 +43,10 @@ def list_version_dirs(base_path: str | os.PathLike) -> dict[int, str]:
     found: dict[int, str] = {}
     for entry in sorted(entries, key=lambda e: e.name):
         name = entry.name
-        if name.startswith(".") or not (name.isascii() and name.isdigit()):
+        if contract.is_hidden(name) or not contract.is_version_name(name):
             continue
         try:
-            if not entry.is_dir() or not os.path.isfile(os.path.join(entry.path, SAVED_MODEL_FILE)):
+            if not entry.is_dir() or not os.path.isfile(os.path.join(entry.path, contract.SAVED_MODEL_FILE)):
                 continue
         except OSError:
             continue
@@ -82,40 +79,6 @@ def select_versions(policy: VersionPolicy, versions: Iterable[int]) -> set[int]:
     if policy.kind == "specific":
         return available & set(policy.versions)
     return set(sorted(available, reverse=True)[: policy.num_versions])
-
-
-def parse_labels(text: str) -> dict[str, int]:
-    """Parse ``labels.json``: an object of non-empty label names to non-negative int versions."""
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise ValueError(f"{LABELS_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ValueError(f"{LABELS_FILE} must be a JSON object of label -> version")
-    labels: dict[str, int] = {}
-    for label, version in data.items():
-        if not label:
-            raise ValueError(f"{LABELS_FILE} has an empty label name")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-            raise ValueError(f"{LABELS_FILE}: label {label!r} must map to a version number, not {version!r}")
-        labels[label] = version
-    return labels
-
-
-def read_labels(base_path: str | os.PathLike) -> dict[str, int] | None:
-    """The labels in ``<base_path>/labels.json``; None when there is no such file.
-
-    Raises ValueError when the file exists but is unreadable or malformed.
-    """
-    path = os.path.join(os.fspath(base_path), LABELS_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-    return parse_labels(text)
 
 
 class Repository:
@@ -180,5 +143,5 @@ class Repository:
         return Scan(versions=dict(self._complete), pending=frozenset(pending))
 
     def read_labels(self) -> dict[str, int] | None:
-        """``labels.json`` of this model (see :func:`read_labels`)."""
-        return read_labels(self.base_path)
+        """``labels.json`` of this model (``graft.contract.read_labels``)."""
+        return contract.read_labels(self.base_path)

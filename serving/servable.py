@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
-import json
 import logging
 import os
 import re
@@ -23,20 +23,16 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from graft import contract
 from serving.buffers import is_shareable
 from serving.devices import ReplicaPool
 from serving.errors import Internal, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 
-SERVE_TAG = "serve"
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
-LINEAGE_FILE = os.path.join("assets.extra", "graft.json")
 
 
 @dataclass(frozen=True)
@@ -77,23 +73,13 @@ class SignatureSpec:
 
 
 def read_signature_defs(path: str | os.PathLike) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """The SignatureDefs of the ``serve`` meta graph in ``path/saved_model.pb``.
+    """The SignatureDefs of the ``serve`` meta graph in ``path/saved_model.pb``, as TensorFlow's messages.
 
-    Internal entries such as ``__saved_model_init_op`` are left out. Raises
-    ``ValueError`` when the file is not a SavedModel or has no ``serve`` graph.
+    Read through ``graft.contract.read_signature_defs``; raises ``ValueError`` when
+    the file is not a SavedModel or has no ``serve`` graph.
     """
-    pb_path = os.path.join(os.fspath(path), "saved_model.pb")
-    with open(pb_path, "rb") as f:
-        data = f.read()
-    saved = saved_model_pb2.SavedModel()
-    try:
-        saved.ParseFromString(data)
-    except Exception as exc:  # protobuf raises DecodeError, or others on truncated data
-        raise ValueError(f"{pb_path} is not a valid SavedModel: {exc}") from exc
-    for meta_graph in saved.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
-            return {k: v for k, v in meta_graph.signature_def.items() if not k.startswith("__")}
-    raise ValueError(f"{pb_path} has no meta graph tagged {SERVE_TAG!r}")
+    return {name: meta_graph_pb2.SignatureDef.FromString(sig.SerializeToString())
+            for name, sig in contract.read_signature_defs(path).items()}
 
 
 class Servable:
@@ -140,7 +126,7 @@ class Servable:
         replicas = []
         for where in devices:
             with _placement(where):
-                replicas.append((where, tf.saved_model.load(path, tags=[SERVE_TAG])))
+                replicas.append((where, tf.saved_model.load(path, tags=[contract.SERVE_TAG])))
         return cls(name, version, path, signature_defs, replicas, _read_lineage(path), freeze=freeze)
 
     def variable_devices(self) -> dict[str | None, list[str]]:
@@ -231,8 +217,8 @@ class _Replica:
     ``calls`` are what ``run`` calls: each signature traced once inside a
     ``tf.function`` and, with ``freeze``, its variables folded into constants
     (:class:`_FrozenCall`). Calling a restored signature maps every captured
-    variable through Python on each call (``_WrapperFunction._call_flat``, about
-    0.2 ms of held GIL for a MobileNet); the traced wrapper captured them once.
+    variable through Python on each call (``_WrapperFunction._call_flat``, with
+    the GIL held); the traced wrapper captured them once.
     """
 
     device: str | None
@@ -277,21 +263,23 @@ _VARIABLE_WRITER = re.compile(r"Assign\w*VariableOp|ResourceApply\w+|ResourceSpa
 class _FrozenCall:
     """A traced signature with its variables folded into constants, called on its flat inputs.
 
-    Why: a traced MobileNetV3Small signature passes its 208 variables to every
-    call as captured inputs (about 1 ms of the calling thread's CPU per call, in
-    TensorFlow's eager op set-up), and its graph reads them at run time, so
-    Grappler and oneDNN cannot fold batch norms into the convolutions or keep the
-    filters in their prepared layout. Frozen, the same calls took 13 ms instead of
-    18 ms at batch 32 and 1.1 ms instead of 1.7 ms at batch 1, with 0.4 ms of the
-    caller's CPU (docs/benchmarks.md, seventh pass). The cost is a second copy of
-    the weights in memory (``--freeze_graph=false`` keeps one).
+    Why: a traced signature passes every variable to every call as captured
+    inputs (CPU of the calling thread per call, in TensorFlow's eager op set-up),
+    and its graph reads them at run time, so Grappler and oneDNN cannot fold batch
+    norms into the convolutions or keep the filters in their prepared layout.
+    Frozen calls are faster and cheaper for the caller (docs/benchmarks.md,
+    seventh pass, has the figures). The cost is a second copy of the weights in
+    memory (``--freeze_graph=false`` keeps one).
 
     Called like the traced function: keyword tensors in, the signature's output
     dict out; a missing, extra or mismatched input raises ``TypeError``.
     """
 
     def __init__(self, traced) -> None:
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+        # TensorFlow's private graph freezer: loaded only where --freeze_graph is on.
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
 
         frozen = convert_variables_to_constants_v2(traced)
         _, input_specs = traced.structured_input_signature
@@ -365,20 +353,15 @@ def _to_tensor(value, spec: TensorSpec) -> tf.Tensor:
 
 
 def _read_lineage(path: str) -> dict | None:
-    """Parse ``assets.extra/graft.json``; a missing file is None, a bad one is logged and None."""
-    lineage_path = os.path.join(path, LINEAGE_FILE)
+    """The version's lineage (``graft.contract``); a missing file is None, a bad one is logged and None.
+
+    A version with unreadable lineage still serves: lineage describes it, it does not run it.
+    """
     try:
-        with open(lineage_path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
+        return contract.read_lineage(path)
+    except ValueError as exc:
+        log.error("ignoring the lineage of %s: %s", path, exc)
         return None
-    except (OSError, ValueError) as exc:
-        log.error("ignoring unreadable lineage file %s: %s", lineage_path, exc)
-        return None
-    if not isinstance(data, dict):
-        log.error("ignoring lineage file %s: expected a JSON object", lineage_path)
-        return None
-    return data
 
 
 # Lines TF adds around a graph error that tell a client nothing about its request.
@@ -394,3 +377,11 @@ def tf_error_message(exc: BaseException) -> str:
     kept = [line for line in lines if line and not line.startswith(_TF_NOISE)]
     text = " ".join(kept) or " ".join(lines)
     return re.sub(r"\s*\[Op:[^\]]*\]\s*$", "", text)
+
+
+def servable_loader(devices: Sequence[str], freeze: bool = True) -> Callable[[str, int, str], Servable]:
+    """The manager's loader: ``Servable.load`` placing each version on ``devices`` (none: TF's default).
+
+    ``freeze`` is ``--freeze_graph``: run signatures with their variables folded into constants.
+    """
+    return functools.partial(Servable.load, device=tuple(devices) or None, freeze=freeze)

@@ -21,8 +21,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving import codec
+from graft.contract import (
+    CLASSIFY_METHOD,
+    LINEAGE_METADATA_KEY,
+    REGRESS_METHOD,
+    training_summary,
+)
+from serving.codecs import image
 from serving.errors import (
+    Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -30,10 +37,13 @@ from serving.errors import (
     ServingError,
     Unavailable,
     located,
+    metric_code,
 )
+from serving.limits import DEFAULT_MAX_IMAGE_PIXELS
 
 if TYPE_CHECKING:
-    from serving.batching import Batcher, BatchingConfig
+    from serving.batching import Batcher
+    from serving.config import BatchingConfig
     from serving.manager import ModelManager, VersionStatus
     from serving.metrics import ServingMetrics
     from serving.servable import Servable, SignatureSpec
@@ -41,11 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNATURE = "serving_default"
-PREDICT_METHOD = "tensorflow/serving/predict"
-CLASSIFY_METHOD = "tensorflow/serving/classify"
-REGRESS_METHOD = "tensorflow/serving/regress"
-# Large enough for any real photo, small enough that one request cannot exhaust memory.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 # Seconds a client should wait before retrying a server that is shutting down.
 DRAIN_RETRY_AFTER = 1.0
 
@@ -175,7 +180,7 @@ class InferenceService:
 
     def predict(self, request: PredictCall) -> PredictResult:
         """Run a signature on validated inputs; only the filtered outputs are returned."""
-        with self._request(request.protocol, "predict", request.model) as record:
+        with self._request(request.protocol, "predict", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
                 outputs = self._run(servable, sig, inputs, request.deadline)
@@ -184,7 +189,7 @@ class InferenceService:
     async def predict_async(self, request: PredictCall) -> PredictResult:
         """:meth:`predict` for an event loop: the same checks and metrics, but the batch
         wait (or, with batching off, the model run in a worker thread) is awaited."""
-        with self._request(request.protocol, "predict", request.model) as record:
+        with self._request(request.protocol, "predict", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
                 outputs = await self._run_async(servable, sig, inputs, request.deadline)
@@ -202,27 +207,23 @@ class InferenceService:
 
     def classify(self, request: ExamplesCall) -> ClassifyResult:
         """Run a classify signature over tf.Examples."""
-        with self._request(request.protocol, "classify", request.model) as record:
-            with self._manager.acquire(request.model, request.version, request.label) as servable:
-                sig = self._method_signature(servable, request.signature_name, CLASSIFY_METHOD)
-                record(servable.version, sig.name, len(request.examples))
-                inputs = _examples_tensor(sig, request.examples, request.context)
-                self._check_example_images(request.examples, request.context)
-                outputs = self._run(servable, sig, inputs, request.deadline)
-                return ClassifyResult(servable.name, servable.version, sig.name,
-                                      _classifications(outputs, len(request.examples)))
+        return self._examples(request, CLASSIFY_METHOD)
 
     def regress(self, request: ExamplesCall) -> RegressResult:
         """Run a regress signature over tf.Examples."""
-        with self._request(request.protocol, "regress", request.model) as record:
+        return self._examples(request, REGRESS_METHOD)
+
+    def _examples(self, request: ExamplesCall, method: str) -> ClassifyResult | RegressResult:
+        """Classify or regress: one path, told apart by the signature method it needs."""
+        label, result_type, read = _EXAMPLE_METHODS[method]
+        with self._request(request.protocol, label, request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
-                sig = self._method_signature(servable, request.signature_name, REGRESS_METHOD)
+                sig = self._method_signature(servable, request.signature_name, method)
                 record(servable.version, sig.name, len(request.examples))
                 inputs = _examples_tensor(sig, request.examples, request.context)
                 self._check_example_images(request.examples, request.context)
                 outputs = self._run(servable, sig, inputs, request.deadline)
-                return RegressResult(servable.name, servable.version, sig.name,
-                                     _regressions(outputs, len(request.examples)))
+                return result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
 
     def multi_inference(self, request: MultiInferenceCall) -> list[ClassifyResult | RegressResult]:
         """Run several classify/regress tasks on one version, in task order."""
@@ -236,7 +237,7 @@ class InferenceService:
             if key in seen:
                 raise InvalidArgument(f"Duplicate evaluation of signature: {key}")
             seen.add(key)
-        with self._request(request.protocol, "multi_inference", request.model) as record:
+        with self._request(request.protocol, "multi_inference", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sigs = [self._method_signature(servable, t.signature_name, t.method_name)
                         for t in request.tasks]
@@ -291,7 +292,7 @@ class InferenceService:
             except ServingError:  # unloaded since the status was read
                 lineage = None
             if lineage is not None:
-                entry["graft"] = training_summary(lineage)
+                entry[LINEAGE_METADATA_KEY] = training_summary(lineage)
         return entry
 
     def ready(self) -> bool:
@@ -373,8 +374,12 @@ class InferenceService:
     # -------------------------------------------------------------------- helpers
 
     @contextmanager
-    def _request(self, protocol: str, method: str, model: str) -> Iterator[Callable]:
-        """Admit one inference request (or refuse it while draining) and record its metrics."""
+    def _request(self, protocol: str, method: str, model: str, deadline: float | None = None) -> Iterator[Callable]:
+        """Admit one inference request (or refuse it while draining) and record its metrics.
+
+        A caller cancelled at or after ``deadline`` (gRPC cancels a call when its
+        deadline passes, racing the server's own expiry) counts as DEADLINE_EXCEEDED.
+        """
         with self._idle:
             if self._draining:
                 raise Unavailable("Server is shutting down", retry_after=DRAIN_RETRY_AFTER)
@@ -389,10 +394,11 @@ class InferenceService:
         try:
             yield record
         except asyncio.CancelledError:  # an asyncio caller's client went away
-            code = "CANCELLED"
+            expired = deadline is not None and time.monotonic() >= deadline
+            code = DeadlineExceeded.code if expired else Cancelled.code
             raise
         except Exception as exc:
-            code = getattr(exc, "code", "INTERNAL")
+            code = metric_code(exc)
             if isinstance(exc, ServingError):
                 exc.counted = True
             raise
@@ -497,15 +503,15 @@ class InferenceService:
         for i, value in enumerate(strings.flat):
             if isinstance(value, bytes):
                 with located(f"input '{name}' item {i}"):
-                    codec.check_image_pixels(value, self._max_image_pixels)
+                    image.check_image_pixels(value, self._max_image_pixels)
 
     def _check_example_images(self, examples: Sequence[bytes], context: bytes | None) -> None:
         for i, serialized in enumerate(examples):
             with located(f"example {i}"):
-                codec.check_example_images(serialized, self._max_image_pixels)
+                image.check_example_images(serialized, self._max_image_pixels)
         if context:
             with located("context"):
-                codec.check_example_images(context, self._max_image_pixels)
+                image.check_example_images(context, self._max_image_pixels)
 
     def _decode_images(self, name: str, spec, arr: np.ndarray) -> np.ndarray:
         _, height, width, _ = spec.shape
@@ -521,7 +527,7 @@ class InferenceService:
             if not isinstance(data, bytes):
                 raise InvalidArgument(f"input '{name}': item {i} is not image bytes")
             with located(f"input '{name}' item {i}"):
-                images.append(codec.decode_image(data, height, width, max_pixels=self._max_image_pixels))
+                images.append(image.decode_image(data, height, width, max_pixels=self._max_image_pixels))
         if not images:
             return np.zeros((0, height, width, 3), dtype=spec.dtype)
         return np.stack(images).astype(spec.dtype, copy=False)
@@ -681,19 +687,8 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def training_summary(lineage: Mapping[str, Any]) -> dict:
-    """The training summary of a lineage record: base, scenario, accuracy and created_at.
-
-    ``scenario`` is the scenario's name when the record describes it as an object;
-    ``accuracy`` is the validation accuracy, else the training accuracy, else None.
-    """
-    scenario = lineage.get("scenario")
-    if isinstance(scenario, Mapping):
-        scenario = scenario.get("name", scenario.get("scenario"))
-    metrics = lineage.get("metrics")
-    metrics = metrics if isinstance(metrics, Mapping) else {}
-    accuracy = next((metrics[key] for key in ("val_accuracy", "accuracy")
-                     if isinstance(metrics.get(key), int | float) and not isinstance(metrics.get(key), bool)),
-                    None)
-    return {"base": lineage.get("base"), "scenario": scenario, "accuracy": accuracy,
-            "created_at": lineage.get("created_at")}
+# Signature method -> (metric method label, result type, reader of the outputs).
+_EXAMPLE_METHODS: dict[str, tuple[str, type, Callable[[dict[str, np.ndarray], int], list]]] = {
+    CLASSIFY_METHOD: ("classify", ClassifyResult, _classifications),
+    REGRESS_METHOD: ("regress", RegressResult, _regressions),
+}

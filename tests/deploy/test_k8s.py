@@ -21,7 +21,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from serving import batching, config, metrics
+from serving import config, metrics
 from training import bases, scenarios
 
 from tests.deploy import (
@@ -140,7 +140,7 @@ def test_deployment_runs_serve_and_train_on_one_repository(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_serve_flags_parse_and_rotate_grpc_connections(overlay):
     """graft-serve's own parser accepts every flag; gRPC connections age out so new replicas get traffic."""
-    from serving.main import build_parser
+    from serving.runtime.main import build_parser
 
     args = build_parser().parse_args(container(one(render(overlay), "Deployment", "graft"), "graft-serve")["args"])
     assert dict(args.grpc_channel_arguments)["grpc.max_connection_age_ms"] > 0
@@ -247,7 +247,7 @@ def test_config_files_parse_and_match_the_training_side(overlay):
     deployment = one(objects, "Deployment", "graft")
     flags = _serve_flags(container(deployment, "graft-serve"))
     models = config.parse_model_config(_mounted(objects, deployment, "graft-serve", flags["--model_config_file"]))
-    params = batching.parse_batching_parameters(
+    params = config.parse_batching_parameters(
         _mounted(objects, deployment, "graft-serve", flags["--batching_parameters_file"]))
     env = container_env(container(deployment, "graft-train"), objects)
     assert [m.base_path for m in models] == [f"{env['GRAFT_REPO']}/{env['GRAFT_MODEL_NAME']}"]
@@ -545,9 +545,8 @@ def test_every_queried_metric_is_served_by_a_running_graft_serve(tmp_path, two_i
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
     params = tmp_path / "batching.txt"
     params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 1000 }\n")
-    flags = ["--model_name", "two", "--model_base_path", str(tmp_path / "two"),
-             "--batching_parameters_file", str(params)]
-    with serving(flags) as (_, client):
+    with serving(model_name="two", model_base_path=str(tmp_path / "two"),
+                 batching_parameters_file=str(params)) as (_, client):
         answer = client.http.post(f"{client.rest}/v1/models/two:predict",
                                   json={"instances": [{"x": [1.0, 2.0, 3.0], "tag": "a"}]}, timeout=30)
         assert answer.status_code == 200, answer.text

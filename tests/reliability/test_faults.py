@@ -114,8 +114,8 @@ def load_failures(client: Client, model: str = "two") -> float:
     return 0.0
 
 
-def _flags(base: Path) -> list[str]:
-    return ["--model_name", "two", "--model_base_path", str(base), "--file_system_poll_wait_seconds", POLL]
+def _settings(base: Path) -> dict:
+    return {"model_name": "two", "model_base_path": str(base), "file_system_poll_wait_seconds": float(POLL)}
 
 
 def _broken_copy(src: Path, dst: Path, part: str) -> Path:
@@ -143,7 +143,7 @@ def test_deleted_version_dir_previous_version_takes_over_then_not_found(tmp_path
     base = tmp_path / "two"
     for version in (1, 2):
         models.install_version(two_input_savedmodel, base, version)
-    with serving(_flags(base)) as (_, client):
+    with serving(**_settings(base)) as (_, client):
         assert predict_version(client) == 2
         with Load(client, threads=1) as load:   # one thread: its answers are in serving order
             shutil.rmtree(base / "2")
@@ -173,7 +173,7 @@ def test_deleted_version_dir_previous_version_takes_over_then_not_found(tmp_path
 def test_corrupt_variables_previous_version_keeps_serving(tmp_path, two_input_savedmodel):
     base = tmp_path / "two"
     models.install_version(two_input_savedmodel, base, 1)
-    with serving(_flags(base)) as (_, client):
+    with serving(**_settings(base)) as (_, client):
         with Load(client) as load:
             staged = _broken_copy(two_input_savedmodel, base / ".tmp-2", "variables")
             os.rename(staged, base / "2")
@@ -197,7 +197,7 @@ def test_failed_load_is_retried_with_back_off_and_reported(tmp_path, two_input_s
     models.install_version(two_input_savedmodel, base, 1)
     _broken_copy(two_input_savedmodel, tmp_path / "broken", "graph").rename(base / "2")
     # The newest version is broken from the start: v1 stands in for it.
-    with serving(_flags(base)) as (_, client):
+    with serving(**_settings(base)) as (_, client):
         assert predict_version(client) == 1
         wait_for(lambda: load_failures(client) >= 3, timeout=20, what="three load attempts")
         # When each attempt failed, from the manager's log records.
@@ -234,7 +234,7 @@ def test_bad_labels_file_is_ignored_and_old_labels_stay(tmp_path, two_input_save
         models.install_version(two_input_savedmodel, base, version)
     labels = base / "labels.json"
     _write_atomically(labels, json.dumps({"stable": 1, "canary": 2}))
-    with serving(_flags(base)) as (_, client):
+    with serving(**_settings(base)) as (_, client):
 
         def labels_in_force() -> dict:
             listed = client.http.get(f"{client.rest}/v1/models", timeout=10).json()["models"]
@@ -249,7 +249,7 @@ def test_bad_labels_file_is_ignored_and_old_labels_stay(tmp_path, two_input_save
 
         check_old_labels()
         _write_atomically(labels, '{"stable": 2, "canary":')
-        wait_for(lambda: "labels.json is not valid JSON" in caplog.text, what="bad JSON logged")
+        wait_for(lambda: "labels.json: not valid JSON" in caplog.text, what="bad JSON logged")
         assert any(r.levelno == logging.ERROR and "ignoring" in r.getMessage() for r in caplog.records)
         check_old_labels()
 
@@ -274,7 +274,7 @@ def test_base_path_unreadable_for_a_while_keeps_serving(tmp_path, two_input_save
     caplog.set_level(logging.WARNING, logger="serving.repository")
     base = tmp_path / "two"
     models.install_version(two_input_savedmodel, base, 1)
-    with serving(_flags(base)) as (_, client):
+    with serving(**_settings(base)) as (_, client):
         with Load(client) as load:
             # A remount or a slow network volume: the whole directory is gone for several polls.
             base.rename(tmp_path / "away")

@@ -1,6 +1,6 @@
 """Fuzz targets for the wire codecs: only ServingError may escape, whatever the input.
 
-Hypothesis drives ``serving.codec`` with arbitrary JSON-ish values and bytes (the
+Hypothesis drives ``serving.codecs`` with arbitrary JSON-ish values and bytes (the
 REST JSON codec), arbitrary TensorProtos (the gRPC tensor codec) and damaged
 images. A bug shows up as any exception other than a ``ServingError`` subclass
 (those become a 4xx / INVALID_ARGUMENT; anything else would be a 500). Each
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from serving import codec
+from serving.codecs import image, tensor_proto, tfs_json
 from serving.errors import ServingError
 from serving.servable import SignatureSpec, TensorSpec
 
@@ -83,13 +83,13 @@ def _only_serving_errors(call, *args, **kwargs):
 @example(raw=b'{"a": 1e999, "b": -Infinity, "c": NaN}')
 @example(raw=b"\xef\xbb\xbf{}")
 def test_parse_json_on_arbitrary_bytes(raw):
-    _only_serving_errors(codec.parse_json, raw)
+    _only_serving_errors(tfs_json.parse_json, raw)
 
 
 @FUZZ
 @given(body=bodies, signature=st.sampled_from(SIGNATURES))
 def test_decode_predict_json_on_arbitrary_bodies(body, signature):
-    decoded = _only_serving_errors(codec.decode_predict_json, body, signature)
+    decoded = _only_serving_errors(tfs_json.decode_predict_json, body, signature)
     if decoded is not None:
         inputs, _ = decoded
         assert set(inputs) == set(signature.inputs)
@@ -102,16 +102,16 @@ def test_decode_predict_json_on_arbitrary_bodies(body, signature):
 @FUZZ
 @given(body=bodies)
 def test_examples_from_json_on_arbitrary_bodies(body):
-    _only_serving_errors(codec.examples_from_json, body)
+    _only_serving_errors(tfs_json.examples_from_json, body)
 
 
 @FUZZ
 @given(text=st.text(max_size=300), signature=st.sampled_from(SIGNATURES))
 def test_rest_body_text_through_parse_and_decode(text, signature):
     # The REST adapter's order: bytes -> parse_json -> an object -> decode against the signature.
-    body = _only_serving_errors(codec.parse_json, text.encode("utf-8", "surrogatepass"))
+    body = _only_serving_errors(tfs_json.parse_json, text.encode("utf-8", "surrogatepass"))
     if isinstance(body, dict):
-        _only_serving_errors(codec.decode_predict_json, body, signature)
+        _only_serving_errors(tfs_json.decode_predict_json, body, signature)
 
 
 def _nested(depth: int, leaf) -> object:
@@ -127,13 +127,13 @@ def test_deeply_nested_values_are_invalid_argument(depth, leaf):
     # orjson parses up to 1024 levels; every later step must refuse (not recurse into) them.
     # Built as text: json.dumps itself would hit the recursion limit at this depth.
     raw = '{"inputs": {"x": ' + "[" * depth + json.dumps(leaf) + "]" * depth + ', "tag": ["a"]}}'
-    body = codec.parse_json(raw.encode())
+    body = tfs_json.parse_json(raw.encode())
     with pytest.raises(ServingError):
-        codec.decode_predict_json(body, SIGNATURES[1])
+        tfs_json.decode_predict_json(body, SIGNATURES[1])
     with pytest.raises(ServingError):
-        codec.examples_from_json({"examples": [{"f": _nested(depth, leaf)}]})
+        tfs_json.examples_from_json({"examples": [{"f": _nested(depth, leaf)}]})
     with pytest.raises(ServingError):
-        codec.examples_from_json({"examples": [{"f": [_nested(depth, {"b64": 1})]}]})
+        tfs_json.examples_from_json({"examples": [{"f": [_nested(depth, {"b64": 1})]}]})
 
 
 # --------------------------------------------------------------------- TensorProto
@@ -185,14 +185,14 @@ def tensor_protos(draw) -> tensor_pb2.TensorProto:
 
 
 def _check_tensor(tp: tensor_pb2.TensorProto) -> None:
-    arr = _only_serving_errors(codec.tensor_proto_to_numpy, tp, max_elements=MAX_ELEMENTS)
+    arr = _only_serving_errors(tensor_proto.tensor_proto_to_numpy, tp, max_elements=MAX_ELEMENTS)
     if arr is None:
         return
     assert isinstance(arr, np.ndarray)
     assert arr.shape == tuple(d.size for d in tp.tensor_shape.dim)
     assert arr.size <= MAX_ELEMENTS
     # Whatever was accepted must round-trip, so the response path cannot fail on it either.
-    back = codec.tensor_proto_to_numpy(codec.numpy_to_tensor_proto(arr), max_elements=MAX_ELEMENTS)
+    back = tensor_proto.tensor_proto_to_numpy(tensor_proto.numpy_to_tensor_proto(arr), max_elements=MAX_ELEMENTS)
     assert back.shape == arr.shape and back.dtype == arr.dtype
 
 
@@ -251,6 +251,6 @@ def test_decode_image_on_damaged_images(data):
     for position, value in flips:
         if position < len(damaged):
             damaged[position] = value
-    out = _only_serving_errors(codec.decode_image, bytes(damaged), 8, 8, max_pixels=10_000)
+    out = _only_serving_errors(image.decode_image, bytes(damaged), 8, 8, max_pixels=10_000)
     if out is not None:
         assert out.shape == (8, 8, 3) and out.dtype == np.float32

@@ -42,9 +42,8 @@ PREDICT = "/tensorflow.serving.PredictionService/Predict"
 def client(cnn_and_two_repo):
     """A Client of one in-process graft-serve serving cnn/1 and two/1 (label stable -> 1)."""
     config = cnn_and_two_repo("grpc_input_repo")
-    flags = ["--model_config_file", str(config), "--max_request_bytes", str(MAX_BYTES),
-             "--max_image_pixels", str(64 * 64), "--file_system_poll_wait_seconds", "0"]
-    with serving(flags) as (_, handle):
+    with serving(model_config_file=str(config), max_request_bytes=MAX_BYTES, max_image_pixels=64 * 64,
+                 file_system_poll_wait_seconds=0) as (_, handle):
         yield handle
 
 
@@ -233,7 +232,7 @@ def _varint(value: int) -> bytes:
 def test_garbage_message_bytes_are_refused(client):
     raw_predict = client.channel.unary_unary(PREDICT)
     code, details = _error(lambda: raw_predict(b"\xff\xff\xff\xff\x0f garbage", timeout=30))
-    # Refused before any servicer code runs (serving.grpc_api.DecodeGuard), naming the message.
+    # Refused before any servicer code runs (serving.grpc.server.DecodeGuard), naming the message.
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("request bytes are not a valid request message for "
                               "/tensorflow.serving.PredictionService/Predict"), details

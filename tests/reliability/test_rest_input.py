@@ -49,9 +49,8 @@ def server(repo):
     """(GraftServer, Client) of one in-process graft-serve for the module."""
     config = write_model_config(repo / "models.config", {"cnn": repo / "cnn", "two": repo / "two"})
     # No background polling: the file-system audit then sees only what requests do.
-    flags = ["--model_config_file", str(config), "--max_request_bytes", str(MAX_BYTES),
-             "--max_image_pixels", str(MAX_PIXELS), "--file_system_poll_wait_seconds", "0"]
-    with serving(flags) as (graft, client):
+    with serving(model_config_file=str(config), max_request_bytes=MAX_BYTES, max_image_pixels=MAX_PIXELS,
+                 file_system_poll_wait_seconds=0) as (graft, client):
         yield graft, client
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2
 
-from serving.main import GraftServer, build_parser
+from serving.runtime.server import GraftServer
+from serving.runtime.settings import ServerConfig
 from tests import models
 from tests.security.certs import Pki, make_pki
 from tests.ports import free_port
@@ -48,12 +49,10 @@ def pki(tmp_path_factory) -> Pki:
 
 
 @contextmanager
-def running(repo: Path, flags: Sequence[str]) -> Iterator[GraftServer]:
-    """graft-serve in this process on 127.0.0.1 with ``flags``, its model AVAILABLE, until the block ends."""
-    args = build_parser().parse_args([
-        "--host", "127.0.0.1", "--port", "0", "--rest_api_port", str(free_port()),
-        "--model_name", MODEL, "--model_base_path", str(repo / MODEL), *flags])
-    server = GraftServer(args)
+def running(repo: Path, **settings) -> Iterator[GraftServer]:
+    """graft-serve in this process on 127.0.0.1 with ``settings``, its model AVAILABLE, until the block ends."""
+    server = GraftServer(ServerConfig(host="127.0.0.1", port=0, rest_api_port=free_port(), model_name=MODEL,
+                                      model_base_path=str(repo / MODEL), **settings))
     server.start()
     try:
         server.manager.wait_until_available(MODEL, timeout=READY_TIMEOUT_S)

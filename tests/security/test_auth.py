@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.auth import INVALID_MESSAGE, MISSING_MESSAGE, AuthInterceptor, TokenAuth, parse_tokens
+from serving.runtime.auth import INVALID_MESSAGE, MISSING_MESSAGE, AuthInterceptor, TokenAuth, parse_tokens
 from serving.errors import Unauthenticated
-from serving.main import main
+from serving.runtime.main import main
 from serving.protos.inference import grpc_service_pb2 as v2_pb
 from serving.protos.inference import grpc_service_pb2_grpc as v2_grpc
 from tests.security.conftest import MODEL, expected_y, predict_body, predict_request, running
@@ -95,7 +95,7 @@ def test_unreadable_or_bad_token_file_stops_startup(tmp_path, repo, caplog):
 
 @pytest.fixture(scope="module")
 def server(repo, tokens):
-    with running(repo, ["--auth_token_file", str(tokens[2])]) as srv:
+    with running(repo, auth_token_file=str(tokens[2])) as srv:
         yield srv
 
 
@@ -216,7 +216,7 @@ def test_interceptor_wraps_streaming_kinds():
 # ---- --auth_metrics ----
 
 def test_auth_metrics_protects_metrics_but_not_health(repo, tokens):
-    with running(repo, ["--auth_token_file", str(tokens[2]), "--auth_metrics"]) as srv:
+    with running(repo, auth_token_file=str(tokens[2]), auth_metrics=True) as srv:
         for path in ("/metrics", "/monitoring/prometheus/metrics"):
             assert requests.get(_url(srv, path), timeout=30).status_code == 401
             scraped = requests.get(_url(srv, path), headers=_bearer(tokens[0]), timeout=30)

@@ -93,7 +93,7 @@ def test_a_pickle_in_a_request_stays_bytes(repo, tmp_path):
     payload = pickle.dumps(_Marker(str(marker)))
     encoded = base64.b64encode(payload).decode()
     body = {"instances": [{"x": [1.0, 2.0, 3.0], "tag": {"b64": encoded}}]}
-    with running(repo, []) as srv:
+    with running(repo) as srv:
         response = requests.post(f"http://127.0.0.1:{srv.rest_port}/v1/models/{MODEL}:predict",
                                  json=body, timeout=30)
     assert response.status_code == 200, response.text

@@ -19,10 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from starlette.applications import Starlette
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from serving.asgi import MAX_REQUEST_HEADER_BYTES, RestServer
-from serving.main import main
+from serving.rest.server import MAX_REQUEST_HEADER_BYTES, RestServer
+from serving.runtime.main import main
 from serving.protos.graft.ssl_config_pb2 import SSLConfig
-from serving.tls import parse_ssl_config, read_ssl_config
+from serving.runtime.tls import parse_ssl_config, read_ssl_config
 from tests.security.conftest import MODEL, expected_y, predict_body, predict_request, running
 
 APP = Starlette()   # RestServer's TLS checks need an app, never called
@@ -57,7 +57,7 @@ GARBLED_PEM = "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END C
 
 @pytest.mark.parametrize("make, problem", [
     (lambda pki: _ssl_config_text(pki, client_verify=False).replace("server_key", "server_kee", 1),
-     "not an SSLConfig"),
+     "not a SSLConfig text proto"),
     (lambda pki: text_format.MessageToString(SSLConfig(server_cert=pki.server.cert_pem.decode())),
      "server_key must hold"),
     (lambda pki: text_format.MessageToString(SSLConfig(server_key=pki.server.key_pem.decode())),
@@ -106,8 +106,8 @@ def test_rest_tls_with_a_key_of_another_certificate_is_refused(pki):
 @pytest.fixture(scope="module")
 def tls_server(repo, pki, tmp_path_factory):
     config = _write_ssl_config(tmp_path_factory.mktemp("ssl"), pki, client_verify=False)
-    with running(repo, ["--ssl_config_file", str(config), "--rest_tls_cert", str(pki.server.cert_file),
-                        "--rest_tls_key", str(pki.server.key_file)]) as srv:
+    with running(repo, ssl_config_file=str(config), rest_tls_cert=str(pki.server.cert_file),
+                 rest_tls_key=str(pki.server.key_file)) as srv:
         yield srv
 
 
@@ -201,7 +201,7 @@ def test_https_serves_concurrent_clients(tls_server, pki):
 @pytest.fixture(scope="module")
 def mtls_server(repo, pki, tokens, tmp_path_factory):
     config = _write_ssl_config(tmp_path_factory.mktemp("mtls"), pki, client_verify=True)
-    with running(repo, ["--ssl_config_file", str(config), "--auth_token_file", str(tokens[2])]) as srv:
+    with running(repo, ssl_config_file=str(config), auth_token_file=str(tokens[2])) as srv:
         yield srv
 
 

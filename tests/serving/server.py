@@ -1,6 +1,6 @@
 """Start a real graft-serve for tests: in-process (threads) or as a subprocess.
 
-Both paths go through ``serving.main``'s own flag parser and wiring, so a test
+Both paths go through ``serving.runtime.main``'s own flag parser and wiring, so a test
 exercises exactly what ``graft-serve`` runs; nothing is stubbed. Servers bind
 127.0.0.1: gRPC on port 0 (the bound port is read back), REST on a free port.
 """
@@ -16,8 +16,9 @@ import grpc
 import requests
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.main import GraftServer, build_parser
-from serving.process import ServeProcess
+from serving.runtime.server import GraftServer
+from serving.runtime.settings import ServerConfig
+from serving.runtime.process import ServeProcess
 from tests.ports import free_port
 
 READY_TIMEOUT_S = 90.0
@@ -56,12 +57,13 @@ def _wait_ready(rest: str, timeout: float = READY_TIMEOUT_S) -> None:
 
 
 @contextmanager
-def serving(flags: Sequence[str]) -> Iterator[tuple[GraftServer, Client]]:
-    """Run graft-serve in this process with ``flags`` (ports and host are added) until the block ends."""
-    rest_port = free_port()
-    args = build_parser().parse_args(
-        ["--host", "127.0.0.1", "--port", "0", "--rest_api_port", str(rest_port), *flags])
-    server = GraftServer(args)
+def serving(**settings) -> Iterator[tuple[GraftServer, Client]]:
+    """Run graft-serve in this process with ``ServerConfig(**settings)`` until the block ends.
+
+    It binds 127.0.0.1: gRPC on a port of the kernel's choice, REST on a free port.
+    """
+    config = ServerConfig(**{"host": "127.0.0.1", "port": 0, "rest_api_port": free_port(), **settings})
+    server = GraftServer(config)
     server.start()
     client = Client(server.grpc_port, server.rest_port)
     try:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.affinity import split_cpus
-from serving.main import main
+from serving.runtime.affinity import split_cpus
+from serving.runtime.main import main
 from tests.ports import free_port
 
 
@@ -56,7 +56,7 @@ def test_graft_serve_refuses_all_cpus_for_tensorflow_and_exits_1(tmp_path, caplo
 # pin_threads pins the whole calling process: run it in a child, never in pytest's own.
 _PIN_CHILD = """
 import json, os, threading
-from serving.affinity import pin_threads, split_cpus
+from serving.runtime.affinity import pin_threads, split_cpus
 if {refuse}:
     def refuse(*args):
         raise PermissionError(1, "Operation not permitted")

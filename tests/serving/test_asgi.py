@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import threading
 import time
@@ -13,8 +14,8 @@ from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving.asgi import MAX_REQUEST_HEADER_BYTES, RestServer
-from serving.loop import run_blocking
+from serving.rest.server import MAX_REQUEST_HEADER_BYTES, RestServer
+from serving.runtime.loop import run_blocking
 
 BIG = b"x" * (8 << 20)   # more than the socket buffers: the loop is still writing it at stop()
 
@@ -118,7 +119,7 @@ class _BrokenService:
 
 
 def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(caplog):
-    from serving.rest import create_app
+    from serving.rest.app import create_app
 
     server = RestServer(create_app(_BrokenService()), "127.0.0.1", 0, threads=2)
     thread = threading.Thread(target=server.serve, daemon=True)
@@ -126,16 +127,20 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(caplog):
     try:
         r = requests.get(f"http://127.0.0.1:{server.port}/v1/models", timeout=5)
         assert r.status_code == 500
-        assert r.json() == {"error": "Internal error: RuntimeError: bug in the service"}
+        # The client gets a request id, never the exception's text or type.
+        error = r.json()["error"]
+        match = re.fullmatch(r"Internal error \(request id ([0-9a-f]{16})\); the server log has the details", error)
+        assert match, error
         assert requests.get(f"http://127.0.0.1:{server.port}/healthz", timeout=5).json() == {"status": "alive"}
     finally:
         server.stop(timeout=2)
-    # The traceback is logged once, by the server.
+    # The traceback is logged once, under the same id.
     assert caplog.text.count("RuntimeError: bug in the service") == 1
+    assert f"request id {match.group(1)}" in caplog.text and "Traceback" in caplog.text
 
 
 def test_a_client_gone_mid_body_is_no_server_error(caplog):
-    from serving.rest import create_app
+    from serving.rest.app import create_app
 
     server = RestServer(create_app(_BrokenService()), "127.0.0.1", 0, threads=2)
     thread = threading.Thread(target=server.serve, daemon=True)

@@ -14,12 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from serving.batching import (
-    Batcher,
-    BatchingConfig,
-    parse_batching_parameters,
-    read_batching_parameters_file,
-)
+from serving.batching import Batcher
+from serving.config import BatchingConfig, parse_batching_parameters, read_batching_parameters_file
 from serving.buffers import is_shareable
 from serving.errors import DeadlineExceeded, Internal, InvalidArgument, Unavailable
 

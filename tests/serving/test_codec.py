@@ -1,4 +1,4 @@
-"""Tests of serving.codec: TF Serving JSON, TensorProto, tf.Example and image conversion.
+"""Tests of serving.codecs: TF Serving JSON, TensorProto, tf.Example and image conversion.
 
 Reference implementations are used wherever one exists: ``tf.make_ndarray`` and
 ``tf.make_tensor_proto`` for TensorProto, ``tf.io.parse_example`` for tf.Example,
@@ -21,7 +21,7 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from serving import codec
+from serving.codecs import image, tensor_proto, tfs_json
 from serving.errors import InvalidArgument
 from serving.servable import SignatureSpec, TensorSpec
 
@@ -45,33 +45,33 @@ TWO = _sig(x=(tf.float32, (None, 3)), tag=(tf.string, (None,)))
 
 
 def test_parse_json_strict_and_non_finite():
-    assert codec.parse_json(b'{"a": [1, 2.5]}') == {"a": [1, 2.5]}
-    body = codec.parse_json(b'{"a": [NaN, Infinity, -Infinity]}')
+    assert tfs_json.parse_json(b'{"a": [1, 2.5]}') == {"a": [1, 2.5]}
+    body = tfs_json.parse_json(b'{"a": [NaN, Infinity, -Infinity]}')
     assert math.isnan(body["a"][0]) and body["a"][1:] == [math.inf, -math.inf]
 
 
 @pytest.mark.parametrize("raw", [b"", b"{", b'{"a": }', b"[1, 2", b"\xff\xfe"])
 def test_parse_json_rejects_bad_json(raw):
     with pytest.raises(InvalidArgument, match="JSON Parse error"):
-        codec.parse_json(raw)
+        tfs_json.parse_json(raw)
 
 
 def test_dump_json_writes_arrays_and_non_finite_like_tf_serving():
     arr = np.array([[0.1, 2.0], [3.5, -1.25]], dtype=np.float32)
-    assert json.loads(codec.dump_json({"o": arr})) == {"o": [[0.1, 2.0], [3.5, -1.25]]}
-    raw = codec.dump_json({"o": np.array([np.nan, np.inf, -np.inf, 1.0], dtype=np.float32)})
+    assert json.loads(tfs_json.dump_json({"o": arr})) == {"o": [[0.1, 2.0], [3.5, -1.25]]}
+    raw = tfs_json.dump_json({"o": np.array([np.nan, np.inf, -np.inf, 1.0], dtype=np.float32)})
     assert raw == b'{"o":[NaN,Infinity,-Infinity,1.0]}'
     # Python json parses it back, as TF Serving's clients do.
     back = json.loads(raw)["o"]
     assert math.isnan(back[0]) and back[1:] == [math.inf, -math.inf, 1.0]
     # Non-contiguous arrays and numpy scalars fall back to lists, not errors.
-    assert json.loads(codec.dump_json({"t": np.arange(6).reshape(2, 3).T, "s": np.int64(7)})) == {
+    assert json.loads(tfs_json.dump_json({"t": np.arange(6).reshape(2, 3).T, "s": np.int64(7)})) == {
         "t": [[0, 3], [1, 4], [2, 5]], "s": 7}
 
 
 def test_float32_round_trips_through_json():
     arr = np.random.default_rng(1).standard_normal(1000).astype(np.float32)
-    back = np.asarray(json.loads(codec.dump_json({"o": arr}))["o"], dtype=np.float32)
+    back = np.asarray(json.loads(tfs_json.dump_json({"o": arr}))["o"], dtype=np.float32)
     np.testing.assert_array_equal(back, arr)
 
 
@@ -79,7 +79,7 @@ def test_float32_round_trips_through_json():
 
 
 def test_row_format_single_input():
-    inputs, row = codec.decode_predict_json({"instances": [[1, 2], [3.5, 4]]}, ONE)
+    inputs, row = tfs_json.decode_predict_json({"instances": [[1, 2], [3.5, 4]]}, ONE)
     assert row is True
     assert inputs["x"].dtype == np.float32
     np.testing.assert_array_equal(inputs["x"], [[1, 2], [3.5, 4]])
@@ -90,47 +90,47 @@ def test_row_format_named_inputs_with_b64():
         {"x": [1, 2, 3], "tag": "ab"},
         {"x": [4, 5, 6], "tag": {"b64": base64.b64encode(b"\x00\xff").decode()}},
     ]}
-    inputs, row = codec.decode_predict_json(body, TWO)
+    inputs, row = tfs_json.decode_predict_json(body, TWO)
     assert row is True
     np.testing.assert_array_equal(inputs["x"], [[1, 2, 3], [4, 5, 6]])
     assert inputs["tag"].dtype == object and inputs["tag"].tolist() == [b"ab", b"\x00\xff"]
 
 
 def test_row_format_single_input_may_be_named():
-    inputs, _ = codec.decode_predict_json({"instances": [{"x": [1, 2]}, {"x": [3, 4]}]}, ONE)
+    inputs, _ = tfs_json.decode_predict_json({"instances": [{"x": [1, 2]}, {"x": [3, 4]}]}, ONE)
     np.testing.assert_array_equal(inputs["x"], [[1, 2], [3, 4]])
 
 
 def test_columnar_bare_and_named():
-    inputs, row = codec.decode_predict_json({"inputs": [[1, 2]]}, ONE)
+    inputs, row = tfs_json.decode_predict_json({"inputs": [[1, 2]]}, ONE)
     assert row is False and inputs["x"].shape == (1, 2)
     body = {"inputs": {"x": [[1, 2, 3], [4, 5, 6]], "tag": ["a", "b"]}}
-    inputs, row = codec.decode_predict_json(body, TWO)
+    inputs, row = tfs_json.decode_predict_json(body, TWO)
     assert row is False and inputs["x"].shape == (2, 3) and inputs["tag"].tolist() == [b"a", b"b"]
 
 
 def test_columnar_batch_sizes_may_differ():
     # The columnar format itself allows it; the service decides for batched inputs.
     body = {"inputs": {"x": [[1, 2, 3]], "tag": ["a", "b"]}}
-    inputs, _ = codec.decode_predict_json(body, TWO)
+    inputs, _ = tfs_json.decode_predict_json(body, TWO)
     assert inputs["x"].shape == (1, 3) and inputs["tag"].shape == (2,)
 
 
 def test_dense_inputs_only_for_one_floating_point_input():
     values = np.arange(6.0).reshape(3, 2)
-    inputs = codec.dense_predict_inputs(values, ONE)
+    inputs = tfs_json.dense_predict_inputs(values, ONE)
     assert inputs["x"].dtype == np.float32
     np.testing.assert_array_equal(inputs["x"], values)
-    half = codec.dense_predict_inputs(values, _sig(x=(tf.float16, (None, 2))))
+    half = tfs_json.dense_predict_inputs(values, _sig(x=(tf.float16, (None, 2))))
     assert half["x"].dtype == np.float16
     # Integer inputs need the JSON text's integer/fraction distinction; two inputs need names.
-    assert codec.dense_predict_inputs(values, _sig(x=(tf.int32, (None, 2)))) is None
-    assert codec.dense_predict_inputs(values, TWO) is None
+    assert tfs_json.dense_predict_inputs(values, _sig(x=(tf.int32, (None, 2)))) is None
+    assert tfs_json.dense_predict_inputs(values, TWO) is None
 
 
 def test_nan_and_infinity_inputs_are_accepted():
-    body = codec.parse_json(b'{"instances": [[NaN, Infinity], [-Infinity, 1]]}')
-    inputs, _ = codec.decode_predict_json(body, ONE)
+    body = tfs_json.parse_json(b'{"instances": [[NaN, Infinity], [-Infinity, 1]]}')
+    inputs, _ = tfs_json.decode_predict_json(body, ONE)
     x = inputs["x"]
     assert np.isnan(x[0, 0]) and x[0, 1] == np.inf and x[1, 0] == -np.inf
 
@@ -148,11 +148,11 @@ def test_nan_and_infinity_inputs_are_accepted():
 ])
 def test_predict_layout_errors_single_input(body, message):
     if message is None:
-        inputs, _ = codec.decode_predict_json(body, ONE)
+        inputs, _ = tfs_json.decode_predict_json(body, ONE)
         assert inputs["x"].dtype == object
         return
     with pytest.raises(InvalidArgument, match=message):
-        codec.decode_predict_json(body, ONE)
+        tfs_json.decode_predict_json(body, ONE)
 
 
 @pytest.mark.parametrize("body, message", [
@@ -170,43 +170,43 @@ def test_predict_layout_errors_single_input(body, message):
 ])
 def test_predict_layout_errors_two_inputs(body, message):
     with pytest.raises(InvalidArgument, match=message):
-        codec.decode_predict_json(body, TWO)
+        tfs_json.decode_predict_json(body, TWO)
 
 
 def test_integer_inputs_refuse_fractions_and_overflow():
     sig = _sig(n=(tf.int32, (None,)))
-    inputs, _ = codec.decode_predict_json({"inputs": [1, -2, 3]}, sig)
+    inputs, _ = tfs_json.decode_predict_json({"inputs": [1, -2, 3]}, sig)
     assert inputs["n"].dtype == np.int32
     with pytest.raises(InvalidArgument, match="input 'n'.*int32"):
-        codec.decode_predict_json({"inputs": [1.5]}, sig)
+        tfs_json.decode_predict_json({"inputs": [1.5]}, sig)
     with pytest.raises(InvalidArgument, match="input 'n': value out of range"):
-        codec.decode_predict_json({"inputs": [2**40]}, sig)
+        tfs_json.decode_predict_json({"inputs": [2**40]}, sig)
 
 
 def test_bool_and_string_inputs():
     sig = _sig(b=(tf.bool, (None,)), s=(tf.string, (None,)))
-    inputs, _ = codec.decode_predict_json({"inputs": {"b": [True, False], "s": ["é", "x"]}}, sig)
+    inputs, _ = tfs_json.decode_predict_json({"inputs": {"b": [True, False], "s": ["é", "x"]}}, sig)
     assert inputs["b"].dtype == np.bool_ and inputs["b"].tolist() == [True, False]
     assert inputs["s"].tolist() == ["é".encode(), b"x"]
     with pytest.raises(InvalidArgument, match="input 'b'.*bool"):
-        codec.decode_predict_json({"inputs": {"b": [1], "s": ["x"]}}, sig)
+        tfs_json.decode_predict_json({"inputs": {"b": [1], "s": ["x"]}}, sig)
 
 
 # -------------------------------------------------------------------- predict encode
 
 
 def test_encode_row_one_output_is_bare_list():
-    out = codec.encode_predict_json({"y": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)}, True)
-    assert json.loads(codec.dump_json(out)) == {"predictions": [[1.0, 2.0], [3.0, 4.0]]}
+    out = tfs_json.encode_predict_json({"y": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)}, True)
+    assert json.loads(tfs_json.dump_json(out)) == {"predictions": [[1.0, 2.0], [3.0, 4.0]]}
 
 
 def test_encode_row_several_outputs_is_list_of_objects_with_bytes_as_b64():
-    out = codec.encode_predict_json({
+    out = tfs_json.encode_predict_json({
         "y": np.array([[1.0], [2.0]], np.float32),
         "label_bytes": np.array([b"a", b"\x00"], dtype=object),
         "name": np.array([b"cat", b"\xff"], dtype=object),
     }, True)
-    assert json.loads(codec.dump_json(out)) == {"predictions": [
+    assert json.loads(tfs_json.dump_json(out)) == {"predictions": [
         {"y": [1.0], "label_bytes": {"b64": "YQ=="}, "name": "cat"},
         {"y": [2.0], "label_bytes": {"b64": "AA=="}, "name": {"b64": "/w=="}},
     ]}
@@ -214,16 +214,16 @@ def test_encode_row_several_outputs_is_list_of_objects_with_bytes_as_b64():
 
 def test_encode_row_rejects_inconsistent_or_scalar_outputs():
     with pytest.raises(InvalidArgument, match="Tensor name: b has inconsistent batch size: 3 expecting: 2"):
-        codec.encode_predict_json({"a": np.zeros(2), "b": np.zeros(3)}, True)
+        tfs_json.encode_predict_json({"a": np.zeros(2), "b": np.zeros(3)}, True)
     with pytest.raises(InvalidArgument, match="no shape information"):
-        codec.encode_predict_json({"a": np.float32(1.0)}, True)
+        tfs_json.encode_predict_json({"a": np.float32(1.0)}, True)
 
 
 def test_encode_columnar():
-    one = codec.encode_predict_json({"y": np.array([1, 2], np.int64)}, False)
-    assert json.loads(codec.dump_json(one)) == {"outputs": [1, 2]}
-    several = codec.encode_predict_json({"a": np.zeros(2), "s": np.array(b"z", dtype=object)}, False)
-    assert json.loads(codec.dump_json(several)) == {"outputs": {"a": [0.0, 0.0], "s": "z"}}
+    one = tfs_json.encode_predict_json({"y": np.array([1, 2], np.int64)}, False)
+    assert json.loads(tfs_json.dump_json(one)) == {"outputs": [1, 2]}
+    several = tfs_json.encode_predict_json({"a": np.zeros(2), "s": np.array(b"z", dtype=object)}, False)
+    assert json.loads(tfs_json.dump_json(several)) == {"outputs": {"a": [0.0, 0.0], "s": "z"}}
 
 
 # ------------------------------------------------------------------------ examples
@@ -237,7 +237,7 @@ def test_examples_from_json_match_tf_parse_example():
             {"x": [0.0, 0.5, 3.0], "name": ["b", "c"], "raw": {"b64": "Ag=="}, "flag": False},
         ],
     }
-    examples, context = codec.examples_from_json(body)
+    examples, context = tfs_json.examples_from_json(body)
     spec = {
         "x": tf.io.FixedLenFeature([3], tf.float32),
         "raw": tf.io.FixedLenFeature([], tf.string),
@@ -266,7 +266,7 @@ def test_examples_from_json_match_tf_parse_example():
 ])
 def test_examples_from_json_errors(body, message):
     with pytest.raises(InvalidArgument, match=message):
-        codec.examples_from_json(body)
+        tfs_json.examples_from_json(body)
 
 
 # --------------------------------------------------------------------- TensorProto
@@ -279,9 +279,9 @@ _NUMERIC = [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.
 @given(st.sampled_from(_NUMERIC).flatmap(
     lambda dt: hnp.arrays(dt, hnp.array_shapes(min_dims=0, max_dims=3, max_side=4))))
 def test_tensor_content_round_trip_matches_tensorflow(arr):
-    ours = codec.numpy_to_tensor_proto(arr)
+    ours = tensor_proto.numpy_to_tensor_proto(arr)
     np.testing.assert_array_equal(tf.make_ndarray(ours), arr)
-    back = codec.tensor_proto_to_numpy(tf.make_tensor_proto(arr), max_elements=10**6)
+    back = tensor_proto.tensor_proto_to_numpy(tf.make_tensor_proto(arr), max_elements=10**6)
     assert back.dtype == arr.dtype and back.shape == arr.shape
     np.testing.assert_array_equal(back, arr)
 
@@ -293,28 +293,28 @@ def test_typed_value_fields_match_tensorflow(dtype):
     tp = tf.make_tensor_proto(arr)
     # Re-express as value fields (what many clients send) instead of tensor_content.
     typed = tensor_pb2.TensorProto(dtype=tp.dtype, tensor_shape=tp.tensor_shape)
-    field = codec._DTYPES[tp.dtype][1]
+    field = tensor_proto._DTYPES[tp.dtype][1]
     values = arr.view(np.uint16).reshape(-1) if dtype is np.float16 else arr.reshape(-1)
     getattr(typed, field).extend(values.tolist())
-    np.testing.assert_array_equal(codec.tensor_proto_to_numpy(typed, max_elements=100),
+    np.testing.assert_array_equal(tensor_proto.tensor_proto_to_numpy(typed, max_elements=100),
                                   tf.make_ndarray(typed))
 
 
 def test_fewer_values_repeat_the_last_like_tensorflow():
     tp = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0, 2.0])
     tp.tensor_shape.dim.add().size = 4
-    np.testing.assert_array_equal(codec.tensor_proto_to_numpy(tp, max_elements=10), [1, 2, 2, 2])
+    np.testing.assert_array_equal(tensor_proto.tensor_proto_to_numpy(tp, max_elements=10), [1, 2, 2, 2])
     empty = tensor_pb2.TensorProto(dtype=types_pb2.DT_INT64)
     empty.tensor_shape.dim.add().size = 3
-    np.testing.assert_array_equal(codec.tensor_proto_to_numpy(empty, max_elements=10), [0, 0, 0])
+    np.testing.assert_array_equal(tensor_proto.tensor_proto_to_numpy(empty, max_elements=10), [0, 0, 0])
 
 
 def test_string_tensor_round_trip():
     arr = np.array([[b"a", b"\x00\xff"], [b"", b"long" * 10]], dtype=object)
-    tp = codec.numpy_to_tensor_proto(arr)
+    tp = tensor_proto.numpy_to_tensor_proto(arr)
     assert tp.dtype == types_pb2.DT_STRING
     assert tf.make_ndarray(tp).tolist() == arr.tolist()
-    back = codec.tensor_proto_to_numpy(tf.make_tensor_proto(arr), max_elements=10)
+    back = tensor_proto.tensor_proto_to_numpy(tf.make_tensor_proto(arr), max_elements=10)
     assert back.dtype == object and back.tolist() == arr.tolist()
 
 
@@ -338,7 +338,7 @@ def _proto(dtype, shape, **fields) -> tensor_pb2.TensorProto:
 ])
 def test_bad_tensor_protos(tp, message):
     with pytest.raises(InvalidArgument, match=message):
-        codec.tensor_proto_to_numpy(tp, max_elements=1000)
+        tensor_proto.tensor_proto_to_numpy(tp, max_elements=1000)
 
 
 # -------------------------------------------------------------------------- images
@@ -352,18 +352,18 @@ def _encode(img: Image.Image, fmt: str) -> bytes:
 
 def test_decode_png_exact_at_target_size():
     pixels = np.random.default_rng(2).integers(0, 256, (8, 6, 3), dtype=np.uint8)
-    out = codec.decode_image(_encode(Image.fromarray(pixels), "PNG"), 8, 6, max_pixels=10**6)
+    out = image.decode_image(_encode(Image.fromarray(pixels), "PNG"), 8, 6, max_pixels=10**6)
     assert out.dtype == np.float32 and out.shape == (8, 6, 3)
     np.testing.assert_array_equal(out, pixels.astype(np.float32))
 
 
 def test_decode_resizes_and_converts_to_rgb():
     gray = Image.fromarray(np.full((40, 50), 200, dtype=np.uint8), mode="L")
-    out = codec.decode_image(_encode(gray, "JPEG"), 16, 20, max_pixels=10**6)
+    out = image.decode_image(_encode(gray, "JPEG"), 16, 20, max_pixels=10**6)
     assert out.shape == (16, 20, 3)
     assert np.abs(out - 200).max() <= 2  # JPEG rounding only
     rgba = Image.new("RGBA", (10, 10), (10, 20, 30, 128))
-    out = codec.decode_image(_encode(rgba, "PNG"), 5, 5, max_pixels=10**6)
+    out = image.decode_image(_encode(rgba, "PNG"), 5, 5, max_pixels=10**6)
     np.testing.assert_array_equal(out[0, 0], [10, 20, 30])
 
 
@@ -372,20 +372,20 @@ def test_decode_refuses_too_many_pixels_before_decoding():
     bomb = _encode(Image.new("RGB", (4000, 4000)), "PNG")
     assert len(bomb) < 100_000
     with pytest.raises(InvalidArgument, match="16000000 pixels exceeds the limit of 1000000"):
-        codec.decode_image(bomb, 32, 32, max_pixels=1_000_000)
+        image.decode_image(bomb, 32, 32, max_pixels=1_000_000)
 
 
 @pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\x00" * 20])
 def test_decode_refuses_non_images(data):
     with pytest.raises(InvalidArgument, match="image"):
-        codec.decode_image(data, 8, 8, max_pixels=10**6)
+        image.decode_image(data, 8, 8, max_pixels=10**6)
 
 
 def test_decode_refuses_truncated_image():
     pixels = np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     data = _encode(Image.fromarray(pixels), "PNG")
     with pytest.raises(InvalidArgument, match="image"):
-        codec.decode_image(data[: len(data) // 2], 8, 8, max_pixels=10**6)
+        image.decode_image(data[: len(data) // 2], 8, 8, max_pixels=10**6)
 
 
 def test_check_image_pixels_reads_headers_only():
@@ -394,17 +394,17 @@ def test_check_image_pixels_reads_headers_only():
         image.save(buf, format=fmt, **save)
         return buf.getvalue()
 
-    codec.check_image_pixels(encoded(Image.new("RGB", (10, 10)), "JPEG"), 100)  # at the limit
+    image.check_image_pixels(encoded(Image.new("RGB", (10, 10)), "JPEG"), 100)  # at the limit
     with pytest.raises(InvalidArgument, match="image of 11x10 = 110 pixels exceeds the limit of 100"):
-        codec.check_image_pixels(encoded(Image.new("RGB", (11, 10)), "PNG"), 100)
+        image.check_image_pixels(encoded(Image.new("RGB", (11, 10)), "PNG"), 100)
     # 400 million pixels in 49 KB: refused from the header, nothing decoded.
     bomb = encoded(Image.new("1", (20000, 20000)), "PNG")
     assert len(bomb) < 100_000
     with pytest.raises(InvalidArgument, match="exceeds the limit of 1000000 pixels"):
-        codec.check_image_pixels(bomb, 1_000_000)
+        image.check_image_pixels(bomb, 1_000_000)
     frames = [Image.new("L", (10, 10), i * 20) for i in range(3)]
     gif = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
     with pytest.raises(InvalidArgument, match="10x10x3 frames = 300 pixels"):
-        codec.check_image_pixels(gif, 299)
+        image.check_image_pixels(gif, 299)
     for not_an_image in (b"", b"text", b"\x89PNG\r\n\x1a\n truncated"):
-        codec.check_image_pixels(not_an_image, 1)
+        image.check_image_pixels(not_an_image, 1)

@@ -69,7 +69,7 @@ def test_empty_list_is_no_models():
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ('model_config_list { config { name: "m" base_path: "/m" } ', "does not parse"),
+    ('model_config_list { config { name: "m" base_path: "/m" } ', "not a ModelServerConfig text proto"),
     ('model_config_list { config { nmae: "m" } }', "nmae"),
     ('model_config_list { config { base_path: "/m" } }', "name is empty"),
     ('model_config_list { config { name: "m" } }', "base_path is empty"),

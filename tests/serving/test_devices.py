@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import devices
 from serving.devices import GpuOptions, GpuSetting, ReplicaPool, least_busy, memory_limit_mb, plan_gpus
 from serving.metrics import ServingMetrics
-from serving.servable import Servable
+from serving.servable import Servable, servable_loader
 
 GIB = 1024**3
 
@@ -131,7 +131,7 @@ def test_pool_goes_to_the_idle_replica_while_another_is_busy():
 
 
 def test_servable_placed_on_cpu0_runs_there(tiny_cnn_savedmodel, tiny_cnn_keras):
-    servable = devices.servable_loader(["/device:CPU:0"])("cnn", 1, str(tiny_cnn_savedmodel))
+    servable = servable_loader(["/device:CPU:0"])("cnn", 1, str(tiny_cnn_savedmodel))
     assert servable.devices == ("/device:CPU:0",) and servable.device == "/device:CPU:0"
     placed = servable.variable_devices()
     assert list(placed) == ["/device:CPU:0"]
@@ -143,7 +143,7 @@ def test_servable_placed_on_cpu0_runs_there(tiny_cnn_savedmodel, tiny_cnn_keras)
 
 
 def test_no_devices_means_tensorflows_default_placement(tiny_cnn_savedmodel):
-    loader = devices.servable_loader([])
+    loader = servable_loader([])
     assert loader.func == Servable.load and loader.keywords == {"device": None, "freeze": True}
     servable = Servable.load("cnn", 1, str(tiny_cnn_savedmodel))
     assert servable.devices == () and servable.device is None

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from serving.loop import new_event_loop
-from serving.main import build_parser
+from serving.runtime.loop import new_event_loop
+from serving.runtime.main import build_parser
 import uvloop
 
 

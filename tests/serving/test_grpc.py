@@ -56,9 +56,8 @@ def server(repo):
     config = write_model_config(repo / "models.config",
                                 {"cnn": repo / "cnn", "two": repo / "two", "hot": repo / "hot"},
                                 {"two": 'version_labels { key: "stable" value: 1 }'})
-    flags = ["--model_config_file", str(config), "--file_system_poll_wait_seconds", "0.2",
-             "--max_request_bytes", str(MAX_BYTES), "--max_image_pixels", str(64 * 64)]
-    with serving(flags) as (_, client):
+    with serving(model_config_file=str(config), file_system_poll_wait_seconds=0.2,
+                 max_request_bytes=MAX_BYTES, max_image_pixels=64 * 64) as (_, client):
         yield client
 
 
@@ -354,7 +353,7 @@ def _config(**models_by_name) -> model_server_config_pb2.ModelServerConfig:
 
 
 def test_handle_reload_config_request(repo):
-    with serving(["--model_name", "cnn", "--model_base_path", str(repo / "cnn")]) as (_, client):
+    with serving(model_name="cnn", model_base_path=str(repo / "cnn")) as (_, client):
         reload = model_management_pb2.ReloadConfigRequest(config=_config(two=repo / "two"))
         response = client.models.HandleReloadConfigRequest(reload, timeout=60)
         assert response.status.error_code == 0
@@ -383,9 +382,8 @@ def test_reload_config_rpc_can_be_turned_off(repo, tmp_path):
     config = tmp_path / "models.config"
     config.write_text(f'model_config_list {{ config {{ name: "cnn" base_path: "{repo / "cnn"}" '
                       f'model_platform: "tensorflow" }} }}\n')
-    flags = ["--model_config_file", str(config), "--model_config_file_poll_wait_seconds", "0.2",
-             "--enable_reload_config_rpc=false"]
-    with serving(flags) as (_, client):
+    with serving(model_config_file=str(config), model_config_file_poll_wait_seconds=0.2,
+                 enable_reload_config_rpc=False) as (_, client):
         reload = model_management_pb2.ReloadConfigRequest(config=_config(two=repo / "two"))
         code, details = _code(lambda: client.models.HandleReloadConfigRequest(reload, timeout=30))
         assert code == grpc.StatusCode.PERMISSION_DENIED

@@ -29,10 +29,8 @@ def client(request, tmp_path_factory, two_input_savedmodel):
     models.install_version(two_input_savedmodel, root / "two", 1)
     params = root / "batching.txt"
     params.write_text("max_batch_size { value: 4 }\nbatch_timeout_micros { value: 2000 }\n")
-    flags = ["--model_name", "two", "--model_base_path", str(root / "two"),
-             "--enable_batching=true", "--batching_parameters_file", str(params),
-             "--grpc_event_loop", request.param]
-    with serving(flags) as (server, client):
+    with serving(model_name="two", model_base_path=str(root / "two"), enable_batching=True,
+                 batching_parameters_file=str(params), grpc_event_loop=request.param) as (server, client):
         assert server.grpc_event_loop == request.param
         yield client
 

@@ -1,4 +1,4 @@
-"""serving.jsonarray: the numeric-array predict body read without per-number Python objects.
+"""serving.codecs.dense_json: the numeric-array predict body read without per-number Python objects.
 
 The property that matters: whenever the reader answers, its array is exactly what
 ``np.array(json.loads(body)[key], dtype=float64)`` gives; whenever a body is one
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from serving.jsonarray import DenseReader
+from serving.codecs.dense_json import DenseReader
 
 SEPARATORS = [(",", ":"), (", ", ": "), (" ,\n ", " :\t"), ("\r\n,", ":\n")]
 

@@ -19,7 +19,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.service import training_summary
+from graft.contract import training_summary
 from tests import models
 from tests.models import write_model_config
 from tests.serving.server import serving
@@ -47,7 +47,7 @@ def server(tmp_path_factory, two_input_savedmodel):
         models.install_version(src, root / "two", version)
     config = write_model_config(root / "models.config", {"two": root / "two"},
                                 {"two": "model_version_policy { all {} }"})
-    with serving(["--model_config_file", str(config)]) as (graft, client):
+    with serving(model_config_file=str(config)) as (graft, client):
         # Ready means one version per model; these tests need all three.
         for version in (1, 2, 3):
             graft.manager.wait_until_available("two", version, timeout=60)

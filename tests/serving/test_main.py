@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -15,10 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
-from serving.main import GraftServer, _batching_config, build_parser, main
-from serving.metrics import metrics_paths_from_monitoring_config
+from serving.runtime.main import build_parser, config_from_args, main, parse_config
+from serving.runtime.server import GraftServer, batching_config
+from serving.runtime.settings import ServerConfig
+from serving.config import parse_monitoring_config
 from serving.servable import _FrozenCall
-from serving.body import DECODE_ON_LOOP_BYTES
+from serving.rest.body import DECODE_ON_LOOP_BYTES
 from tests import models
 from tests.ports import free_port
 from tests.models import write_model_config
@@ -35,6 +38,25 @@ def test_defaults_are_tf_servings():
     assert args.model_config_file_poll_wait_seconds == 0.0
     assert args.rest_api_timeout_in_ms == 30000
     assert args.enable_batching is None  # not given: false, unless a batching parameters file is
+
+
+def test_every_setting_is_a_flag_with_the_settings_default():
+    args = vars(build_parser().parse_args(["--model_base_path", "/m"]))
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
+    assert set(args) == set(defaults)
+    assert {**args, "model_base_path": ""} == defaults
+    assert config_from_args(build_parser().parse_args(["--model_base_path", "/m"])) == ServerConfig(model_base_path="/m")
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({}, "either --model_config_file or --model_base_path is required"),
+    ({"model_base_path": "/m", "rest_tls_cert": "c.pem"}, "--rest_tls_cert and --rest_tls_key go together"),
+    ({"model_base_path": "/m", "auth_metrics": True}, "--auth_metrics needs --auth_token_file"),
+    ({"model_base_path": "/m", "grpc_event_loop": "trio"}, "--grpc_event_loop must be one of"),
+])
+def test_contradictory_settings_are_refused_by_the_config(settings, message):
+    with pytest.raises(ValueError, match=message):
+        ServerConfig(**settings)
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -76,8 +98,7 @@ def test_bad_model_config_exits_1(tmp_path, caplog):
 def test_batching_flags(tmp_path, flags, batching, caplog):
     path = tmp_path / "batching.config"
     path.write_text("max_batch_size { value: 8 }")
-    args = build_parser().parse_args(["--model_base_path", "/m", *(f.format(file=path) for f in flags)])
-    config = _batching_config(args)
+    config = batching_config(parse_config(["--model_base_path", "/m", *(f.format(file=path) for f in flags)]))
     assert (config is not None) is batching
     if config is not None and "--batching_parameters_file" in flags:
         assert config.max_batch_size == 8
@@ -85,28 +106,28 @@ def test_batching_flags(tmp_path, flags, batching, caplog):
 
 
 def test_monitoring_config_text():
-    assert metrics_paths_from_monitoring_config("") == ()
-    assert metrics_paths_from_monitoring_config("prometheus_config { enable: false path: '/m' }") == ()
-    assert metrics_paths_from_monitoring_config("prometheus_config { enable: true }") == \
+    assert parse_monitoring_config("") == ()
+    assert parse_monitoring_config("prometheus_config { enable: false path: '/m' }") == ()
+    assert parse_monitoring_config("prometheus_config { enable: true }") == \
         ("/metrics", "/monitoring/prometheus/metrics")
-    assert metrics_paths_from_monitoring_config(
+    assert parse_monitoring_config(
         'prometheus_config { enable: true, path: "/ops/prom" }') == ("/metrics", "/ops/prom")
-    assert metrics_paths_from_monitoring_config("prometheus_config { enable: true path: '/metrics' }") == \
+    assert parse_monitoring_config("prometheus_config { enable: true path: '/metrics' }") == \
         ("/metrics",)
     for bad, needle in [("prometheus_config { enable: yes_please }", "MonitoringConfig"),
                         ("prometheus { enable: true }", "prometheus"),
                         ("prometheus_config { enable: true path: 'ops' }", "absolute"),
                         ("prometheus_config { enable: true path: '/v1/models/x' }", "/v1")]:
         with pytest.raises(ValueError, match=needle):
-            metrics_paths_from_monitoring_config(bad)
+            parse_monitoring_config(bad)
 
 
 def test_monitoring_config_file_moves_or_removes_the_metrics_paths(tmp_path, two_input_savedmodel):
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
-    model = ["--model_name", "two", "--model_base_path", str(tmp_path / "two")]
+    model = {"model_name": "two", "model_base_path": str(tmp_path / "two")}
     config = tmp_path / "monitoring.config"
     config.write_text('prometheus_config {\n  enable: true,\n  path: "/ops/prometheus"\n}\n')
-    with serving([*model, "--monitoring_config_file", str(config)]) as (_, client):
+    with serving(**model, monitoring_config_file=str(config)) as (_, client):
         _predict(client, "two")
         text = client.http.get(client.rest + "/ops/prometheus", timeout=30).text
         families = {f.name for f in text_string_to_metric_families(text)}
@@ -114,12 +135,13 @@ def test_monitoring_config_file_moves_or_removes_the_metrics_paths(tmp_path, two
         assert client.http.get(client.rest + "/metrics", timeout=30).status_code == 200
         assert client.http.get(client.rest + "/monitoring/prometheus/metrics", timeout=30).status_code == 404
     config.write_text("prometheus_config { enable: false }")
-    with serving([*model, "--monitoring_config_file", str(config)]) as (_, client):
+    with serving(**model, monitoring_config_file=str(config)) as (_, client):
         _predict(client, "two")
         for path in ("/metrics", "/monitoring/prometheus/metrics"):
             assert client.http.get(client.rest + path, timeout=30).status_code == 404
     config.write_text("prometheus_config { enable: true path: 'relative' }")
-    assert main(["--monitoring_config_file", str(config), *model, "--port", "0",
+    assert main(["--monitoring_config_file", str(config), "--model_name", "two",
+                 "--model_base_path", model["model_base_path"], "--port", "0",
                  "--rest_api_port", str(free_port()), "--host", "127.0.0.1"]) == 1
 
 
@@ -135,9 +157,9 @@ def test_grpc_channel_arguments_parse_as_tf_serving_does():
     parse = build_parser().parse_args
     args = parse(["--model_base_path", "/m", "--grpc_channel_arguments",
                   "grpc.max_connection_age_ms=2000, grpc.optimization_target=throughput,"])
-    assert args.grpc_channel_arguments == [("grpc.max_connection_age_ms", 2000),
-                                           ("grpc.optimization_target", "throughput")]
-    assert parse(["--model_base_path", "/m"]).grpc_channel_arguments == []
+    assert args.grpc_channel_arguments == (("grpc.max_connection_age_ms", 2000),
+                                           ("grpc.optimization_target", "throughput"))
+    assert parse(["--model_base_path", "/m"]).grpc_channel_arguments == ()
     for bad in ["grpc.keepalive_time_ms", "=5", "grpc.a=1,grpc.b"]:
         with pytest.raises(SystemExit):
             parse(["--model_base_path", "/m", "--grpc_channel_arguments", bad])
@@ -145,9 +167,8 @@ def test_grpc_channel_arguments_parse_as_tf_serving_does():
 
 def test_grpc_channel_arguments_reach_the_server_and_replace_its_own(tmp_path, two_input_savedmodel):
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
-    flags = ["--model_name", "two", "--model_base_path", str(tmp_path / "two"),
-             "--grpc_channel_arguments", "grpc.max_receive_message_length=64"]
-    with serving(flags) as (server, client):
+    with serving(model_name="two", model_base_path=str(tmp_path / "two"),
+                 grpc_channel_arguments=[("grpc.max_receive_message_length", 64)]) as (server, client):
         server.manager.wait_until_available("two")
         with pytest.raises(grpc.RpcError) as info:
             _predict(client, "two")   # ~100 bytes: over the 64 given, far under --max_request_bytes
@@ -156,9 +177,8 @@ def test_grpc_channel_arguments_reach_the_server_and_replace_its_own(tmp_path, t
 
 def test_rest_port_zero_disables_rest(tmp_path, two_input_savedmodel):
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
-    args = build_parser().parse_args(["--host", "127.0.0.1", "--port", "0", "--rest_api_port", "0",
-                                      "--model_name", "two", "--model_base_path", str(tmp_path / "two")])
-    server = GraftServer(args)
+    server = GraftServer(ServerConfig(host="127.0.0.1", port=0, rest_api_port=0, model_name="two",
+                                      model_base_path=str(tmp_path / "two")))
     server.start()
     client = Client(server.grpc_port, None)
     try:
@@ -174,7 +194,7 @@ def test_rest_port_zero_disables_rest(tmp_path, two_input_savedmodel):
 def test_rest_takes_a_large_body_in_many_chunks_whole(tmp_path, two_input_savedmodel):
     """A body far larger than one socket read (~2 MB of JSON) is decoded off the loop and answered whole."""
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
-    with serving(["--model_name", "two", "--model_base_path", str(tmp_path / "two")]) as (server, client):
+    with serving(model_name="two", model_base_path=str(tmp_path / "two")) as (server, client):
         assert server.rest_event_loop in ("uvloop", "asyncio")
         x = np.random.default_rng(3).uniform(0, 10, (40_000, 3)).astype(np.float32)
         body = json.dumps({"signature_name": "checked", "instances": x.tolist()}).encode()
@@ -192,10 +212,10 @@ def test_rest_takes_a_large_body_in_many_chunks_whole(tmp_path, two_input_savedm
         np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), np.sqrt(x), rtol=1e-6)
 
 
-@pytest.mark.parametrize("flags, frozen", [([], True), (["--freeze_graph=false"], False)])
-def test_freeze_graph_decides_how_versions_run(tmp_path, two_input_savedmodel, flags, frozen):
+@pytest.mark.parametrize("frozen", [True, False])
+def test_freeze_graph_decides_how_versions_run(tmp_path, two_input_savedmodel, frozen):
     models.install_version(two_input_savedmodel, tmp_path / "two", 1)
-    with serving(["--model_name", "two", "--model_base_path", str(tmp_path / "two"), *flags]) as (server, client):
+    with serving(model_name="two", model_base_path=str(tmp_path / "two"), freeze_graph=frozen) as (server, client):
         server.manager.wait_until_available("two")
         with server.manager.acquire("two") as servable:
             call = servable._pool.replicas[0].calls["serving_default"]
@@ -208,8 +228,7 @@ def test_model_config_file_is_polled(tmp_path, two_input_savedmodel):
     for name in ("a", "b"):
         models.install_version(two_input_savedmodel, tmp_path / name, 1)
     config = write_model_config(tmp_path / "models.config", {"a": tmp_path / "a"})
-    flags = ["--model_config_file", str(config), "--model_config_file_poll_wait_seconds", "0.2"]
-    with serving(flags) as (_, client):
+    with serving(model_config_file=str(config), model_config_file_poll_wait_seconds=0.2) as (_, client):
         with pytest.raises(grpc.RpcError):
             _predict(client, "b")
         time.sleep(0.05)  # a different mtime, whatever the file system's resolution

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.batching import BatchingConfig
+from serving.config import BatchingConfig
 from serving.config import ModelConfig
 from serving.errors import InvalidArgument, NotFound, ServingError
 from serving.manager import ModelManager

@@ -56,8 +56,7 @@ def server(tmp_path_factory, tiny_cnn_savedmodel, two_input_savedmodel):
     config = write_model_config(
         root / "models.config", {"cnn": root / "cnn", "two": root / "two"},
         {"two": 'model_version_policy { all {} } version_labels { key: "stable" value: 2 }'})
-    with serving(["--model_config_file", str(config), "--enable_batching=true",
-                  "--max_request_bytes", "200000"]) as (graft, client):
+    with serving(model_config_file=str(config), enable_batching=True, max_request_bytes=200_000) as (graft, client):
         # Ready means one version per model; the label "stable" needs version 2.
         for name, version in (("cnn", 1), ("two", 1), ("two", 2)):
             graft.manager.wait_until_available(name, version, timeout=60)

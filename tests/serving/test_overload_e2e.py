@@ -60,18 +60,18 @@ PROMPT_S = BATCH_TIMEOUT_S / 2
 BATCH_LABELS = {"model": MODEL, "version": "1", "signature": "serving_default"}
 
 
-def _flags(root, extra=()) -> list[str]:
+def _settings(root, **extra) -> dict:
     params = root / "batching.txt"
     params.write_text(BATCHING)
-    return ["--model_name", MODEL, "--model_base_path", str(root / MODEL),
-            "--enable_batching=true", "--batching_parameters_file", str(params), *extra]
+    return {"model_name": MODEL, "model_base_path": str(root / MODEL), "enable_batching": True,
+            "batching_parameters_file": str(params), **extra}
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory, two_input_savedmodel):
     root = tmp_path_factory.mktemp("overload")
     models.install_version(two_input_savedmodel, root / MODEL, 1)
-    with serving(_flags(root)) as (_, client):
+    with serving(**_settings(root)) as (_, client):
         yield client
 
 
@@ -79,7 +79,7 @@ def client(tmp_path_factory, two_input_savedmodel):
 def short_rest_deadline_client(tmp_path_factory, two_input_savedmodel):
     root = tmp_path_factory.mktemp("overload_rest_deadline")
     models.install_version(two_input_savedmodel, root / MODEL, 1)
-    with serving(_flags(root, ["--rest_api_timeout_in_ms", str(REST_TIMEOUT_MS)])) as (_, client):
+    with serving(**_settings(root, rest_api_timeout_in_ms=REST_TIMEOUT_MS)) as (_, client):
         yield client
 
 

@@ -208,7 +208,7 @@ def test_switch_interval_flag_sets_the_interpreters_interval(server):
 
 
 def test_switch_interval_flag_refuses_zero_and_defaults_to_pythons():
-    from serving.main import build_parser
+    from serving.runtime.main import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["--model_base_path", "/m"]).python_switch_interval_micros is None
@@ -217,21 +217,16 @@ def test_switch_interval_flag_refuses_zero_and_defaults_to_pythons():
 
 
 def test_batching_raises_default_handler_threads_to_fill_batches():
-    from serving.batching import BatchingConfig
-    from serving.main import MAX_BATCHING_THREADS, _handler_threads, build_parser
+    from serving.config import BatchingConfig
+    from serving.runtime.server import MAX_BATCHING_THREADS, cpus, handler_threads
+    from serving.runtime.settings import ServerConfig
 
-    cpus = len(os.sched_getaffinity(0))
-    args = build_parser().parse_args(["--model_base_path", "/m"])
-    _handler_threads(args, None)
-    assert (args.grpc_max_threads, args.rest_api_num_threads) == (4 * cpus, max(8, 4 * cpus))
-    args = build_parser().parse_args(["--model_base_path", "/m"])
-    _handler_threads(args, BatchingConfig(max_batch_size=100))
-    assert args.grpc_max_threads == args.rest_api_num_threads == max(200, 4 * cpus)
-    args = build_parser().parse_args(["--model_base_path", "/m"])
-    _handler_threads(args, BatchingConfig())  # TF Serving's default max_batch_size, 1000
-    assert args.grpc_max_threads == max(MAX_BATCHING_THREADS, 4 * cpus)
+    n = cpus()
+    config = ServerConfig(model_base_path="/m")
+    assert handler_threads(config, None) == (4 * n, max(8, 4 * n))
+    assert handler_threads(config, BatchingConfig(max_batch_size=100)) == (max(200, 4 * n),) * 2
+    # TF Serving's default max_batch_size, 1000
+    assert handler_threads(config, BatchingConfig())[0] == max(MAX_BATCHING_THREADS, 4 * n)
     # Explicit values always win.
-    args = build_parser().parse_args(["--model_base_path", "/m", "--grpc_max_threads", "3",
-                                      "--rest_api_num_threads", "5"])
-    _handler_threads(args, BatchingConfig(max_batch_size=100))
-    assert (args.grpc_max_threads, args.rest_api_num_threads) == (3, 5)
+    explicit = config.replace(grpc_max_threads=3, rest_api_num_threads=5)
+    assert handler_threads(explicit, BatchingConfig(max_batch_size=100)) == (3, 5)

@@ -8,13 +8,8 @@ import shutil
 import pytest
 
 from serving.config import VersionPolicy
-from serving.repository import (
-    Repository,
-    list_version_dirs,
-    parse_labels,
-    read_labels,
-    select_versions,
-)
+from graft.contract import parse_labels, read_labels
+from serving.repository import Repository, list_version_dirs, select_versions
 
 
 def make_version(base, name, extra: bytes = b"weights"):

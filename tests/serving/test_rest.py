@@ -30,9 +30,8 @@ X = [[1.0, 2.0, 3.0], [-0.5, 0.25, 4.0]]
 @pytest.fixture(scope="module")
 def server(cnn_and_two_repo):
     config = cnn_and_two_repo("rest_repo")
-    flags = ["--model_config_file", str(config), "--max_request_bytes", str(MAX_BYTES),
-             "--max_image_pixels", str(MAX_PIXELS), "--enable_batching=true"]
-    with serving(flags) as (_, client):
+    with serving(model_config_file=str(config), max_request_bytes=MAX_BYTES, max_image_pixels=MAX_PIXELS,
+                 enable_batching=True) as (_, client):
         yield client
 
 
@@ -234,7 +233,7 @@ ERRORS = [
     ("POST", "/v1/models/two:predict", {"instances": [{"x": [1, 2, 3], "tag": "a"}, {"x": [1, 2], "tag": "b"}]}, 400, "input 'x': every instance must have the same shape"),
     ("POST", "/v1/models/two:predict", dict(GOOD_TWO, output_filter=["nope"]), 400, "output tensor alias not found"),
     ("POST", "/v1/models/two:predict", {"signature_name": "checked", "instances": [[-1, 0, 0]]}, 400, "x must be >= 0"),
-    # Bodies that are one numeric array (serving.jsonarray), for signatures it cannot serve directly.
+    # Bodies that are one numeric array (serving.codecs.dense_json), for signatures it cannot serve directly.
     ("POST", "/v1/models/two:predict", {"instances": [[1, 2, 3]]}, 400, "instances is a plain list, but expecting list of objects"),
     ("POST", "/v1/models/two:predict", {"inputs": [[1, 2, 3]]}, 400, "inputs is a plain value/list"),
     ("POST", "/v1/models/two:predict", {"signature_name": "checked", "instances": [[1, 2, 3], [4, 5]]}, 400, "every instance must have the same shape"),

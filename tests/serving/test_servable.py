@@ -12,10 +12,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 
 from serving.buffers import aligned_empty
 from serving.errors import InvalidArgument, NotFound
+from graft.contract import CLASSIFY_METHOD, PREDICT_METHOD, REGRESS_METHOD
 from serving.servable import (
-    CLASSIFY_METHOD,
-    PREDICT_METHOD,
-    REGRESS_METHOD,
     Servable,
     TensorSpec,
     _frozen_call,

@@ -16,14 +16,13 @@ import pytest
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
-from serving.batching import BatchingConfig
+from serving.config import BatchingConfig
 from serving.config import ModelConfig
 from serving.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from serving.manager import ModelManager
 from serving.metrics import ServingMetrics
+from graft.contract import CLASSIFY_METHOD, REGRESS_METHOD
 from serving.service import (
-    CLASSIFY_METHOD,
-    REGRESS_METHOD,
     ExamplesCall,
     InferenceService,
     InferenceTask,

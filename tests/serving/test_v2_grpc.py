@@ -16,7 +16,7 @@ from tensorflow_serving.apis import predict_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
-from serving import codec
+from serving.codecs import tensor_proto
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests import models
@@ -29,7 +29,7 @@ TAGS = np.array([b"ab", b"\xff\x00z"], dtype=object)
 @pytest.fixture(scope="module")
 def server(cnn_and_two_repo):
     config = cnn_and_two_repo("v2_grpc_repo", stable=False)
-    with serving(["--model_config_file", str(config), "--enable_batching=true"]) as (_, client):
+    with serving(model_config_file=str(config), enable_batching=True) as (_, client):
         yield client
 
 
@@ -188,9 +188,9 @@ def test_same_port_serves_tf_serving(server, triton):
     # One port: a TF Serving Predict and a V2 infer on the same channel target give the same answer.
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "two"
-    request.inputs["x"].CopyFrom(codec.numpy_to_tensor_proto(X))
-    request.inputs["tag"].CopyFrom(codec.numpy_to_tensor_proto(TAGS))
-    tf_y = codec.tensor_proto_to_numpy(server.predict.Predict(request, timeout=30).outputs["y"], max_elements=100)
+    request.inputs["x"].CopyFrom(tensor_proto.numpy_to_tensor_proto(X))
+    request.inputs["tag"].CopyFrom(tensor_proto.numpy_to_tensor_proto(TAGS))
+    tf_y = tensor_proto.tensor_proto_to_numpy(server.predict.Predict(request, timeout=30).outputs["y"], max_elements=100)
     v2_y = triton.infer("two", _two_inputs()).as_numpy("y")
     np.testing.assert_array_equal(tf_y, v2_y)
 

@@ -28,7 +28,7 @@ TAGS = np.array([b"ab", b"\xff\x00z"], dtype=object)  # the second is not UTF-8 
 @pytest.fixture(scope="module")
 def server(cnn_and_two_repo):
     config = cnn_and_two_repo("v2_rest_repo")
-    with serving(["--model_config_file", str(config), "--enable_batching=true"]) as (_, client):
+    with serving(model_config_file=str(config), enable_batching=True) as (_, client):
         yield client
 
 

@@ -1,4 +1,4 @@
-"""TLS for gRPC from TF Serving's SSLConfig (REST's HTTPS is ``serving.asgi``).
+"""TLS for gRPC from TF Serving's SSLConfig (REST's HTTPS is ``serving.rest.server``).
 
 gRPC: ``--ssl_config_file`` is TF Serving's ``SSLConfig`` text proto, with the
 PEM *contents* inline (``server_key``, ``server_cert``, ``custom_ca``) and
@@ -7,7 +7,7 @@ PEM *contents* inline (``server_key``, ``server_cert``, ``custom_ca``) and
 a certificate chaining to ``custom_ca`` (mutual TLS), as in TF Serving.
 
 REST: ``--rest_tls_cert`` and ``--rest_tls_key`` (PEM files) make uvicorn serve
-HTTPS (TLS 1.2 or later) on the REST port: :class:`serving.asgi.RestServer`.
+HTTPS (TLS 1.2 or later) on the REST port: :class:`serving.rest.server.RestServer`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import ssl
 from pathlib import Path
 
 import grpc
-from google.protobuf import text_format
 
+from serving.config import parse_text_proto, read_config_file
 from serving.protos.graft.ssl_config_pb2 import SSLConfig
 
 _KEY_MARKERS = ("PRIVATE KEY-----",)
@@ -25,22 +25,14 @@ _KEY_MARKERS = ("PRIVATE KEY-----",)
 
 def parse_ssl_config(text: str) -> SSLConfig:
     """Parse an SSLConfig text proto and check it; ``ValueError`` names the problem."""
-    config = SSLConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ValueError(f"not an SSLConfig text proto: {exc}") from None
+    config = parse_text_proto(text, SSLConfig())
     check_ssl_config(config)
     return config
 
 
 def read_ssl_config(path: str | Path) -> SSLConfig:
-    """Read ``--ssl_config_file``; ``ValueError`` names the file (``OSError`` when unreadable)."""
-    text = Path(path).read_text(encoding="utf-8")
-    try:
-        return parse_ssl_config(text)
-    except ValueError as exc:
-        raise ValueError(f"--ssl_config_file {path}: {exc}") from None
+    """Read ``--ssl_config_file`` (``serving.config.read_config_file``: errors name the flag and file)."""
+    return read_config_file(path, "--ssl_config_file", parse_ssl_config)
 
 
 def check_ssl_config(config: SSLConfig) -> None:

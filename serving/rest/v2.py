@@ -25,17 +25,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from serving import codec, v2
-from serving.body import DECODE_ON_LOOP_BYTES, read_body
+from serving.codecs import tfs_json, v2
 from serving.errors import InvalidArgument, ServingError
-from serving.loop import run_blocking
+from serving.rest.body import DECODE_ON_LOOP_BYTES, read_body
+from serving.rest.responses import JSON_TYPE, json_response
+from serving.runtime.loop import run_blocking
 
 if TYPE_CHECKING:
-    from serving.rest import RestOptions
     from serving.service import InferenceService
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 OPENAPI_FILE = "openapi.json"
 PROTOCOL = "rest_v2"
@@ -47,15 +46,15 @@ def openapi_document() -> bytes:
     return resources.files("serving").joinpath(OPENAPI_FILE).read_bytes()
 
 
-def v2_routes(service: InferenceService, options: RestOptions) -> list[Route]:
-    """The routes serving V2 over ``service`` and ``/openapi.json``; limits from ``options``."""
+def v2_routes(service: InferenceService, max_request_bytes: int, timeout_ms: int) -> list[Route]:
+    """The routes serving V2 over ``service`` and ``/openapi.json``, with the REST limits."""
     document = openapi_document()
 
     async def openapi(_request: Request) -> Response:
         return Response(document, media_type=JSON_TYPE)
 
     async def server_metadata(_request: Request) -> Response:
-        return _json(v2.server_metadata())
+        return json_response(v2.server_metadata())
 
     async def live(_request: Request) -> Response:
         return _empty(_READY[service.live()])
@@ -74,14 +73,14 @@ def v2_routes(service: InferenceService, options: RestOptions) -> list[Route]:
 
     async def model_metadata(request: Request) -> Response:
         name, version = _model_of(request)
-        return _json((await run_blocking(v2.model_metadata, service, name, version)).to_json())
+        return json_response((await run_blocking(v2.model_metadata, service, name, version)).to_json())
 
     async def infer(request: Request) -> Response:
         start = time.perf_counter()
-        deadline = time.monotonic() + options.timeout_ms / 1000.0
+        deadline = time.monotonic() + timeout_ms / 1000.0
         name, version = _model_of(request)
         try:
-            body = await read_body(request, options.max_request_bytes)
+            body = await read_body(request, max_request_bytes)
             header_length = request.headers.get(HEADER_LENGTH)
             if len(body) > DECODE_ON_LOOP_BYTES:
                 return await run_blocking(_infer, service, body, header_length, name, version, deadline)
@@ -144,7 +143,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
         body = body[:size]
     if not body:
         raise InvalidArgument("JSON Parse error: The document is empty")
-    doc = codec.parse_json(body)
+    doc = tfs_json.parse_json(body)
     if not isinstance(doc, dict):
         raise InvalidArgument("inference request must be a JSON object")
     request_id = doc.get("id", "")
@@ -245,7 +244,7 @@ def encode_response(result: v2.InferResponse, infer_request: v2.InferRequest) ->
     if result.id:
         body["id"] = result.id
     body["outputs"] = outputs
-    header = codec.dump_json(body)
+    header = tfs_json.dump_json(body)
     if not parts:
         return Response(header, media_type=JSON_TYPE)
     return Response(b"".join([header, *parts]), media_type=BINARY_TYPE,
@@ -261,10 +260,6 @@ def _flag(value: Any, what: str) -> bool:
 
 
 # ----------------------------------------------------------------------- bodies
-
-
-def _json(payload: Any, status: int = 200) -> Response:
-    return Response(codec.dump_json(payload), status_code=status, media_type=JSON_TYPE)
 
 
 def _empty(status: int) -> Response:

@@ -1,8 +1,8 @@
 """A predict body holding one numeric array, read without building a Python object per number.
 
 ``{"instances": [[[0.1, ...]]]}`` for a 96x96x3 image is 27,648 numbers. orjson
-plus ``np.asarray`` spend ~2.2 ms of GIL time on it creating and then discarding
-a Python float and a list per element; this reader takes ~0.5 ms:
+plus ``np.asarray`` spend GIL time on it creating and then discarding a Python
+float and a list per element; this reader creates none (docs/benchmarks.md):
 
 1. *Structure.* Deleting every byte a JSON number or whitespace can contain
    leaves the body's skeleton (``{"instancs":[[,,],[,,]]}``). When the skeleton

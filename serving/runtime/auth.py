@@ -31,6 +31,7 @@ from pathlib import Path
 import grpc
 
 from serving.errors import Unauthenticated
+from serving.grpc.status import abort
 from serving.metrics import DEFAULT_METRICS_PATHS
 
 # REST paths answered without a token (exact matches: routing is exact too, so a
@@ -148,15 +149,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             self._auth.check_metadata(handler_call_details.invocation_metadata)
         except Unauthenticated as err:
-            return _refusal(await continuation(handler_call_details), err.message)
+            return _refusal(await continuation(handler_call_details), err)
         return await continuation(handler_call_details)
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming kind as ``handler`` that aborts with UNAUTHENTICATED."""
+def _refusal(handler: grpc.RpcMethodHandler | None, err: Unauthenticated) -> grpc.RpcMethodHandler:
+    """A handler of the same streaming kind as ``handler`` that aborts with ``err``'s status."""
 
-    async def abort(_request, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def refuse(_request, context):
+        await abort(context, err)
 
     # An unknown method is refused the same way, so callers without a token learn nothing.
     request_streaming = bool(handler and handler.request_streaming)
@@ -168,4 +169,4 @@ def _refusal(handler: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMet
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[(request_streaming, response_streaming)]
     # No deserializer: the refused request's bytes are never parsed.
-    return factory(abort)
+    return factory(refuse)

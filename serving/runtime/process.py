@@ -26,9 +26,9 @@ _REST_LINE = re.compile(r"Exporting HTTP/REST API at:[^:\s]+:(\d+)")
 
 
 def serve_command(python: str = sys.executable) -> list[str]:
-    """The command that runs graft-serve beside ``python``: its console script, else ``-m serving.main``."""
+    """The command that runs graft-serve beside ``python``: its console script, else ``-m serving.runtime.main``."""
     script = Path(python).with_name("graft-serve")
-    return [str(script)] if script.exists() else [python, "-m", "serving.main"]
+    return [str(script)] if script.exists() else [python, "-m", "serving.runtime.main"]
 
 
 class ServeProcess:

@@ -1,9 +1,9 @@
 """The V2 gRPC adapter: ``inference.GRPCInferenceService`` over an InferenceService.
 
-Served by the same ``grpc.aio.Server`` as TF Serving's services (``grpc_api.build_server``
+Served by the same ``grpc.aio.Server`` as TF Serving's services (``serving.grpc.server.build_server``
 calls :func:`add_inference_servicer`). Inputs arrive as typed ``contents`` or as
 ``raw_input_contents``; outputs always leave as ``raw_output_contents``, as Triton
-sends them. Errors leave through ``grpc_api``'s one mapping (``_rpc``).
+sends them. Errors leave through ``serving.grpc.status``.
 
 The message classes come from ``serving.protos.inference``, which lives in a
 descriptor pool of its own (see ``serving/protos/generate.py``), so this module
@@ -16,14 +16,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
-import grpc
-
-from serving import v2
+from serving.codecs import v2
 from serving.errors import InvalidArgument, NotFound
-from serving.grpc_api import GuardedRegistry, _inference_rpc, _rpc, deadline_of
-from serving.loop import run_blocking
+from serving.grpc.status import deadline_of, inference_rpc, rpc
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.runtime.loop import run_blocking
 
 if TYPE_CHECKING:
     from serving.service import InferenceService
@@ -67,17 +65,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, service: InferenceService):
         self._service = service
 
-    @_rpc
+    @rpc
     async def ServerLive(self, request, context):
         """Whether the server can answer at all."""
         return pb.ServerLiveResponse(live=self._service.live())
 
-    @_rpc
+    @rpc
     async def ServerReady(self, request, context):
         """Whether every configured model has a version loaded (false while draining)."""
         return pb.ServerReadyResponse(ready=self._service.ready())
 
-    @_rpc
+    @rpc
     async def ModelReady(self, request, context):
         """Whether the model (version) is loaded; an unknown model or version is simply not ready."""
         try:
@@ -86,12 +84,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ready = False
         return pb.ModelReadyResponse(ready=ready)
 
-    @_rpc
+    @rpc
     async def ServerMetadata(self, request, context):
         """Server name, version and extensions."""
         return pb.ServerMetadataResponse(**v2.server_metadata())
 
-    @_rpc
+    @rpc
     async def ModelMetadata(self, request, context):
         """The model's tensors and versions; lineage as JSON text in ``properties["graft"]``."""
         meta = await run_blocking(v2.model_metadata, self._service, request.name, request.version)
@@ -103,7 +101,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.properties[v2.LINEAGE_KEY] = json.dumps(meta.lineage, sort_keys=True)
         return response
 
-    @_inference_rpc("predict", lambda request: request.model_name)
+    @inference_rpc("predict", lambda request: request.model_name)
     async def ModelInfer(self, request, context):
         """Run the model; every output is returned in raw_output_contents."""
         infer_request = v2.InferRequest(
@@ -119,7 +117,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
 
-def add_inference_servicer(service: InferenceService, server: grpc.aio.Server | GuardedRegistry) -> None:
-    """Register the V2 servicer on ``server`` (before it starts; graft's own server
-    registers through a :class:`~serving.grpc_api.GuardedRegistry`)."""
+def add_inference_servicer(service: InferenceService, server) -> None:
+    """Register the V2 servicer on ``server``: a ``grpc.aio.Server`` or anything with its
+    ``add_generic_rpc_handlers`` (graft's own server passes a ``GuardedRegistry``)."""
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)

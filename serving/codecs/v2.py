@@ -1,6 +1,6 @@
 """The Open Inference Protocol (V2) data plane, independent of REST and gRPC.
 
-Both V2 adapters (``rest_v2``, ``grpc_v2``) decode their wire format into the
+Both V2 adapters (``serving.rest.v2``, ``serving.grpc.v2``) decode their wire format into the
 plain dataclasses here, call :func:`infer`, :func:`model_metadata`,
 :func:`model_ready` or :func:`server_metadata`, and encode the answer. This
 module owns the V2 rules: datatype names and their numpy dtypes, tensors given
@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tensorflow.core.framework import types_pb2
 
-from serving import __version__, codec
+from graft import contract
+from serving import __version__
+from serving.codecs import tfs_json
 from serving.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from serving.service import DEFAULT_SIGNATURE, PredictCall
 
@@ -37,7 +39,7 @@ PLATFORM = "tensorflow_savedmodel"
 # Extensions named as Triton names them, so clients that check for one find it.
 EXTENSIONS = ("binary_tensor_data",)
 SIGNATURE_PARAMETER = "signature_name"
-LINEAGE_KEY = "graft"
+LINEAGE_KEY = contract.LINEAGE_METADATA_KEY
 BYTES = "BYTES"
 
 # V2 datatype -> numpy dtype; fixed-width types little-endian, as the wire is.
@@ -282,8 +284,8 @@ def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     if not isinstance(shape, list | tuple) or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InvalidArgument(f"tensor '{name}': shape must be a list of non-negative integers, got {shape!r}")
-    if len(shape) > codec.MAX_JSON_RANK:
-        raise InvalidArgument(f"tensor '{name}': rank {len(shape)} exceeds the limit of {codec.MAX_JSON_RANK}")
+    if len(shape) > tfs_json.MAX_JSON_RANK:
+        raise InvalidArgument(f"tensor '{name}': rank {len(shape)} exceeds the limit of {tfs_json.MAX_JSON_RANK}")
     # A zero-size tensor may still claim absurd other dimensions, which numpy cannot even shape.
     if math.prod(d for d in shape if d) > MAX_SHAPE_ELEMENTS:
         raise InvalidArgument(f"tensor '{name}': shape {list(shape)} is too large")
@@ -304,7 +306,7 @@ def json_to_array(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarray
     shape = check_shape(name, shape)
     if not isinstance(data, list):
         raise InvalidArgument(f"tensor '{name}': data must be a JSON array")
-    arr = codec.json_to_array(data, dtype, name)
+    arr = tfs_json.json_to_array(data, dtype, name)
     if dtype.kind != "O" and arr.dtype.kind == "O":
         raise InvalidArgument(f"tensor '{name}': {datatype} data must be numbers, not strings")
     return _fill(name, arr.reshape(-1), shape)

@@ -4,18 +4,16 @@ On a small CPU node the model's compute thread shares the cores with the request
 threads (the REST and gRPC event loops, worker threads) and the kernel moves
 it between them and time-slices it whenever more threads are runnable than there
 are cores. ``--tensorflow_cpus N`` gives TensorFlow's threads the last N CPUs this
-process may run on and everything else the remaining ones: on 2 cores with one
-intra-op thread, gRPC and REST served 1.2-1.6x more images per second at C=32
-(docs/benchmarks.md).
+process may run on and everything else the remaining ones, so neither side
+preempts the other (docs/benchmarks.md has the measured gain).
 
 The other threads also move to the ``SCHED_BATCH`` policy (TensorFlow's stay
 ``SCHED_OTHER``). On their shared CPUs a thread that wakes, such as the batch
 thread when the model returns or a gRPC poller with a new call, would otherwise
 preempt the running one, and the running one usually holds the GIL that the
 woken one needs next. Under ``SCHED_BATCH`` a woken thread waits for the
-running one to block or use up its slice: on 2 cores the gRPC event loop went
-from ~7,800 involuntary context switches a second to ~400 at C=32, with ~8% less
-server CPU per image. Any process may move its own threads to this policy; it
+running one to block or use up its slice, which cuts involuntary context
+switches and server CPU per image (docs/benchmarks.md). Any process may move its own threads to this policy; it
 needs no privilege.
 
 Linux only (threads are found in ``/proc/self/task`` and pinned one by one with
@@ -110,6 +108,7 @@ def pin_threads(split: CpuSplit) -> Pinned:
 
 def start_runtime_and_pin(split: CpuSplit) -> None:
     """Start TensorFlow's runtime (its thread pools), then pin every thread of the process."""
+    # TensorFlow (heavy): split_cpus and the pinning stay testable without it.
     import tensorflow as tf
 
     # The eager context creates its thread pools on the first op; pinning before

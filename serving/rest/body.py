@@ -13,9 +13,9 @@ from starlette.requests import Request
 
 from serving.errors import InvalidArgument, PayloadTooLarge
 
-# Bodies up to this size are decoded on the event loop (an image as JSON floats is
-# ~170 KB, ~1 ms); larger ones in a worker thread, so one huge body cannot stall
-# every other client for the seconds its parse takes.
+# Bodies up to this size are decoded on the event loop (an image as JSON floats fits
+# well within it, and its parse is short); larger ones in a worker thread, so one huge
+# body cannot stall every other client for the seconds its parse takes.
 DECODE_ON_LOOP_BYTES = 1 << 20
 
 # Content-Encoding -> zlib window bits. HTTP's "deflate" is the zlib format, as tritonclient sends it.

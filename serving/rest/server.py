@@ -9,8 +9,8 @@ Why uvicorn (httptools' C parser on a uvloop loop) and not a threaded WSGI
 server: a predict request spends most of its life waiting for its batch. Under
 waitress each waiting request held a thread, and every batch woke a dozen
 threads that fought for the GIL on the one core left to them; here the waiting
-costs nothing and a finished batch wakes the loop once. REST b64 JPEG at C=32
-went from 0.46-0.53x to 0.74-0.85x of the in-process ceiling (docs/benchmarks.md).
+costs nothing and a finished batch wakes the loop once (docs/benchmarks.md has
+the measured difference).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from serving.loop import loop_kind, new_event_loop
+from serving.runtime.loop import loop_kind, new_event_loop
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class RestServer:
     """An ASGI app served over HTTP (or HTTPS with ``certfile``/``keyfile``) by uvicorn.
 
     ``threads`` worker threads run the app's blocking calls (the loop's default
-    executor); ``event_loop`` is a kind of :func:`serving.loop.new_event_loop`.
+    executor); ``event_loop`` is a kind of :func:`serving.runtime.loop.new_event_loop`.
     Raises ``OSError`` when the address cannot be bound, ``ValueError`` naming the
     flag when the certificate or key cannot be loaded or the loop cannot be made.
     """

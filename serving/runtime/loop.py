@@ -26,6 +26,7 @@ def new_event_loop(kind: str = "auto", flag: str = "--grpc_event_loop") -> async
         raise ValueError(f"{flag} must be one of {', '.join(EVENT_LOOPS)}, got {kind!r}")
     if kind != "asyncio":
         try:
+            # uvloop is optional (absent on Windows): asyncio's loop is the fallback.
             import uvloop
         except ImportError:
             if kind == "uvloop":

@@ -1,17 +1,14 @@
-"""Wire formats <-> numpy: TF Serving REST JSON, TensorProto, tf.Example, image bytes.
+"""TF Serving's REST JSON <-> numpy: predict bodies (row and columnar), answers, tf.Examples.
 
 Everything here is a pure function of its arguments and raises ``InvalidArgument``
-(naming the offending input) on bad content, so both adapters and the warmup
-replay share one set of rules. Numeric data never goes through per-element Python
-loops: JSON lists become arrays with one ``np.asarray`` call, TensorProtos with
-``np.frombuffer`` on ``tensor_content``.
+(naming the offending input) on bad content. Numeric data never goes through
+per-element Python loops: JSON lists become arrays with one ``np.asarray`` call.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 from collections.abc import Mapping
@@ -19,11 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
-from PIL import Image, UnidentifiedImageError
 from tensorflow.core.example import example_pb2, feature_pb2
-from tensorflow.core.framework import tensor_pb2, types_pb2
 
-from serving.errors import InvalidArgument, located
+from serving.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from serving.servable import SignatureSpec
@@ -33,30 +28,6 @@ BYTES_SUFFIX = "_bytes"
 # The deepest JSON tensor accepted: numpy iterates object arrays of at most 32 dimensions,
 # and refusing deeper nesting up front keeps recursion bounded on hostile input.
 MAX_JSON_RANK = 32
-
-# DataType enum -> (numpy dtype, TensorProto value field). Little-endian explicitly,
-# because tensor_content is little-endian whatever the host is.
-_DTYPES: dict[int, tuple[np.dtype, str]] = {
-    types_pb2.DT_FLOAT: (np.dtype("<f4"), "float_val"),
-    types_pb2.DT_DOUBLE: (np.dtype("<f8"), "double_val"),
-    types_pb2.DT_HALF: (np.dtype("<f2"), "half_val"),
-    types_pb2.DT_INT8: (np.dtype("i1"), "int_val"),
-    types_pb2.DT_INT16: (np.dtype("<i2"), "int_val"),
-    types_pb2.DT_INT32: (np.dtype("<i4"), "int_val"),
-    types_pb2.DT_INT64: (np.dtype("<i8"), "int64_val"),
-    types_pb2.DT_UINT8: (np.dtype("u1"), "int_val"),
-    types_pb2.DT_UINT16: (np.dtype("<u2"), "int_val"),
-    types_pb2.DT_UINT32: (np.dtype("<u4"), "uint32_val"),
-    types_pb2.DT_UINT64: (np.dtype("<u8"), "uint64_val"),
-    types_pb2.DT_BOOL: (np.dtype("?"), "bool_val"),
-    types_pb2.DT_STRING: (np.dtype(object), "string_val"),
-}
-_ENUM_BY_DTYPE: dict[np.dtype, int] = {
-    np.dtype(dt).newbyteorder("="): enum for enum, (dt, _) in _DTYPES.items()
-}
-
-
-# --------------------------------------------------------------------------- JSON
 
 
 def parse_json(raw: bytes | str) -> Any:
@@ -231,7 +202,7 @@ def decode_predict_json(
 
 
 def dense_predict_inputs(values: np.ndarray, signature: SignatureSpec) -> dict[str, np.ndarray] | None:
-    """Inputs from a numeric array read by ``serving.jsonarray`` (float64, any shape), or None.
+    """Inputs from a numeric array read by ``serving.codecs.dense_json`` (float64, any shape), or None.
 
     Only a signature with one floating-point input takes it as it is: there the
     general path would also have produced this array, whether it came as
@@ -429,160 +400,3 @@ def _add_feature_value(feature: feature_pb2.Feature, name: str, value: Any) -> N
             f"Unexpected element type in feature: {name} expecting type: {current.split('_')[0]}"
         )
     getattr(feature, kind).value.append(item)
-
-
-# --------------------------------------------------------------------- TensorProto
-
-
-def tensor_proto_to_numpy(tp: tensor_pb2.TensorProto, *, max_elements: int) -> np.ndarray:
-    """TensorProto -> ndarray; InvalidArgument on unsupported dtype or inconsistent content."""
-    entry = _DTYPES.get(tp.dtype)
-    if entry is None:
-        raise InvalidArgument(f"unsupported tensor dtype {types_pb2.DataType.Name(tp.dtype)}"
-                              if tp.dtype in types_pb2.DataType.values()
-                              else f"unknown tensor dtype {tp.dtype}")
-    dtype, field = entry
-    if tp.tensor_shape.unknown_rank:
-        raise InvalidArgument("tensor shape has unknown rank")
-    shape = tuple(d.size for d in tp.tensor_shape.dim)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"tensor shape {list(shape)} has a negative dimension")
-    count = math.prod(shape)
-    if count > max_elements:
-        raise InvalidArgument(f"tensor of {count} elements exceeds the limit of {max_elements}")
-    # An empty tensor may still claim absurd other dimensions, which numpy cannot even shape.
-    if math.prod(d for d in shape if d) > max_elements:
-        raise InvalidArgument(f"tensor shape {list(shape)} exceeds the limit of {max_elements} elements")
-    # Each read of a bytes field copies it: read the (possibly megabytes of) content once.
-    content = tp.tensor_content
-    if content:
-        if dtype.kind == "O":
-            raise InvalidArgument("DT_STRING tensors must use string_val, not tensor_content")
-        if len(content) != count * dtype.itemsize:
-            raise InvalidArgument(
-                f"tensor_content holds {len(content)} bytes but shape {list(shape)} of "
-                f"{dtype.name} needs {count * dtype.itemsize}"
-            )
-        return np.frombuffer(content, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
-    values = getattr(tp, field)
-    n = len(values)
-    if n > count:
-        raise InvalidArgument(f"tensor has {n} values but shape {list(shape)} holds {count}")
-    if dtype.kind == "O":
-        arr = np.empty(count, dtype=object)
-        if n:
-            arr[:n] = list(values)
-            arr[n:] = values[-1]
-        else:
-            arr[:] = b""
-        return arr.reshape(shape)
-    if tp.dtype == types_pb2.DT_HALF:
-        # half_val carries the raw IEEE bits in int32 slots.
-        flat = np.asarray(values, dtype=np.uint16).view(np.float16)
-    else:
-        flat = np.asarray(values, dtype=dtype.newbyteorder("="))
-    if n == count:
-        return flat.reshape(shape)
-    # TF's Tensor::FromProto rule: missing values repeat the last one, or are zero.
-    out = np.zeros(count, dtype=dtype.newbyteorder("="))
-    if n:
-        out[:n] = flat
-        out[n:] = flat[-1]
-    return out.reshape(shape)
-
-
-def numpy_to_tensor_proto(arr: np.ndarray) -> tensor_pb2.TensorProto:
-    """ndarray -> TensorProto: tensor_content for numbers, string_val for strings."""
-    arr = np.asarray(arr)
-    tp = tensor_pb2.TensorProto()
-    for size in arr.shape:
-        tp.tensor_shape.dim.add().size = size
-    if arr.dtype.kind in "OSU":
-        tp.dtype = types_pb2.DT_STRING
-        tp.string_val.extend(
-            v.encode("utf-8") if isinstance(v, str) else bytes(v) for v in arr.reshape(-1).tolist()
-        )
-        return tp
-    enum = _ENUM_BY_DTYPE.get(arr.dtype.newbyteorder("="))
-    if enum is None:
-        raise InvalidArgument(f"dtype {arr.dtype} has no TensorProto equivalent")
-    tp.dtype = enum
-    tp.tensor_content = np.ascontiguousarray(arr, dtype=_DTYPES[enum][0]).tobytes()
-    return tp
-
-
-def dtype_enum(dtype: np.dtype) -> int:
-    """The TensorFlow DataType enum for a numpy dtype (object -> DT_STRING)."""
-    enum = _ENUM_BY_DTYPE.get(np.dtype(dtype).newbyteorder("="))
-    if enum is None:
-        raise InvalidArgument(f"dtype {dtype} has no TensorFlow equivalent")
-    return enum
-
-
-# -------------------------------------------------------------------------- images
-
-
-def decode_image(data: bytes, height: int, width: int, *, max_pixels: int) -> np.ndarray:
-    """JPEG/PNG/... bytes -> float32 [height, width, 3] RGB in 0..255.
-
-    The pixel count is checked from the header before any pixel is decoded, so a
-    decompression bomb costs nothing; Pillow's own global limit is left untouched.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise InvalidArgument(
-                    f"image of {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}"
-                )
-            # JPEG draft mode decodes at a reduced scale when the target is smaller.
-            img.draft("RGB", (width, height))
-            rgb = img.convert("RGB")
-            if rgb.size != (width, height):
-                rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-            return np.asarray(rgb, dtype=np.float32)
-    except InvalidArgument:
-        raise
-    except UnidentifiedImageError:
-        # Pillow's own message names an in-memory object's address, useless to a client.
-        raise InvalidArgument("not a decodable image: unknown or unsupported image format") from None
-    except Image.DecompressionBombError as exc:
-        raise InvalidArgument(f"not a decodable image: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        # Pillow reports truncated or corrupt data as OSError/ValueError/SyntaxError.
-        raise InvalidArgument(f"corrupt or truncated image: {exc}") from None
-
-
-def check_image_pixels(data: bytes, max_pixels: int) -> None:
-    """Refuse encoded image bytes whose header declares more than ``max_pixels`` pixels.
-
-    For string inputs a model decodes itself (``tf.io.decode_image`` in the graph,
-    as graft's ``predict_images`` and ``classify`` do): only the header is read,
-    so a small file that would decode to gigabytes is refused before TensorFlow
-    allocates anything. Frames of an animated image count. Bytes that are not an
-    image Pillow knows pass unchanged: the model judges them.
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            frames = img.n_frames if getattr(img, "is_animated", False) else 1
-    except Image.DecompressionBombError as exc:  # Pillow's own, far larger, limit
-        raise InvalidArgument(f"image exceeds the limit of {max_pixels} pixels: {exc}") from None
-    except Exception:  # not an image, or not one Pillow reads: not this check's business
-        return
-    pixels = width * height * frames
-    if pixels > max_pixels:
-        shape = f"{width}x{height}" + (f"x{frames} frames" if frames > 1 else "")
-        raise InvalidArgument(f"image of {shape} = {pixels} pixels exceeds the limit of {max_pixels}")
-
-
-def check_example_images(serialized: bytes, max_pixels: int) -> None:
-    """``check_image_pixels`` on every bytes value of a serialized tf.Example (undecodable ones pass)."""
-    try:
-        example = example_pb2.Example.FromString(serialized)
-    except Exception:  # the model's parse_example reports it
-        return
-    for name, feature in example.features.feature.items():
-        for value in feature.bytes_list.value:
-            with located(f"feature '{name}'"):
-                check_image_pixels(value, max_pixels)
