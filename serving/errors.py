@@ -142,6 +142,14 @@ class Internal(ServingError):
     code = "INTERNAL"
 
 
+class WarmupFailed(ServingError):
+    """A warmup record could not be replayed: the version's load fails with the record's own code."""
+
+    def __init__(self, message: str, code: str = "UNKNOWN"):
+        super().__init__(message)
+        self.code = code
+
+
 @contextlib.contextmanager
 def located(where: str) -> Iterator[None]:
     """Re-raise an ``InvalidArgument`` from inside with ``where`` in front ("input 'x' item 2: ...")."""

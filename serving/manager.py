@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 import queue
 import threading
 import time
@@ -27,11 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import prediction_log_pb2
 
-from graft import contract
 from serving.config import ModelConfig
 from serving.errors import HTTP_STATUS_BY_CODE, InvalidArgument, NotFound, ServingError
 from serving.repository import Repository, select_versions
@@ -39,7 +35,6 @@ from serving.servable import Servable, tf_error_message
 
 log = logging.getLogger(__name__)
 
-MAX_WARMUP_RECORDS = 1000  # TF Serving's limit; more is an error, as there
 
 # TF error codes share gRPC's numbering; map them to the names status reports.
 _TF_CODE_NAMES = {getattr(tf.errors, n): n for n in HTTP_STATUS_BY_CODE if hasattr(tf.errors, n)}
@@ -76,14 +71,6 @@ class ManagerListener(Protocol):
 
     def on_unload(self, name: str, version: int) -> None:
         """A drained version is about to be unloaded; no request holds it any more."""
-
-
-class WarmupError(Exception):
-    """A warmup record could not be replayed; fails the load. ``code`` as in status."""
-
-    def __init__(self, message: str, code: str = "UNKNOWN"):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(eq=False)
@@ -133,12 +120,15 @@ class ModelManager:
     ``retry_backoff`` is (first delay, maximum delay) in seconds between attempts
     to load a version that failed. ``settle_seconds`` is the pause between the two
     scans :meth:`start` and :meth:`reload_config` make, so that versions already
-    on disk pass the completeness check at once.
+    on disk pass the completeness check at once. ``warmup`` runs on each loaded
+    version before it becomes AVAILABLE and returns how many records it replayed
+    (``serving.warmup.replay`` bound to the service); an exception fails the load.
     """
 
     def __init__(self, configs: list[ModelConfig], *, poll_seconds: float = 1.0,
                  servable_loader: Callable[[str, int, str], Servable] = Servable.load,
-                 listener: ManagerListener | None = None, warmup: bool = True,
+                 listener: ManagerListener | None = None,
+                 warmup: Callable[[Servable], int] | None = None,
                  retry_backoff: tuple[float, float] = (1.0, 60.0), settle_seconds: float = 0.25):
         self._poll_seconds = poll_seconds
         self._loader = servable_loader
@@ -536,8 +526,8 @@ class ModelManager:
         servable, error = None, None
         try:
             servable = self._loader(name, number, path)
-            if self._warmup:
-                count = replay_warmup(servable)
+            if self._warmup is not None:
+                count = self._warmup(servable)
                 if count:
                     log.info("model %s version %d: replayed %d warmup records", name, number, count)
         except Exception as exc:
@@ -592,76 +582,13 @@ class ModelManager:
             self._reconcile(model)
 
 
-def replay_warmup(servable: Servable) -> int:
-    """Replay ``<version>/assets.extra/tf_serving_warmup_requests`` on ``servable``.
-
-    Returns the number of records replayed (0 without a warmup file). Raises
-    WarmupError on a bad record, a failing request, or more than 1000 records.
-    """
-    path = os.fspath(contract.warmup_path(servable.path))
-    if not os.path.isfile(path):
-        return 0
-    count = 0
-    try:
-        for raw in tf.data.TFRecordDataset(path):
-            count += 1
-            if count > MAX_WARMUP_RECORDS:
-                raise WarmupError(f"{path} has more than {MAX_WARMUP_RECORDS} warmup records", "INVALID_ARGUMENT")
-            record = prediction_log_pb2.PredictionLog()
-            record.ParseFromString(raw.numpy())
-            for signature_name, inputs in _warmup_calls(record):
-                servable.run(signature_name, inputs)
-    except WarmupError:
-        raise
-    except Exception as exc:
-        raise WarmupError(f"warmup record {count} of {path} failed: {tf_error_message(exc)}",
-                          _error_code(exc)) from exc
-    return count
-
-
-def _warmup_calls(record: prediction_log_pb2.PredictionLog):
-    """The (signature, inputs) calls one PredictionLog stands for."""
-    kind = record.WhichOneof("log_type")
-    if kind == "predict_log":
-        request = record.predict_log.request
-        inputs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
-        return [(request.model_spec.signature_name or "serving_default", inputs)]
-    if kind in ("classify_log", "regress_log"):
-        request = getattr(record, kind).request
-        return [(request.model_spec.signature_name or "serving_default", {"inputs": _examples(request.input)})]
-    if kind == "multi_inference_log":
-        request = record.multi_inference_log.request
-        examples = _examples(request.input)
-        return [(task.model_spec.signature_name or "serving_default", {"inputs": examples})
-                for task in request.tasks]
-    raise ValueError(f"unsupported warmup record type {kind!r}")
-
-
-def _examples(input_proto) -> np.ndarray:
-    """Serialized tf.Examples of a TF Serving Input, context features merged into each."""
-    kind = input_proto.WhichOneof("kind")
-    if kind == "example_list":
-        return np.array([e.SerializeToString() for e in input_proto.example_list.examples], dtype=object)
-    if kind == "example_list_with_context":
-        data = input_proto.example_list_with_context
-        merged = []
-        for example in data.examples:
-            combined = tf.train.Example()
-            combined.CopyFrom(data.context)
-            for key, feature in example.features.feature.items():
-                combined.features.feature[key].CopyFrom(feature)
-            merged.append(combined.SerializeToString())
-        return np.array(merged, dtype=object)
-    raise ValueError("warmup request input has no examples")
-
-
 def _failed(record: _Version | None) -> bool:
     return record is not None and record.state is VersionState.END and record.error_code != "OK"
 
 
 def _error_code(exc: BaseException) -> str:
     """The gRPC code name status reports for a failed load."""
-    if isinstance(exc, (ServingError, WarmupError)):
+    if isinstance(exc, ServingError):
         return exc.code
     if isinstance(exc, tf.errors.OpError):
         return _TF_CODE_NAMES.get(exc.error_code, "UNKNOWN")

@@ -24,6 +24,7 @@ import numpy as np
 from graft.contract import (
     CLASSIFY_METHOD,
     LINEAGE_METADATA_KEY,
+    PREDICT_METHOD,
     REGRESS_METHOD,
     training_summary,
 )
@@ -224,6 +225,25 @@ class InferenceService:
                 self._check_example_images(request.examples, request.context)
                 outputs = self._run(servable, sig, inputs, request.deadline)
                 return result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
+
+    def warm(self, servable: Servable, call: PredictCall | ExamplesCall, method: str) -> None:
+        """Run one warmup call on ``servable`` (loaded, not yet AVAILABLE) with a request's checks.
+
+        The same signature lookup, input validation, image limits and output checks
+        as a request of that method; no batching and no request metrics, as the
+        version serves nobody yet. Raises what the request would.
+        """
+        if method == PREDICT_METHOD:
+            sig, _, inputs = self._predict_inputs(servable, call, lambda *args: None)
+            servable.run(sig.name, inputs)
+            return
+        if method not in _EXAMPLE_METHODS:
+            raise InvalidArgument(f"Unsupported signature method_name: {method}")
+        _, _, read = _EXAMPLE_METHODS[method]
+        sig = self._method_signature(servable, call.signature_name, method)
+        inputs = _examples_tensor(sig, call.examples, call.context)
+        self._check_example_images(call.examples, call.context)
+        read(servable.run(sig.name, inputs), len(call.examples))
 
     def multi_inference(self, request: MultiInferenceCall) -> list[ClassifyResult | RegressResult]:
         """Run several classify/regress tasks on one version, in task order."""

@@ -1,4 +1,4 @@
-"""TensorProto <-> numpy, for TF Serving's gRPC API and warmup records.
+"""TensorProto <-> numpy and TF Serving's Input -> tf.Examples, for its gRPC API and warmup records.
 
 TensorProtos become arrays with ``np.frombuffer`` on ``tensor_content`` (no
 per-element loop) where the sender used it; bad content raises ``InvalidArgument``.
@@ -110,3 +110,14 @@ def numpy_to_tensor_proto(arr: np.ndarray) -> tensor_pb2.TensorProto:
     tp.dtype = enum
     tp.tensor_content = np.ascontiguousarray(arr, dtype=_DTYPES[enum][0]).tobytes()
     return tp
+
+
+def examples_from_input(input_proto) -> tuple[list[bytes], bytes | None]:
+    """The serialized tf.Examples of a TF Serving ``Input`` message, and its context (or None)."""
+    kind = input_proto.WhichOneof("kind")
+    if kind == "example_list":
+        return [e.SerializeToString() for e in input_proto.example_list.examples], None
+    if kind == "example_list_with_context":
+        listed = input_proto.example_list_with_context
+        return [e.SerializeToString() for e in listed.examples], listed.context.SerializeToString()
+    raise InvalidArgument("Input is empty")

@@ -72,16 +72,6 @@ def _model_spec(target, name: str, version: int, signature_name: str | None = No
         target.signature_name = signature_name
 
 
-def _examples(input_proto) -> tuple[list[bytes], bytes | None]:
-    kind = input_proto.WhichOneof("kind")
-    if kind == "example_list":
-        return [e.SerializeToString() for e in input_proto.example_list.examples], None
-    if kind == "example_list_with_context":
-        listed = input_proto.example_list_with_context
-        return [e.SerializeToString() for e in listed.examples], listed.context.SerializeToString()
-    raise InvalidArgument("Input is empty")
-
-
 def _fill_classification(result_proto, result: ClassifyResult) -> None:
     for row in result.classifications:
         classifications = result_proto.classifications.add()
@@ -129,7 +119,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def _examples_call(self, request, context) -> ExamplesCall:
         version, label = _version_and_label(request.model_spec)
-        examples, example_context = _examples(request.input)
+        examples, example_context = tensor_proto.examples_from_input(request.input)
         return ExamplesCall(model=request.model_spec.name, version=version, label=label,
                             signature_name=request.model_spec.signature_name, examples=examples,
                             context=example_context, deadline=deadline_of(context), protocol="grpc")
@@ -165,7 +155,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             if _version_and_label(task.model_spec) != _version_and_label(first):
                 raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same version")
         version, label = _version_and_label(first)
-        examples, example_context = _examples(request.input)
+        examples, example_context = tensor_proto.examples_from_input(request.input)
         results = await run_blocking(self._service.multi_inference, MultiInferenceCall(
             model=first.name, version=version, label=label,
             tasks=[InferenceTask(t.model_spec.signature_name, t.method_name) for t in request.tasks],

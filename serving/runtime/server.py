@@ -37,6 +37,7 @@ from serving.runtime.auth import AuthInterceptor, TokenAuth
 from serving.runtime.settings import ServerConfig
 from serving.runtime.tls import grpc_server_credentials, read_ssl_config
 from serving.servable import servable_loader
+from serving import warmup
 from serving.service import InferenceService
 
 log = logging.getLogger("graft-serve")
@@ -85,7 +86,8 @@ class GraftServer:
         metrics = (ServingMetrics(registry, device_memory=devices.memory_reader(gpu_devices))
                    if registry is not None else None)
         self.manager = ModelManager(configs, poll_seconds=config.file_system_poll_wait_seconds, listener=metrics,
-                                    servable_loader=servable_loader(gpu_devices, config.freeze_graph))
+                                    servable_loader=servable_loader(gpu_devices, config.freeze_graph),
+                                    warmup=self._warmup)
         self.service = InferenceService(self.manager, metrics=metrics, batching=batching,
                                         max_image_pixels=config.max_image_pixels,
                                         allow_reload_requests=config.enable_reload_config_rpc)
@@ -113,6 +115,10 @@ class GraftServer:
                      " (HTTPS)" if self._rest.tls else "", self.rest_event_loop)
         if config.model_config_file and config.model_config_file_poll_wait_seconds > 0:
             self._spawn("graft-config-poller", self._poll_config)
+
+    def _warmup(self, servable) -> int:
+        # Versions load only after start() has built the service.
+        return warmup.replay(self.service, servable)
 
     def _spawn(self, name: str, target) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -12,8 +12,10 @@ from tensorflow_serving.apis import inference_pb2, prediction_log_pb2
 
 from serving.config import ModelConfig, VersionPolicy, parse_model_config
 from serving.errors import InvalidArgument, NotFound
+from serving import warmup
 from serving.manager import ModelManager, VersionState
 from serving.servable import Servable
+from serving.service import InferenceService
 from tests import models
 
 X = np.array([[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]], dtype=np.float32)
@@ -361,6 +363,14 @@ class CountingServable(Servable):
         return result
 
 
+def _warmed_manager(make_manager, configs, **kwargs):
+    """A manager whose versions are warmed through an InferenceService, as graft-serve wires it."""
+    services = []
+    manager = make_manager(configs, warmup=lambda servable: warmup.replay(services[0], servable), **kwargs)
+    services.append(InferenceService(manager))
+    return manager
+
+
 def test_warmup_replayed_before_available(tmp_path, two_input_savedmodel, make_manager):
     base = two_input_repo(tmp_path, two_input_savedmodel)
     rows = [[1.0, 2.0, 3.0]]
@@ -386,8 +396,8 @@ def test_warmup_replayed_before_available(tmp_path, two_input_savedmodel, make_m
         def on_state(self, name, version, state):
             events.append(("state", version, str(state)))
 
-    manager = make_manager([ModelConfig("two", str(base))], servable_loader=CountingServable.load,
-                           listener=Listener())
+    manager = _warmed_manager(make_manager, [ModelConfig("two", str(base))],
+                              servable_loader=CountingServable.load, listener=Listener())
     manager.start()
     manager.wait_until_available("two")
     wait_for(lambda: ("state", 1, "AVAILABLE") in events, what="AVAILABLE event")
@@ -400,17 +410,29 @@ def test_warmup_replayed_before_available(tmp_path, two_input_savedmodel, make_m
 def test_failing_warmup_fails_load(tmp_path, two_input_savedmodel, make_manager):
     base = two_input_repo(tmp_path, two_input_savedmodel)
     models.write_warmup(base / "1", [models.predict_log({"x": -X[:1]}, signature_name="checked")])
-    manager = make_manager([ModelConfig("two", str(base))])
+    manager = _warmed_manager(make_manager, [ModelConfig("two", str(base))])
     manager.start()
     wait_for(lambda: manager.status("two")[0].state == "END", what="load failure")
     status = manager.status("two")[0]
     assert status.error_code == "INVALID_ARGUMENT" and "x must be >= 0" in status.error_message
     assert "warmup" in status.error_message
     assert not manager.ready()
-    # warmup=False skips the file entirely.
-    other = make_manager([ModelConfig("two", str(base))], warmup=False)
+    # Without a warmup runner the file is not read at all.
+    other = make_manager([ModelConfig("two", str(base))])
     other.start()
     other.wait_until_available("two")
+
+
+def test_warmup_records_get_a_requests_validation(tmp_path, two_input_savedmodel, make_manager):
+    base = two_input_repo(tmp_path, two_input_savedmodel)
+    # An input the signature does not have: a request would be refused, so the load is too.
+    models.write_warmup(base / "1", [models.predict_log({"x": X, "tag": TAGS, "surplus": X})])
+    manager = _warmed_manager(make_manager, [ModelConfig("two", str(base))])
+    manager.start()
+    wait_for(lambda: manager.status("two")[0].state == "END", what="load failure")
+    status = manager.status("two")[0]
+    assert status.error_code == "INVALID_ARGUMENT", status
+    assert "warmup record 1" in status.error_message and "surplus" in status.error_message
 
 
 def test_listener_errors_do_not_break_manager(tmp_path, two_input_savedmodel, make_manager):
