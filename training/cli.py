@@ -15,6 +15,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from training import subcommands
+
 # Errors a user can cause (bad paths, bad values): reported in one line, exit 2.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USAGE = 2
@@ -166,7 +168,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def commands() -> list[Command]:
     """Every subcommand, in help order: the one place where subcommands are registered."""
-    from training import demo, promote  # light: no TensorFlow at import
+    from training import demo  # light: no TensorFlow at import
 
     return [
         Command("fit", "fine-tune a base on an image folder and export the next version",
@@ -174,11 +176,11 @@ def commands() -> list[Command]:
         Command("evaluate", "accuracy and per-class precision/recall of an exported version",
                 add_evaluate_arguments, run_evaluate),
         Command("promote", "gate a candidate against the labelled version and move the label (exit 0/1/2)",
-                promote.add_promote_arguments, promote.run_promote),
+                subcommands.add_promote_arguments, subcommands.run_promote),
         Command("rollback", "move a label back to its previous version from the history",
-                promote.add_rollback_arguments, promote.run_rollback),
+                subcommands.add_rollback_arguments, subcommands.run_rollback),
         Command("labels", "show a model's labels, versions and label history",
-                promote.add_labels_arguments, promote.run_labels),
+                subcommands.add_labels_arguments, subcommands.run_labels),
         Command("demo", "digits on real pretrained weights: train, compare, promote, serve, self-check",
                 demo.add_demo_arguments, demo.run_demo),
     ]

@@ -385,7 +385,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     import tensorflow as tf
 
-    from training import bases, data, promote
+    from training import bases, data
 
     # The baselines rebuild tf.functions per model on purpose; TF's retracing advice is noise here.
     tf.get_logger().setLevel("ERROR")
@@ -419,7 +419,7 @@ def run_demo(args: argparse.Namespace) -> int:
     _step(3, f"candidate: {args.candidate_images_per_class} images per class, through the promotion gate")
     candidate = _fit(split.large, split.val, workdir / "candidates", workdir / "runs" / "candidate", args)
     second = _promote(repo, candidate, split.test, args.min_delta)
-    labels = promote.show_labels(repo, MODEL_NAME)["labels"]
+    labels = contract.read_labels(model_dir) or {}
     _say(f"labels.json: {labels}")
     if "stable" not in labels:
         _say("self-check FAILED: no version passed the promotion gate, so there is nothing stable to serve "

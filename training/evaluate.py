@@ -1,14 +1,15 @@
-"""Evaluate an exported SavedModel version on a labelled image set.
+"""Evaluate an exported SavedModel version on a labelled image set, and time it.
 
 Evaluation goes through the SavedModel's own signatures (``tf.saved_model.load``),
 never the Keras object, so it measures exactly what graft-serve will serve. The
-promotion gate reuses :func:`evaluate_savedmodel`.
+promotion gate reuses :func:`evaluate_savedmodel` and :func:`measure_latency`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from graft import contract
+from training import data
 from training.export import IMAGE_FEATURE
 
 SIGNATURES = ("serving_default", "predict_images", "classify")
@@ -94,8 +96,8 @@ def _signature_image_size(signature) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def _example(data: bytes) -> bytes:
-    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+def _example(encoded: bytes) -> bytes:
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))
     example = tf.train.Example(features=tf.train.Features(feature={IMAGE_FEATURE: feature}))
     return example.SerializeToString()
 
@@ -106,12 +108,10 @@ def _batches(items: Sequence, size: int):
 
 
 def _scores_from_float_images(loaded, images, batch_size: int) -> np.ndarray:
-    # Decode exactly as training does, so differences measure the model, not the loader.
-    from training.data import make_dataset
-
     fn = loaded.signatures["serving_default"]
     size = _signature_image_size(fn)
-    dataset = make_dataset(images, size, batch_size, training=False, seed=0, augment=False, cache=False)
+    # Decoded exactly as training does, so differences measure the model, not the loader.
+    dataset = data.make_dataset(images, size, batch_size, training=False, seed=0, augment=False, cache=False)
     parts = [fn(images=batch)["scores"].numpy() for batch, _ in dataset]
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
@@ -120,11 +120,11 @@ def _scores_from_bytes(loaded, files: Sequence[str], batch_size: int, signature:
     fn = loaded.signatures[signature]
     parts = []
     for chunk in _batches(list(files), batch_size):
-        data = [Path(f).read_bytes() for f in chunk]
+        encoded = [Path(f).read_bytes() for f in chunk]
         if signature == "classify":
-            parts.append(fn(inputs=tf.constant([_example(d) for d in data]))["scores"].numpy())
+            parts.append(fn(inputs=tf.constant([_example(e) for e in encoded]))["scores"].numpy())
         else:
-            parts.append(fn(image_bytes=tf.constant(data))["scores"].numpy())
+            parts.append(fn(image_bytes=tf.constant(encoded))["scores"].numpy())
     return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
 
 
@@ -168,3 +168,39 @@ def evaluate_savedmodel(path: str | os.PathLike, images, *, signature: str = "se
     return EvalResult(accuracy=accuracy, class_names=model_classes, per_class=per_class,
                       confusion=confusion, labels=labels, predictions=predictions,
                       scores=scores, files=files, signature=signature)
+
+
+def measure_latency(path: str | os.PathLike, images, *, signature: str = "serving_default",
+                    runs: int = 100, warmup: int = 5) -> dict[str, float]:
+    """Single-image latency of a SavedModel signature, in process: p50, p99, mean (ms).
+
+    ``images`` is a training.data.ImageSet; up to 16 of its images are cycled.
+    The first ``warmup`` calls (tracing, allocation) are not counted.
+    """
+    loaded = tf.saved_model.load(str(path))
+    fn = loaded.signatures[signature]
+    files = list(images.files[:16])
+    if signature == "serving_default":
+        spec = fn.structured_input_signature[1]["images"]
+        subset = dataclasses.replace(images, files=files, labels=list(images.labels[:16]), skipped=[])
+        pixels, _ = data.load_arrays(subset, (int(spec.shape[1]), int(spec.shape[2])))
+        requests = [{"images": tf.constant(pixels[i:i + 1])} for i in range(len(pixels))]
+    elif signature == "predict_images":
+        requests = [{"image_bytes": tf.constant([Path(f).read_bytes()])} for f in files]
+    else:
+        requests = [{"inputs": tf.constant([_example(Path(f).read_bytes())])} for f in files]
+    timings = []
+    for index in range(warmup + runs):
+        started = time.perf_counter()
+        outputs = fn(**requests[index % len(requests)])
+        # Force the result to the host: the server encodes it, so it is part of the cost.
+        for value in outputs.values():
+            value.numpy()
+        if index >= warmup:
+            timings.append((time.perf_counter() - started) * 1000.0)
+    return {
+        "runs": runs,
+        "p50_ms": float(np.percentile(timings, 50)),
+        "p99_ms": float(np.percentile(timings, 99)),
+        "mean_ms": float(np.mean(timings)),
+    }

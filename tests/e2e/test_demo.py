@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.ports import free_ports
-from training import demo, promote
+from training import demo, repo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -99,7 +99,7 @@ def test_demo_runs_end_to_end_at_tiny_scale(tmp_path):
 
     model_dir = workdir / "repo" / "digits"
     assert json.loads((model_dir / "labels.json").read_text()) == {"stable": 2}
-    history = promote.read_history(model_dir)
+    history = repo.read_history(model_dir)
     assert [(e["action"], e["from"], e["to"]) for e in history] == [("promote", None, 1), ("promote", 1, 2)]
     lineage = json.loads((model_dir / "2" / "assets.extra" / "graft.json").read_text())
     assert lineage["base"] == "vgg16" and lineage["weights"]["kind"] == "hed"

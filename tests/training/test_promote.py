@@ -126,7 +126,7 @@ def test_first_promotion_passes_the_sanity_check_and_writes_everything(tmp_path,
     assert "sanity check passed" in printed["reason"]
     assert printed["eval_data"]["images"] == 24
     assert _labels(model_dir) == {"stable": 1}
-    history = promote.read_history(model_dir)
+    history = repo.read_history(model_dir)
     assert [(e["action"], e["label"], e["from"], e["to"], e["stack"]) for e in history] == [
         ("promote", "stable", None, 1, [1])]
 
@@ -138,7 +138,7 @@ def test_first_promotion_at_chance_is_rejected(tmp_path, exports, eval_dir):
     assert report["candidate"]["value"] == pytest.approx(1 / 3)
     assert "does not beat chance" in report["reason"]
     assert not (model_dir / "labels.json").exists()
-    assert promote.read_history(model_dir) == []
+    assert repo.read_history(model_dir) == []
 
 
 def test_better_export_dir_is_published_then_labelled(tmp_path, exports, eval_dir, capsys):
@@ -155,7 +155,7 @@ def test_better_export_dir_is_published_then_labelled(tmp_path, exports, eval_di
     # The published copy is the export, byte for byte.
     assert (model_dir / "2" / "saved_model.pb").read_bytes() == (exports["good"] / "saved_model.pb").read_bytes()
     assert not [p for p in model_dir.iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
-    history = promote.read_history(model_dir)
+    history = repo.read_history(model_dir)
     assert history[-1]["stack"] == [1, 2] and history[-1]["source"] == str(exports["good"])
 
 
@@ -182,7 +182,7 @@ def test_min_delta_decides_between_equal_models(tmp_path, exports, eval_dir):
     assert equal["decision"] == "promoted" and _labels(model_dir) == {"stable": 2}
     again = promote.promote(root, "m", 2, eval_dir)
     assert again["decision"] == "promoted" and "already under label" in again["reason"]
-    assert len(promote.read_history(model_dir)) == 2
+    assert len(repo.read_history(model_dir)) == 2
 
 
 def test_signature_change_is_refused_unless_allowed(tmp_path, exports, eval_dir, capsys):
@@ -271,7 +271,7 @@ def test_rollback_walks_back_through_the_history(tmp_path, exports, eval_dir, ca
     assert _labels(model_dir) == {"stable": 1}
     # A promotion after rollbacks builds on what the label really holds.
     assert promote.promote(root, "m", 3, eval_dir)["decision"] == "promoted"
-    assert promote.label_stack(promote.read_history(model_dir), "stable") == [1, 3]
+    assert repo.label_stack(repo.read_history(model_dir), "stable") == [1, 3]
 
     assert cli.main(["labels", *base]) == 0
     text = capsys.readouterr().out
@@ -304,13 +304,13 @@ def test_history_is_repaired_from_labels_json(tmp_path, exports, eval_dir):
         handle.write('{"torn": ')  # a torn last line must not swallow the next entry
     result = promote.rollback(root, "m")
     assert (result["from"], result["to"]) == (3, 2)
-    history = promote.read_history(model_dir)
+    history = repo.read_history(model_dir)
     assert [e["action"] for e in history] == ["promote", "promote", "recovered", "rollback"]
     assert history[2]["stack"] == [1, 2, 3]
     # A hand rollback to an older version cuts the stack back to it.
     repo.write_labels(model_dir, {"stable": 1})
     assert promote.rollback(root, "m")["exit_code"] == 2
-    assert promote.label_stack(promote.read_history(model_dir), "stable") == [1]
+    assert repo.label_stack(repo.read_history(model_dir), "stable") == [1]
 
 
 # -- processes: locking and SIGKILL ------------------------------------------------------
@@ -377,7 +377,7 @@ def test_sigkill_at_any_step_leaves_the_repository_consistent(tmp_path, exports,
     again = promote.promote(root, "m", exports["good"], eval_dir)
     assert again["exit_code"] == 0
     _assert_consistent(model_dir)
-    stack = promote.label_stack(promote.read_history(model_dir), "stable")
+    stack = repo.label_stack(repo.read_history(model_dir), "stable")
     assert stack[-1] == _labels(model_dir)["stable"] and stack[0] == 1
     rolled = promote.rollback(root, "m")
     assert rolled["exit_code"] == 0 and rolled["to"] == stack[-2]
@@ -396,7 +396,7 @@ def test_sigkill_at_random_times_leaves_the_repository_consistent(tmp_path, expo
     final = promote.promote(root, "m", exports["good"], eval_dir)
     assert final["exit_code"] == 0
     _assert_consistent(model_dir)
-    assert promote.label_stack(promote.read_history(model_dir), "stable")[-1] == _labels(model_dir)["stable"]
+    assert repo.label_stack(repo.read_history(model_dir), "stable")[-1] == _labels(model_dir)["stable"]
 
 
 # -- a running server follows the label ------------------------------------------------
@@ -424,9 +424,7 @@ def test_running_server_follows_label_changes_without_restart(tmp_path, exports,
     promote.promote(root, "m", 1, eval_dir)
     image = keras.utils.load_img(sorted((eval_dir / "c2").glob("*.png"))[0])
     body = {"instances": [np.asarray(image, np.float32).tolist()]}
-    url_flags = ["--model_name", "m", "--model_base_path", str(model_dir),
-                 "--file_system_poll_wait_seconds", "0.2"]
-    with serving(url_flags) as (_, client):
+    with serving(model_name="m", model_base_path=str(model_dir), file_system_poll_wait_seconds=0.2) as (_, client):
         _wait_label(client, "stable", 1)
         predict = f"{client.rest}/v1/models/m/labels/stable:predict"
         before = client.http.post(predict, json=body, timeout=30).json()["predictions"][0]

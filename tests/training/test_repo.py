@@ -1,4 +1,4 @@
-"""Tests for training.repo: version numbering, atomic publish, labels.json."""
+"""Tests for training.repo: version numbering, atomic publish, labels.json, candidates and the label history."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import threading
 
 import pytest
+from filelock import Timeout
 
 from graft import contract
 from training import repo
@@ -150,3 +151,124 @@ def test_labels_readers_never_see_a_partial_file(tmp_path):
     assert not failures
     assert seen and max(seen) <= 59
     assert not [p for p in model.iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
+
+
+# -- versions, candidates, publishing an export ------------------------------------------------
+
+def _version(model, number, complete=True):
+    path = model / str(number)
+    path.mkdir(parents=True)
+    if complete:
+        (path / contract.SAVED_MODEL_FILE).write_bytes(b"")
+    return path
+
+
+def test_complete_versions_and_version_path(tmp_path):
+    model = tmp_path / "m"
+    _version(model, 1)
+    _version(model, 2, complete=False)  # a directory the server cannot load yet
+    _version(model, 3)
+    assert repo.complete_versions(model) == [1, 3]
+    assert repo.version_path(model, 3) == model / "3"
+    with pytest.raises(repo.RepositoryError, match=r"version 2 of model 'm' does not exist .*present: 1, 3"):
+        repo.version_path(model, 2)
+
+
+def test_resolve_candidate_by_number_own_directory_or_export(tmp_path):
+    model = tmp_path / "m"
+    _version(model, 4)
+    export_dir = tmp_path / "export"
+    export_dir.mkdir()
+    (export_dir / contract.SAVED_MODEL_FILE).write_bytes(b"")
+    assert repo.resolve_candidate(model, 4) == (4, model / "4")
+    assert repo.resolve_candidate(model, "4") == (4, model / "4")
+    assert repo.resolve_candidate(model, model / "4") == (4, (model / "4").resolve())
+    assert repo.resolve_candidate(model, export_dir) == (None, export_dir.resolve())
+    with pytest.raises(repo.RepositoryError, match="neither a version number nor a directory"):
+        repo.resolve_candidate(model, tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(repo.RepositoryError, match="not a SavedModel"):
+        repo.resolve_candidate(model, tmp_path / "empty")
+    with pytest.raises(repo.RepositoryError, match="version 5"):
+        repo.resolve_candidate(model, 5)
+
+
+def test_publish_export_copies_hidden_then_renames(tmp_path):
+    model = tmp_path / "m"
+    _version(model, 1)
+    source = tmp_path / "export"
+    (source / "variables").mkdir(parents=True)
+    (source / contract.SAVED_MODEL_FILE).write_bytes(b"pb")
+    (source / "variables" / "v").write_bytes(b"weights")
+    seen = []
+
+    def staged():
+        # The copy is complete but not visible as a version yet.
+        seen.append((repo.list_versions(model), sorted(p.name for p in model.iterdir()
+                                                       if p.name.startswith(contract.TEMP_PREFIX))))
+
+    assert repo.publish_export(model, source, on_staged=staged) == 2
+    [(versions, staging)] = seen
+    assert versions == [1] and len(staging) == 1
+    assert (model / "2" / "variables" / "v").read_bytes() == b"weights"
+    assert not [p for p in model.iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
+
+
+def test_describe_model_lists_labels_versions_and_history(tmp_path):
+    model = tmp_path / "m"
+    _version(model, 1)
+    repo.write_labels(model, {"stable": 1, "canary": 2})
+    repo.record_label_move(model, action="promote", label="stable", old=None, new=1, stack=[1])
+    listing = repo.describe_model(tmp_path, "m")
+    assert listing["labels"] == {"stable": 1, "canary": 2} and listing["versions"] == [1]
+    assert listing["dangling"] == {"canary": 2}
+    assert [(e["action"], e["to"]) for e in listing["history"]] == [("promote", 1)]
+    with pytest.raises(repo.RepositoryError, match="does not exist"):
+        repo.describe_model(tmp_path, "absent")
+
+
+# -- the label history ---------------------------------------------------------------------------
+
+def test_history_lines_round_trip_and_torn_lines_are_skipped(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    assert repo.read_history(model) == []
+    first = repo.record_label_move(model, action="promote", label="stable", old=None, new=1, stack=[1],
+                                   metric="accuracy")
+    assert first["metric"] == "accuracy" and first["time"].endswith("+00:00")
+    with open(contract.history_path(model), "a") as handle:
+        handle.write('{"torn": ')
+    repo.record_label_move(model, action="promote", label="stable", old=1, new=2,
+                           stack=list(range(1, repo.MAX_STACK + 10)))
+    history = repo.read_history(model)
+    assert [e["to"] for e in history] == [1, 2]
+    assert len(history[1]["stack"]) == repo.MAX_STACK and history[1]["stack"][-1] == repo.MAX_STACK + 9
+    assert repo.label_stack(history, "stable") == history[1]["stack"]
+    assert repo.label_stack(history, "canary") == []
+
+
+def test_reconcile_pushes_an_unrecorded_promotion_and_cuts_back_a_rollback(tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    repo.record_label_move(model, action="promote", label="stable", old=None, new=1, stack=[1])
+    repo.record_label_move(model, action="promote", label="stable", old=1, new=2, stack=[1, 2])
+    assert repo.reconcile(model, {"stable": 2}) == []
+    [pushed] = repo.reconcile(model, {"stable": 3})
+    assert (pushed["action"], pushed["from"], pushed["to"], pushed["stack"]) == ("recovered", 2, 3, [1, 2, 3])
+    [cut] = repo.reconcile(model, {"stable": 1})
+    assert (cut["from"], cut["to"], cut["stack"]) == (3, 1, [1])
+    [dropped] = repo.reconcile(model, {})
+    assert (dropped["to"], dropped["stack"]) == (None, [])
+
+
+def test_label_lock_waits_for_the_holder_and_says_so(tmp_path):
+    model = tmp_path / "m"
+    said = []
+    with repo.label_lock(model, -1, said.append):
+        with pytest.raises(Timeout):
+            with repo.label_lock(model, 0.2, said.append):
+                pass
+    assert len(said) == 1 and "waiting for another promotion or rollback of 'm'" in said[0]
+    with repo.label_lock(model, 0.2, said.append):
+        pass
+    assert len(said) == 1
