@@ -22,7 +22,6 @@ graft-serve process, as in production.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import json
@@ -33,10 +32,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import grpc
+import keras
 import numpy as np
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from graft import contract
 from serving.runtime.process import ServeProcess
+from training import bases, data, fit, phases, pipeline, probe, promote, scenarios
 
 MARKER = ".graft-demo"
 MODEL_NAME = "digits"
@@ -53,6 +58,33 @@ def _say(text: str = "") -> None:
 def _step(number: int, title: str) -> None:
     _say()
     _say(f"=== {number}. {title} ===")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Everything one demo run needs; the fields are ``graft-train demo``'s flags.
+
+    ``workdir`` is cleared on each run (only when an earlier demo made it).
+    ``serve`` None lets the ``DEMO_SERVE`` environment variable decide whether
+    graft-serve keeps running after the self-check (default: it does).
+    """
+
+    workdir: str | os.PathLike = "demo-work"
+    images_per_class: int = 10
+    candidate_images_per_class: int = 50
+    val_per_class: int = 10
+    test_per_class: int = 0
+    image_size: int = 64
+    epochs: int = 100
+    head_lr: float = 1e-2
+    patience: int = 20
+    cnn_epochs: int = 200
+    min_delta: float = 0.0
+    seed: int = 0
+    host: str = "127.0.0.1"
+    grpc_port: int = 8500
+    rest_port: int = 8501
+    serve: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +108,7 @@ def write_digits(root: str | os.PathLike, *, image_size: int = 64, small_per_cla
     next ``val_per_class`` to validation and the rest (at most ``test_per_class``
     when it is positive) to the held-out test set.
     """
-    from PIL import Image
+    # Optional (graft[demo]): scikit-learn ships the digits.
     from sklearn.datasets import load_digits
 
     if not 1 <= small_per_class < large_per_class:
@@ -111,26 +143,21 @@ def write_digits(root: str | os.PathLike, *, image_size: int = 64, small_per_cla
 
 # -- training ---------------------------------------------------------------------------
 
-def _fit(data: Path, val: Path, repo: Path, run_dir: Path, args) -> Path:
+def _fit(train_dir: Path, val_dir: Path, repo: Path, run_dir: Path, config: DemoConfig) -> Path:
     """Run the training pipeline as ``graft-train fit`` would; return the exported version directory."""
-    # Heavy (TensorFlow): the pipeline trains.
-    from training import pipeline
-
-    config = pipeline.FitConfig(
-        data=data, val_data=val, base="vgg16", weights="hed", scenario="auto", image_size=args.image_size,
-        head_epochs=args.epochs, head_lr=args.head_lr, head_patience=args.patience, seed=args.seed,
-        repo=repo, model_name=MODEL_NAME, run_dir=run_dir)
-    _say(f"$ graft-train fit --data {data} --val-data {val} --base vgg16 --weights hed --scenario auto "
-         f"--image-size {config.image_size} --head-epochs {config.head_epochs} --head-lr {config.head_lr:g} "
-         f"--head-patience {config.head_patience} --seed {config.seed} --repo {repo} --model-name {MODEL_NAME} "
-         f"--run-dir {run_dir}")
-    return Path(pipeline.run(config))
+    fit_config = pipeline.FitConfig(
+        data=train_dir, val_data=val_dir, base="vgg16", weights="hed", scenario="auto",
+        image_size=config.image_size, head_epochs=config.epochs, head_lr=config.head_lr,
+        head_patience=config.patience, seed=config.seed, repo=repo, model_name=MODEL_NAME, run_dir=run_dir)
+    _say(f"$ graft-train fit --data {train_dir} --val-data {val_dir} --base vgg16 --weights hed --scenario auto "
+         f"--image-size {fit_config.image_size} --head-epochs {fit_config.head_epochs} "
+         f"--head-lr {fit_config.head_lr:g} --head-patience {fit_config.head_patience} --seed {fit_config.seed} "
+         f"--repo {repo} --model-name {MODEL_NAME} --run-dir {run_dir}")
+    return Path(pipeline.run(fit_config))
 
 
 def small_cnn(image_size: int, num_classes: int, seed: int):
     """A small CNN trained from scratch: the baseline a pretrained trunk has to beat."""
-    import keras
-
     inputs = keras.Input((image_size, image_size, 3), name="images")
     x = keras.layers.Rescaling(1.0 / 255.0)(inputs)
     # Mild geometric jitter (active in training only); flips would turn digits into other digits.
@@ -149,8 +176,6 @@ def small_cnn(image_size: int, num_classes: int, seed: int):
 def scratch_cnn_accuracy(train: Arrays, val: Arrays, test: Arrays, *, image_size: int, epochs: int,
                          seed: int) -> float:
     """Held-out accuracy of :func:`small_cnn` trained on ``train`` (best epoch by validation accuracy)."""
-    import keras
-
     keras.utils.set_random_seed(seed)
     model = small_cnn(image_size, int(train[1].max()) + 1, seed)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
@@ -164,8 +189,6 @@ def scratch_cnn_accuracy(train: Arrays, val: Arrays, test: Arrays, *, image_size
 
 def probe_accuracy(backbone, layer: str, train: Arrays, test: Arrays) -> float:
     """Held-out accuracy of a ridge probe on ``backbone``'s pooled features at ``layer`` (REFERENCE.md's measure)."""
-    from training import probe
-
     return probe.probe_blocks(backbone, *train, *test, [layer])[layer]
 
 
@@ -176,8 +199,6 @@ def baselines(lineage: dict, train_set, val_set, arrays: dict[str, Arrays], *, s
     The random-weight row reruns version 1's recipe (scenario, cut, head, phases,
     learning rates) with ``--weights none``.
     """
-    from training import bases, fit, phases, scenarios
-
     spec = bases.get_base(lineage["base"])
     hp = lineage["hyper_parameters"]
     decided = lineage["scenario"]
@@ -216,8 +237,6 @@ def accuracy_table(rows: list[tuple[str, float | None, float | None]], test_coun
 
 
 def _promote(repo: Path, candidate, eval_data: Path, min_delta: float) -> dict:
-    from training import promote
-
     _say(f"$ graft-train promote --repo {repo} --model-name {MODEL_NAME} --candidate {candidate} "
          f"--eval-data {eval_data} --min-delta {min_delta:g}")
     report = promote.promote(repo, MODEL_NAME, candidate, eval_data,
@@ -287,10 +306,6 @@ def rest_predict(server: Server, files: list[str]) -> list[dict]:
 
 def grpc_predict(server: Server, files: list[str]) -> tuple[list[str], list[float], int]:
     """One gRPC Predict of ``files`` to ``predict_images`` under label stable: (classes, top scores, version)."""
-    import grpc
-    import tensorflow as tf
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
     request = predict_pb2.PredictRequest()
     request.model_spec.name = MODEL_NAME
     request.model_spec.version_label = "stable"
@@ -365,27 +380,23 @@ def _serve_default() -> bool:
     return os.environ.get(SERVE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    """``graft-train demo``: train, compare, promote, serve, self-check; 0 when every step worked."""
+def run(config: DemoConfig) -> int:
+    """Train, compare, promote, serve, self-check; the exit code: 0 when every step worked."""
     started = time.monotonic()
-    serve = _serve_default() if args.serve is None else args.serve
-    workdir = Path(args.workdir).resolve()
+    serve = _serve_default() if config.serve is None else config.serve
+    workdir = Path(config.workdir).resolve()
     _prepare_workdir(workdir)
     repo = workdir / "repo"
     model_dir = repo / MODEL_NAME
 
     _step(1, "data: scikit-learn digits as PNG class folders")
-    split = write_digits(workdir / "data", image_size=args.image_size, small_per_class=args.images_per_class,
-                         large_per_class=args.candidate_images_per_class, val_per_class=args.val_per_class,
-                         test_per_class=args.test_per_class, seed=args.seed)
-    _say(f"{workdir / 'data'}: train {split.counts['small']} ({args.images_per_class}/class), "
-         f"candidate train {split.counts['large']} ({args.candidate_images_per_class}/class), "
+    split = write_digits(workdir / "data", image_size=config.image_size, small_per_class=config.images_per_class,
+                         large_per_class=config.candidate_images_per_class, val_per_class=config.val_per_class,
+                         test_per_class=config.test_per_class, seed=config.seed)
+    _say(f"{workdir / 'data'}: train {split.counts['small']} ({config.images_per_class}/class), "
+         f"candidate train {split.counts['large']} ({config.candidate_images_per_class}/class), "
          f"validation {split.counts['val']}, held-out test {split.counts['test']} "
-         f"({args.image_size}x{args.image_size} RGB, seed {args.seed})")
-
-    import tensorflow as tf
-
-    from training import bases, data
+         f"({config.image_size}x{config.image_size} RGB, seed {config.seed})")
 
     # The baselines rebuild tf.functions per model on purpose; TF's retracing advice is noise here.
     tf.get_logger().setLevel("ERROR")
@@ -393,32 +404,32 @@ def run_demo(args: argparse.Namespace) -> int:
     val = data.scan_image_folder(split.val)
     test = data.scan_image_folder(split.test)
 
-    _step(2, f"fit version 1: vgg16 + hed weights, scenario auto, {args.images_per_class} images per class")
-    version1 = _fit(split.small, split.val, repo, workdir / "runs" / "v1", args)
+    _step(2, f"fit version 1: vgg16 + hed weights, scenario auto, {config.images_per_class} images per class")
+    version1 = _fit(split.small, split.val, repo, workdir / "runs" / "v1", config)
     lineage = contract.read_lineage(version1)
     evidence = lineage["scenario"]["evidence"]
     probes = ", ".join(f"{k} {v * 100:.1f}%" for k, v in evidence.get("probe_scores", {}).items())
     _say(f"auto decision: scenario {lineage['scenario']['scenario']} ({lineage['scenario']['name']}), "
          f"cut {lineage['scenario']['cut_layer'] or 'none'}; {evidence.get('size')} data, "
          f"{evidence.get('similarity')}; probe evidence: {probes}")
-    first = _promote(repo, 1, split.test, args.min_delta)
+    first = _promote(repo, 1, split.test, config.min_delta)
     _say("baselines on the same images: version 1's recipe on a random-weight trunk, "
          "and a small CNN from scratch...")
-    size = (args.image_size, args.image_size)
+    size = (config.image_size, config.image_size)
     arrays = {"train": data.load_arrays(train_small, size), "val": data.load_arrays(val, size),
               "test": data.load_arrays(test, size)}
     cut = lineage["scenario"]["cut_layer"]
     spec = bases.get_base(lineage["base"])
-    pretrained_probe = probe_accuracy(bases.build_backbone(spec, args.image_size, "hed", cut_layer=cut),
+    pretrained_probe = probe_accuracy(bases.build_backbone(spec, config.image_size, "hed", cut_layer=cut),
                                       cut or spec.block_ends[-1], arrays["train"], arrays["test"])
     rows = [(f"vgg16 hed-pretrained trunk, cut at {cut or 'the last block'} (version 1)",
              first["candidate"]["value"], pretrained_probe)]
-    rows += baselines(lineage, train_small, val, arrays, seed=args.seed, cnn_epochs=args.cnn_epochs)
-    _say(accuracy_table(rows, len(test), args.images_per_class))
+    rows += baselines(lineage, train_small, val, arrays, seed=config.seed, cnn_epochs=config.cnn_epochs)
+    _say(accuracy_table(rows, len(test), config.images_per_class))
 
-    _step(3, f"candidate: {args.candidate_images_per_class} images per class, through the promotion gate")
-    candidate = _fit(split.large, split.val, workdir / "candidates", workdir / "runs" / "candidate", args)
-    second = _promote(repo, candidate, split.test, args.min_delta)
+    _step(3, f"candidate: {config.candidate_images_per_class} images per class, through the promotion gate")
+    candidate = _fit(split.large, split.val, workdir / "candidates", workdir / "runs" / "candidate", config)
+    second = _promote(repo, candidate, split.test, config.min_delta)
     labels = contract.read_labels(model_dir) or {}
     _say(f"labels.json: {labels}")
     if "stable" not in labels:
@@ -428,11 +439,11 @@ def run_demo(args: argparse.Namespace) -> int:
     stable = labels["stable"]
 
     _step(4, "graft-serve on the repository: REST and gRPC to labels/stable")
-    server = Server(model_dir, args.host, args.grpc_port, args.rest_port, workdir / "serve.log")
+    server = Server(model_dir, config.host, config.grpc_port, config.rest_port, workdir / "serve.log")
     try:
         _say("$ " + " ".join(server.command))
         server.wait_for_label("stable", stable)
-        files = _sample_files(test, args.seed)
+        files = _sample_files(test, config.seed)
         problems = self_check(server, files, stable)
 
         _step(5, "metrics and clients")
@@ -474,33 +485,3 @@ def _sample_files(images, seed: int, count: int = 5) -> list[str]:
     classes = rng.permutation(len(images.class_names))[:count]
     labels = np.asarray(images.labels)
     return [images.files[int(rng.choice(np.flatnonzero(labels == c)))] for c in classes]
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``graft-train demo``."""
-    parser.add_argument("--workdir", default="demo-work", metavar="DIR",
-                        help="where data, repository, runs and the server log go (default demo-work); "
-                             "cleared on each run")
-    parser.add_argument("--images-per-class", type=int, default=10, metavar="N",
-                        help="training images per class for version 1 (default 10)")
-    parser.add_argument("--candidate-images-per-class", type=int, default=50, metavar="N",
-                        help="training images per class for the second candidate (default 50)")
-    parser.add_argument("--val-per-class", type=int, default=10, metavar="N", help="validation images per class")
-    parser.add_argument("--test-per-class", type=int, default=0, metavar="N",
-                        help="held-out test images per class (default 0: every remaining image)")
-    parser.add_argument("--image-size", type=int, default=64, metavar="N", help="image side in pixels (default 64)")
-    parser.add_argument("--epochs", type=int, default=100, metavar="N",
-                        help="head epochs of each fit (default 100: cheap on cached features; early stopping)")
-    parser.add_argument("--head-lr", type=float, default=1e-2, metavar="LR",
-                        help="head learning rate of each fit (default 0.01: raw VGG features are large)")
-    parser.add_argument("--patience", type=int, default=20, metavar="N",
-                        help="early stopping patience of each fit's head phase (default 20)")
-    parser.add_argument("--cnn-epochs", type=int, default=200, metavar="N",
-                        help="epochs of the from-scratch CNN baseline (default 200, early stopping)")
-    parser.add_argument("--min-delta", type=float, default=0.0, metavar="D", help="promotion gate (default 0.0)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--host", default="127.0.0.1", help="graft-serve bind address (default 127.0.0.1)")
-    parser.add_argument("--grpc-port", type=int, default=8500, metavar="PORT")
-    parser.add_argument("--rest-port", type=int, default=8501, metavar="PORT")
-    parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
-                        help=f"keep serving after the self-check until Ctrl-C (default: yes, unless {SERVE_ENV}=0)")

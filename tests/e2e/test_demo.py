@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.ports import free_ports
-from training import demo, repo
+from training import cli, demo, repo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,6 +63,20 @@ def test_workdir_of_another_tool_is_never_cleared(tmp_path):
     (ours / "notes.txt").write_text("the user's")
     demo._prepare_workdir(ours)
     assert not (ours / "repo").exists() and (ours / "notes.txt").exists()
+
+
+def test_demo_flags_become_the_config_and_their_defaults_agree(monkeypatch):
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda config: seen.append(config) or 0)
+    assert cli.main(["demo"]) == 0
+    assert cli.main(["demo", "--workdir", "w", "--images-per-class", "5", "--candidate-images-per-class", "8",
+                     "--val-per-class", "3", "--test-per-class", "4", "--image-size", "32", "--epochs", "40",
+                     "--head-lr", "0.1", "--patience", "7", "--cnn-epochs", "2", "--min-delta", "-1",
+                     "--seed", "3", "--host", "::", "--grpc-port", "1", "--rest-port", "2", "--no-serve"]) == 0
+    assert seen == [demo.DemoConfig(), demo.DemoConfig(
+        workdir="w", images_per_class=5, candidate_images_per_class=8, val_per_class=3, test_per_class=4,
+        image_size=32, epochs=40, head_lr=0.1, patience=7, cnn_epochs=2, min_delta=-1.0, seed=3, host="::",
+        grpc_port=1, rest_port=2, serve=False)]
 
 
 @pytest.mark.slow

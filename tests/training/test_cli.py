@@ -52,6 +52,16 @@ def test_help_lists_the_subcommands():
     assert exc.value.code == 0
 
 
+def test_help_imports_no_tensorflow():
+    code = ("import sys; from training import cli; cli.build_parser().format_help(); "
+            "heavy = [m for m in ('tensorflow', 'keras') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and "promote" in proc.stdout and "demo" in proc.stdout
+
+
 def test_subcommands_are_registered_in_one_list():
     extra = cli.Command("hello", "say hello", lambda p: p.add_argument("--who", default="x"),
                         lambda args: print(f"hello {args.who}") or 0)
