@@ -279,14 +279,15 @@ def test_too_large_without_splitting_is_invalid_argument(batchers):
 
 def test_lone_request_flushes_after_timeout_and_full_batch_does_not_wait(batchers):
     model = Model()
-    batcher = batchers(model, max_batch_size=4, batch_timeout_micros=300_000, num_batch_threads=1)
+    # Bounds relative to a long timeout, so a loaded machine cannot blur "waited" and "did not".
+    timeout_s = 1.5
+    batcher = batchers(model, max_batch_size=4, batch_timeout_micros=int(timeout_s * 1e6), num_batch_threads=1)
     start = time.monotonic()
     check_own_rows(rows(0, 1), batcher.submit({"x": rows(0, 1)}))
-    elapsed = time.monotonic() - start
-    assert 0.29 <= elapsed < 2.0
+    assert timeout_s - 0.01 <= time.monotonic() - start < timeout_s + 5
     start = time.monotonic()
     check_own_rows(rows(10, 4), batcher.submit({"x": rows(10, 4)}))
-    assert time.monotonic() - start < 0.2  # full at once: runs without waiting for the timeout
+    assert time.monotonic() - start < timeout_s / 2  # full at once: runs without waiting for the timeout
 
 
 def test_batch_waits_for_peers_within_timeout(batchers):
@@ -308,7 +309,7 @@ def test_full_queue_is_unavailable_at_once(batchers):
     start = time.monotonic()
     with pytest.raises(Unavailable) as info:
         batcher.submit({"x": rows(3, 1)})
-    assert time.monotonic() - start < 0.1
+    assert time.monotonic() - start < 1.0  # nothing to wait for: far below any timeout here
     assert info.value.retry_after and info.value.retry_after > 0
     assert info.value.status == 503
     gate.set()
