@@ -27,6 +27,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from graft import contract
 from training import repo as model_repo
@@ -116,9 +117,6 @@ def write_warmup_requests(path: str | os.PathLike, model_name: str, images: np.n
     One record per batch size in WARMUP_BATCH_SIZES (capped by the images given);
     returns the number written.
     """
-    # Imported here: the serving API protos are only needed while exporting.
-    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
-
     images = np.asarray(images, dtype=np.float32)
     sizes = sorted({min(size, len(images)) for size in WARMUP_BATCH_SIZES if len(images)})
     with tf.io.TFRecordWriter(str(path)) as writer:

@@ -1,4 +1,4 @@
-"""Model-repository helpers: version numbering, atomic publish, and labels.json.
+"""The model repository as training writes it: versions, atomic publish, labels.json and the label history.
 
 The layout and the labels.json rules are graft.contract's. Writers build a
 version inside a hidden temporary directory in the model directory (same file
@@ -6,6 +6,11 @@ system, so the final ``os.rename`` is atomic) and only then rename it to the nex
 integer; the server skips hidden and non-integer names, so it never sees a
 half-written version. A file lock in the model directory serialises publishers
 so that two concurrent exports cannot claim the same number.
+
+Label moves (promote, rollback) hold a second lock, :func:`label_lock`, for
+their read-decide-write, and record each move as one line of the label history;
+:func:`reconcile` repairs the history when a command died between writing
+``labels.json`` and its history line.
 """
 
 from __future__ import annotations

@@ -37,6 +37,7 @@ def write_json(path: str | os.PathLike, data) -> Path:
 
 def _figure(width: float, height: float):
     """A matplotlib Figure on the Agg canvas, or None when matplotlib is not installed."""
+    # Optional (graft[demo]): matplotlib draws the PNGs.
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure

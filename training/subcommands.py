@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from training import promote
+from training import promote, report
 from training import repo as model_repo
 
 
@@ -140,7 +140,7 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_evaluate(args: argparse.Namespace) -> int:
     """``graft-train evaluate``: score an exported version on a labelled folder."""
     # Heavy (TensorFlow): imported when an evaluation runs, so that --help stays instant.
-    from training import data, evaluate, report
+    from training import data, evaluate
 
     images = data.scan_image_folder(args.data)
     if images.skipped:
