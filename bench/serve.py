@@ -171,9 +171,9 @@ def latest_version(base_path: Path) -> Path:
 
 def image_input(version: Path) -> tuple[str, int, int]:
     """(input name, height, width) of the version's serving_default image input."""
-    from serving.servable import SignatureSpec, read_signature_defs
+    from serving.servable import SignatureSpec, tf_signature_defs
 
-    sig = SignatureSpec.from_signature_def("serving_default", read_signature_defs(version)["serving_default"])
+    sig = SignatureSpec.from_signature_def("serving_default", tf_signature_defs(version)["serving_default"])
     (name, spec), = sig.inputs.items()
     if spec.shape is None or len(spec.shape) != 4 or spec.shape[1] is None or spec.shape[2] is None:
         raise SystemExit(f"serving_default input {name!r} is not a fixed-size image batch: {spec.shape}")

@@ -72,7 +72,7 @@ class SignatureSpec:
         return cls(name, sig.method_name, MappingProxyType(inputs), MappingProxyType(outputs))
 
 
-def read_signature_defs(path: str | os.PathLike) -> dict[str, meta_graph_pb2.SignatureDef]:
+def tf_signature_defs(path: str | os.PathLike) -> dict[str, meta_graph_pb2.SignatureDef]:
     """The SignatureDefs of the ``serve`` meta graph in ``path/saved_model.pb``, as TensorFlow's messages.
 
     Read through ``graft.contract.read_signature_defs``; raises ``ValueError`` when
@@ -119,7 +119,7 @@ class Servable:
         folded into constants (see ``_FrozenCall``).
         """
         path = os.fspath(path)
-        signature_defs = read_signature_defs(path)
+        signature_defs = tf_signature_defs(path)
         devices: Sequence[str | None] = [device] if device is None or isinstance(device, str) else list(device)
         if not devices:
             devices = [None]

@@ -20,7 +20,7 @@ from serving.servable import (
     _FrozenCall,
     _to_tensor,
     _traced_call,
-    read_signature_defs,
+    tf_signature_defs,
 )
 from tests import models
 
@@ -287,4 +287,4 @@ def test_bad_saved_model_files(tmp_path, two_input_savedmodel):
     with pytest.raises(Exception):
         Servable.load("bad", 1, broken_vars)
 
-    assert set(read_signature_defs(two_input_savedmodel)) == {"serving_default", "checked", "classify", "regress"}
+    assert set(tf_signature_defs(two_input_savedmodel)) == {"serving_default", "checked", "classify", "regress"}
