@@ -216,7 +216,7 @@ def weights_digest(model: keras.Model) -> str:
 def _shard(images, index: int, count: int):
     """Every ``count``-th image from ``index`` (stratified enough: files are in class order)."""
     return data.ImageSet(images.root, list(images.class_names), images.files[index::count],
-                    images.labels[index::count], [])
+                         images.labels[index::count], [])
 
 
 def sum_across_workers(strategy: tf.distribute.Strategy, values) -> np.ndarray:
@@ -309,7 +309,7 @@ class _Run:
 
     def _local(self, images, *, training, augment, seed=None):
         return data.make_dataset(images, self.size, self.per_replica, training=training,
-                                      seed=self.options.seed if seed is None else seed, augment=augment)
+                                 seed=self.options.seed if seed is None else seed, augment=augment)
 
     def _worker_seed(self, offset=0) -> int:
         # Different shuffles and augmentations per worker, reproducible per seed.

@@ -124,15 +124,9 @@ def run(config: FitConfig) -> str | None:
         _say(f"not the chief: the chief exports, evaluates and reports "
              f"(weights digest {result.metrics['distribution']['weights_digest']})")
         return None
+    # Scored through the SavedModel, as the server will run it.
     evaluation = evaluate.evaluate_savedmodel(path, val_set, batch_size=config.batch_size)
-    run_dir = Path(config.run_dir) if config.run_dir else _default_run_dir(config.model_name)
-    summary = {"command": "fit", "version_path": path, **lineage,
-               "skipped_files": [{"path": p, "reason": r} for p, r in skipped]}
-    files = report.write_fit_report(run_dir, history=result.history, summary=summary, evaluation=evaluation)
-    _say("validation, through the exported SavedModel:")
-    _say(report.format_evaluation(evaluation))
-    _say(f"report: {files['report']}")
-    _say(path)
+    _report(config, path, lineage, result, evaluation, skipped)
     return path
 
 
@@ -303,6 +297,18 @@ def _export(config: FitConfig, result, train_set, val_set, image_size: int, line
     exporter = distributed.export_version if config.strategy == "multiworker" else export.export_version
     return exporter(result.model, train_set.class_names, config.repo, config.model_name,
                     image_size=image_size, lineage=lineage, warmup_images=warmup[:WARMUP_IMAGES])
+
+
+def _report(config: FitConfig, path: str, lineage: Mapping, result, evaluation, skipped) -> None:
+    """Write the run report (lineage, curves, confusion matrix) and print the evaluation; the version path last."""
+    run_dir = Path(config.run_dir) if config.run_dir else _default_run_dir(config.model_name)
+    summary = {"command": "fit", "version_path": path, **lineage,
+               "skipped_files": [{"path": p, "reason": r} for p, r in skipped]}
+    files = report.write_fit_report(run_dir, history=result.history, summary=summary, evaluation=evaluation)
+    _say("validation, through the exported SavedModel:")
+    _say(report.format_evaluation(evaluation))
+    _say(f"report: {files['report']}")
+    _say(path)
 
 
 def _default_run_dir(model_name: str) -> Path:

@@ -152,11 +152,12 @@ def test_a_file_with_no_matching_layer_is_an_error(tmp_path):
 def test_a_keras_file_with_graft_preprocessing_loads_without_importing_bases(tmp_path):
     """The Preprocess layer registers itself through training.weights, not through training.bases."""
     model = build_backbone(VGG, 32, "none", cut_layer="block1_pool").model
-    model.save(tmp_path / "backbone.keras")
+    path = str(tmp_path / "backbone.keras")
+    model.save(path)
     code = ("import sys, keras; from training import weights; "
             "assert 'training.bases' not in sys.modules; "
             "trunk = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)); "
-            f"report = weights.apply_weights(trunk, weights.WeightsSource('file', {str(tmp_path / 'backbone.keras')!r})); "
+            f"report = weights.apply_weights(trunk, weights.WeightsSource('file', {path!r})); "
             "assert report.loaded == ['block1_conv1', 'block1_conv2'], report.loaded")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
