@@ -187,7 +187,7 @@ def _finish_command(result: dict, report_file: str | None) -> int:
     return int(result["exit_code"])
 
 
-def add_promote_arguments(parser) -> None:
+def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``graft-train promote``."""
     parser.add_argument("--repo", required=True, metavar="DIR", help="model repository root")
     parser.add_argument("--model-name", required=True, metavar="NAME")
@@ -214,7 +214,7 @@ def add_promote_arguments(parser) -> None:
     parser.add_argument("--report", metavar="FILE", help="also write the JSON report here")
 
 
-def run_promote(args) -> int:
+def run_promote(args: argparse.Namespace) -> int:
     """``graft-train promote``: exit 0 promoted, 1 rejected, 2 error; the JSON report on stdout."""
     try:
         gate = promote.Gate(metric=args.metric, min_delta=args.min_delta, max_p99_ms=args.max_p99_ms,
@@ -228,7 +228,7 @@ def run_promote(args) -> int:
     return _finish_command(result, args.report)
 
 
-def add_rollback_arguments(parser) -> None:
+def add_rollback_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``graft-train rollback``."""
     parser.add_argument("--repo", required=True, metavar="DIR", help="model repository root")
     parser.add_argument("--model-name", required=True, metavar="NAME")
@@ -238,7 +238,7 @@ def add_rollback_arguments(parser) -> None:
     parser.add_argument("--report", metavar="FILE", help="also write the JSON result here")
 
 
-def run_rollback(args) -> int:
+def run_rollback(args: argparse.Namespace) -> int:
     """``graft-train rollback``: exit 0 when the label moved back, 2 otherwise."""
     result = promote.rollback(args.repo, args.model_name, label=args.label, lock_timeout=args.lock_timeout,
                       progress=_stderr)
@@ -261,14 +261,14 @@ def format_labels(listing: Mapping) -> str:
     return "\n".join(lines)
 
 
-def add_labels_arguments(parser) -> None:
+def add_labels_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``graft-train labels``."""
     parser.add_argument("--repo", required=True, metavar="DIR", help="model repository root")
     parser.add_argument("--model-name", required=True, metavar="NAME")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
-def run_labels(args) -> int:
+def run_labels(args: argparse.Namespace) -> int:
     """``graft-train labels``: the labels, the versions present and the history."""
     try:
         listing = model_repo.describe_model(args.repo, args.model_name)

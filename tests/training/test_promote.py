@@ -236,6 +236,14 @@ def test_errors_exit_2_with_a_report_naming_the_problem(tmp_path, exports, eval_
     assert repo.list_versions(model_dir) == [1]
 
 
+def test_a_gate_that_cannot_be_built_is_an_error_report(tmp_path, exports, eval_dir, capsys):
+    root, model_dir = _repo(tmp_path, exports, "good")
+    code, report = _run_cli(_promote_argv(root, 1, eval_dir, "--latency-runs", "5"), capsys)
+    assert code == 2 and report["decision"] == "error" and "latency_runs must be at least 10" in report["reason"]
+    assert report["candidate"]["input"] == "1" and report["labels_after"] is None
+    assert not (model_dir / "labels.json").exists()
+
+
 def test_p99_latency_gate(tmp_path, exports, eval_dir):
     root, model_dir = _repo(tmp_path, exports, "good")
     slow = promote.promote(root, "m", 1, eval_dir,
