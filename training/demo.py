@@ -188,7 +188,7 @@ def scratch_cnn_accuracy(train: Arrays, val: Arrays, test: Arrays, *, image_size
 
 
 def probe_accuracy(backbone, layer: str, train: Arrays, test: Arrays) -> float:
-    """Held-out accuracy of a ridge probe on ``backbone``'s pooled features at ``layer`` (REFERENCE.md's measure)."""
+    """Held-out accuracy of a ridge probe on ``backbone``'s pooled features at ``layer`` (the measure the table's probe column uses)."""
     return probe.probe_blocks(backbone, *train, *test, [layer])[layer]
 
 
@@ -231,8 +231,7 @@ def accuracy_table(rows: list[tuple[str, float | None, float | None]], test_coun
     lines = [f"held-out test accuracy ({test_count} images; trained on {per_class} images per class):",
              f"  {'':<{width}}  {'trained':>7}  {'probe*':>7}"]
     lines += [f"  {name:<{width}}  {cell(trained)}  {cell(probed)}" for name, trained, probed in rows]
-    lines.append("  * ridge-regression linear probe on the pooled features at the same cut "
-                 "(how REFERENCE.md measured 92.8 / 90.6 % at 10 per class, 64 px)")
+    lines.append("  * ridge-regression linear probe on the pooled features at the same cut")
     return "\n".join(lines)
 
 

@@ -120,7 +120,7 @@ def default_cut(spec: _Spec) -> str:
     """Scenario 3's cut when neither the user nor `auto` chose one: the end of the penultimate stage.
 
     For VGG16/VGG19 that is block4_pool, which beat block5_pool in the linear
-    probes measured on data unlike the source task (see REFERENCE.md).
+    probes measured on data unlike the source task (docs/benchmarks.md).
     """
     if len(spec.block_ends) < 2:
         raise ValueError(f"base {spec.name!r} lists fewer than two block ends; pass a cut layer")
