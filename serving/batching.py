@@ -40,6 +40,12 @@ Semantics follow TF Serving's ``SharedBatchScheduler`` / ``BatchingSession``:
   so only the one with the bad data fails.
 
 A request with zero rows runs directly on the caller's thread (nothing to batch).
+
+What each request went through (its wait in the queue, the batch's input merge,
+model run and its share of the output split) is added to the ``timing`` it was
+submitted with, before it is woken; each successful run is reported to the
+``executions`` observer. Together they feed the per-version statistics
+(``serving.statistics``).
 """
 
 from __future__ import annotations
@@ -86,6 +92,21 @@ class BatchObserver(Protocol):
         """The number of rows now waiting in the queue (not yet taken by a thread)."""
 
 
+class ExecutionObserver(Protocol):
+    """Told of every successful model run (``serving.statistics.VersionStatistics`` is one)."""
+
+    def on_execution(self, batch_size: int, input_s: float, infer_s: float, output_s: float) -> None:
+        """A run over ``batch_size`` rows (padding included) succeeded: seconds spent merging its
+        inputs, running the model, and splitting its outputs among the requests."""
+
+
+class RequestTiming(Protocol):
+    """Where one request's time went (``serving.statistics.Timing`` is one)."""
+
+    def add(self, queue_s: float, input_s: float, infer_s: float, output_s: float) -> None:
+        """Add one run of the request's rows: its wait, the input merge, the run, its output split."""
+
+
 _QUEUED, _TAKEN, _CANCELLED = 0, 1, 2
 _QUEUED_DEADLINE_MESSAGE = "deadline exceeded while the request waited in the batch queue"
 
@@ -93,9 +114,12 @@ _QUEUED_DEADLINE_MESSAGE = "deadline exceeded while the request waited in the ba
 class _Request:
     """What one ``submit`` call waits on; completed once, by whoever finishes it."""
 
-    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished", "waiter")
+    __slots__ = ("done", "outputs", "error", "tasks", "remaining", "parts", "mutex", "finished", "waiter",
+                 "timing")
 
-    def __init__(self, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None) -> None:
+    def __init__(self, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None,
+                 timing: RequestTiming | None = None) -> None:
+        self.timing = timing
         # An asyncio caller's loop and the future it awaits; resolved (by _wake) once the result is in.
         self.waiter = waiter
         self.done = threading.Lock()
@@ -175,11 +199,13 @@ class Batcher:
     """
 
     def __init__(self, run: RunFunction, config: BatchingConfig, *,
-                 observer: BatchObserver | None = None, name: str = "") -> None:
+                 observer: BatchObserver | None = None, executions: ExecutionObserver | None = None,
+                 name: str = "") -> None:
         self._run = run
         self.config = config
         self.name = name
         self._observer = observer
+        self._executions = executions
         # Set by flush(): no more company is coming, so no batch waits out its timeout.
         self._flushing = False
         self._cap = config.execution_batch_size
@@ -200,21 +226,23 @@ class Batcher:
 
     # -- caller side -------------------------------------------------------
 
-    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> dict[str, np.ndarray]:
+    def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
+               timing: RequestTiming | None = None) -> dict[str, np.ndarray]:
         """Run ``inputs`` in a batch; block until this request's own output rows are back.
 
         Raises ``Unavailable`` (queue full, ``retry_after`` set; or closed),
         ``DeadlineExceeded`` (``deadline``, a ``time.monotonic()`` value, passed
         first), ``InvalidArgument`` (inputs that cannot be batched, or too many
-        rows with splitting off), or the error the batch's run raised.
+        rows with splitting off), or the error the batch's run raised. ``timing``
+        hears where the request's time went once it succeeded.
         """
-        request = self._admit(inputs, deadline)
+        request = self._admit(inputs, deadline, None, timing)
         if request is None:
-            return dict(self._run(dict(inputs)))
+            return self._run_empty(inputs, timing)
         return self._wait(request, deadline)
 
-    async def submit_async(self, inputs: Mapping[str, np.ndarray],
-                           deadline: float | None = None) -> dict[str, np.ndarray]:
+    async def submit_async(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
+                           timing: RequestTiming | None = None) -> dict[str, np.ndarray]:
         """:meth:`submit` for a coroutine: queue at once, then await without blocking the event loop.
 
         Same errors as ``submit``. A caller cancelled while queued (its client went
@@ -222,9 +250,9 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        request = self._admit(inputs, deadline, (loop, done))
+        request = self._admit(inputs, deadline, (loop, done), timing)
         if request is None:
-            return dict(await asyncio.to_thread(self._run, dict(inputs)))
+            return await asyncio.to_thread(self._run_empty, inputs, timing)
         try:
             if deadline is None:
                 await done
@@ -241,7 +269,8 @@ class Batcher:
         return request.outputs
 
     def _admit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
-               waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None = None) -> _Request | None:
+               waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None,
+               timing: RequestTiming | None) -> _Request | None:
         """Check and queue a request; None when it has no rows (the caller runs it directly)."""
         rows, key = self._check(inputs)
         if rows == 0:
@@ -249,7 +278,7 @@ class Batcher:
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded("deadline exceeded before the request was queued")
-        request = _Request(waiter)
+        request = _Request(waiter, timing)
         with self._cond:
             if self._closing:
                 raise Unavailable(f"the batcher{' of ' + self.name if self.name else ''} is closed")
@@ -259,6 +288,16 @@ class Batcher:
             self._report_depth()
             self._cond.notify()
         return request
+
+    def _run_empty(self, inputs: Mapping[str, np.ndarray], timing: RequestTiming | None) -> dict[str, np.ndarray]:
+        """Run a request without rows at once, in the caller's thread: there is nothing to batch."""
+        started = time.perf_counter()
+        outputs = dict(self._run(dict(inputs)))
+        seconds = time.perf_counter() - started
+        if timing is not None:
+            timing.add(0.0, 0.0, seconds, 0.0)
+        self._executed(0, 0.0, seconds, 0.0)
+        return outputs
 
     def _check(self, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple]:
         if not inputs:
@@ -533,6 +572,7 @@ class Batcher:
         error: BaseException | None = None
         outputs = None
         run_seconds = None
+        merge_started = time.perf_counter()
         try:
             inputs = self._merge(tasks, rows, target)
             t0 = time.perf_counter()
@@ -567,13 +607,29 @@ class Batcher:
                 # Each caller raises its own copy: one instance raised in many threads would share a traceback.
                 woken.append(self._finish(task, None, copy.copy(error)))
         else:
+            merge_seconds = t0 - merge_started
+            split_seconds = 0.0
             pos = 0
             for task in tasks:
                 end = pos + task.rows
-                woken.append(self._finish(task, {n: v[pos:end] for n, v in outputs.items()}, None))
+                split_started = time.perf_counter()
+                own = {n: v[pos:end] for n, v in outputs.items()}
+                split = time.perf_counter() - split_started
+                split_seconds += split
+                woken.append(self._finish(task, own, None,
+                                          (started - task.enqueued, merge_seconds, run_seconds, split)))
                 pos = end
         _wake([request for request in woken if request is not None])
+        if error is None:
+            self._executed(target, merge_seconds, run_seconds, split_seconds)
         self._observe(rows, target, [started - t.enqueued for t in tasks], run_seconds)
+
+    def _executed(self, size: int, merge_seconds: float, run_seconds: float, split_seconds: float) -> None:
+        if self._executions is not None:
+            try:
+                self._executions.on_execution(size, merge_seconds, run_seconds, split_seconds)
+            except Exception:
+                log.exception("batcher %s: execution observer failed", self.name)
 
     def _observe(self, rows: int, target: int, queue_delays: list[float], run_seconds: float | None) -> None:
         if run_seconds is not None and self._observer is not None:
@@ -586,17 +642,22 @@ class Batcher:
         """Finish every task with ``error`` and wake their asyncio waiters."""
         _wake([request for task in tasks if (request := self._finish(task, None, error))])
 
-    def _finish(self, task: _Task, outputs, error) -> _Request | None:
+    def _finish(self, task: _Task, outputs, error, timing: tuple[float, float, float, float] | None = None
+                ) -> _Request | None:
         """Hand one task's result to its request; complete the request when it is whole.
 
-        A blocked ``submit`` wakes at once. Returns the request when this completed
-        it and an asyncio caller awaits it: the caller passes it to ``_wake``.
+        ``timing`` (a successful run's queue, merge, run and split seconds) is added
+        to the request's own before it can wake. A blocked ``submit`` wakes at once.
+        Returns the request when this completed it and an asyncio caller awaits it:
+        the caller passes it to ``_wake``.
         """
         request = task.request
         if request.mutex is None:
             if request.finished:
                 return None
             request.finished = True
+            if timing is not None and request.timing is not None:
+                request.timing.add(*timing)
             request.outputs, request.error = outputs, error
             request.tasks = ()  # no request <-> task cycle left for the garbage collector
             request.done.release()
@@ -605,6 +666,8 @@ class Batcher:
             if request.finished:
                 return None
             if error is None:
+                if timing is not None and request.timing is not None:
+                    request.timing.add(*timing)
                 request.parts[task.index] = outputs
                 request.remaining -= 1
                 if request.remaining:

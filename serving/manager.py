@@ -9,7 +9,10 @@ graph construction. Rules, as TF Serving's availability-preserving policy:
   AVAILABLE (new before old), and is unloaded once its in-flight requests (the
   references held by :meth:`ModelManager.acquire`) are done;
 - a version that fails to load is END with an error, earlier versions keep
-  serving, and the load is retried with exponential back-off.
+  serving, and the load is retried with exponential back-off;
+- a model a client unloaded (:meth:`ModelManager.unload`) wants no version,
+  drains and unloads every one, labelled ones included, until a client loads it
+  again (:meth:`ModelManager.load`); it stays in the config meanwhile.
 
 All listener callbacks run on the loader thread, in order, outside the lock.
 """
@@ -29,7 +32,14 @@ from typing import Protocol
 import tensorflow as tf
 
 from serving.config import ModelConfig
-from serving.errors import HTTP_STATUS_BY_CODE, InvalidArgument, NotFound, ServingError
+from serving.errors import (
+    HTTP_STATUS_BY_CODE,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ServingError,
+)
 from serving.repository import Repository, select_versions
 from serving.servable import Servable, tf_error_message
 
@@ -100,6 +110,7 @@ class _Model:
     desired: set[int] = field(default_factory=set)
     latest: _Version | None = None                            # newest AVAILABLE
     removed: bool = False
+    unloaded: bool = False                                    # by a client, until it loads it again
     label_notes: dict[str, str] = field(default_factory=dict)  # label -> last logged problem
     labels_error: str = ""
 
@@ -333,9 +344,82 @@ class ModelManager:
             return self._available(self._model(name))
 
     def ready(self) -> bool:
-        """True when every configured model has an AVAILABLE version."""
+        """True when every configured model has an AVAILABLE version (unloaded ones excepted)."""
         with self._lock:
-            return all(m.latest is not None for m in self._models.values() if not m.removed)
+            return all(m.latest is not None for m in self._models.values() if not (m.removed or m.unloaded))
+
+    def model_config(self, name: str) -> ModelConfig:
+        """The configuration ``name`` is served with."""
+        with self._lock:
+            return self._model(name).config
+
+    def is_unloaded(self, name: str) -> bool:
+        """Whether a client unloaded ``name`` and none loaded it since."""
+        with self._lock:
+            return self._model(name).unloaded
+
+    # ----- model control (a client's load and unload) -------------------------------
+
+    def load(self, name: str, timeout: float) -> None:
+        """Serve ``name`` again after :meth:`unload`, and rescan its base path now (new versions
+        load without waiting for the next poll; failed ones are retried at once). Returns once
+        no wanted version is still loading, if one is AVAILABLE.
+
+        Raises NotFound for a name the config does not know, FailedPrecondition when no
+        version could be loaded (naming each one's error), DeadlineExceeded when loading
+        takes longer than ``timeout`` seconds (it goes on).
+        """
+        with self._lock:
+            model = self._configured(name)
+            if model.unloaded:
+                log.info("model %s: loaded again by a client", name)
+            model.unloaded = False
+            for record in model.versions.values():
+                record.retry_at = 0.0
+            started = self._started and not self._stopping
+        if started:
+            self._scan_settled()
+        with self._lock:
+            self._reconcile(model)
+            if not self._lock.wait_for(lambda: model.removed or self._settled(model), timeout=timeout):
+                raise DeadlineExceeded(f"model {name} is still loading after {timeout:g}s; the load goes on")
+            if model.removed:
+                raise NotFound(f"model {name} was removed from the config while it loaded")
+            if model.latest is not None:
+                return
+            failed = [f"version {r.number}: {r.error_message}"
+                      for r in sorted(model.versions.values(), key=lambda r: -r.number)
+                      if r.error_code != "OK" and r.number in model.complete]
+            if failed:
+                raise FailedPrecondition(f"model {name}: no version could be loaded; " + "; ".join(failed))
+            raise FailedPrecondition(f"model {name}: no complete version under {model.config.base_path}")
+
+    def unload(self, name: str, timeout: float) -> None:
+        """Stop serving ``name``: no new request reaches it from now on, and each version
+        unloads once its in-flight requests are done (labels do not keep one). Waits up to
+        ``timeout`` seconds for that. NotFound for a name the config does not know.
+        """
+        with self._lock:
+            model = self._configured(name)
+            if not model.unloaded:
+                log.info("model %s: unloaded by a client; its versions unload once their requests finish", name)
+            model.unloaded = True
+            self._reconcile(model)
+            self._lock.wait_for(
+                lambda: all(r.state is VersionState.END for r in model.versions.values()), timeout=timeout)
+
+    def _configured(self, name: str) -> _Model:
+        model = self._models.get(name)
+        if model is None or model.removed:
+            raise NotFound(f"model {name} is not in the server's model config; only configured models "
+                           "can be loaded or unloaded")
+        return model
+
+    @staticmethod
+    def _settled(model: _Model) -> bool:
+        """No version the model wants is on its way (loading, or draining to load again)."""
+        busy = (VersionState.START, VersionState.LOADING, VersionState.UNLOADING)
+        return not any(r.state in busy for r in model.versions.values() if r.number in model.desired)
 
     def wait_until_available(self, name: str, version: int | None = None, timeout: float = 60.0) -> None:
         """Block until ``name`` (or that version) is AVAILABLE; TimeoutError otherwise."""
@@ -377,7 +461,7 @@ class ModelManager:
     def _reconcile(self, model: _Model) -> None:
         """Bring one model towards its desired versions: schedule loads, move labels, retire."""
         now = time.monotonic()
-        if model.removed or self._stopping:
+        if model.removed or model.unloaded or self._stopping:
             desired: set[int] = set()
         else:
             desired = select_versions(model.config.policy, model.complete)
@@ -424,7 +508,7 @@ class ModelManager:
 
     def _update_labels(self, model: _Model) -> None:
         """Apply requested labels whose version is AVAILABLE; otherwise keep the old one."""
-        if model.removed or self._stopping:
+        if model.removed or model.unloaded or self._stopping:
             model.labels = {}
             return
         labels: dict[str, int] = {}
@@ -558,13 +642,15 @@ class ModelManager:
             self._set_state(model, record, state)
             if state is VersionState.END:
                 self._forget_if_done(model)
+            # Moves labels onto the new version and retires the ones it replaces, or (after a
+            # failure) starts the older ones that stand in, in the same step: a client waiting
+            # in load() never sees the failure without its stand-ins. Listeners hear of what
+            # this schedules after this version's own events (_emit queues behind this job).
+            self._reconcile(model)
         if discard is not None:
             _quiet_unload(discard)
         self._notify("on_load", name, number, seconds, None if error is None else record.error_message)
         self._notify("on_state", name, number, state)
-        with self._lock:
-            # Moves labels onto the new version and retires the ones it replaces.
-            self._reconcile(model)
 
     def _unload(self, model: _Model, record: _Version) -> None:
         self._notify("on_unload", model.name, record.number)

@@ -14,6 +14,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from serving.errors import (
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ServingError,
     Unavailable,
@@ -41,10 +43,11 @@ from serving.errors import (
     metric_code,
 )
 from serving.limits import DEFAULT_MAX_IMAGE_PIXELS
+from serving.statistics import StatisticsSnapshot, Timing, VersionStatistics
 
 if TYPE_CHECKING:
     from serving.batching import Batcher
-    from serving.config import BatchingConfig
+    from serving.config import BatchingConfig, VersionPolicy
     from serving.manager import ModelManager, VersionStatus
     from serving.metrics import ServingMetrics
     from serving.servable import Servable, SignatureSpec
@@ -158,6 +161,38 @@ class MetadataResult:
     lineage: dict | None = None   # assets.extra/graft.json, when the version has one
 
 
+@dataclass
+class ModelDescription:
+    """How one version is served: its default signature, batching and version policy.
+
+    ``batching`` is the batching in force for that signature (None: its requests
+    run one by one, because batching is off or the signature cannot be batched).
+    """
+
+    model: str
+    version: int
+    signature: SignatureSpec | None
+    batching: BatchingConfig | None
+    policy: VersionPolicy
+
+
+@dataclass
+class RepositoryModel:
+    """One configured model and the state of each version the server knows, newest first.
+
+    ``unloaded``: a client unloaded it (:meth:`InferenceService.unload_model`) and none loaded it since.
+    """
+
+    name: str
+    unloaded: bool
+    versions: list[VersionStatus]
+
+
+# How long a client's load or unload waits for the model to settle, in seconds.
+LOAD_WAIT_S = 300.0
+UNLOAD_WAIT_S = 60.0
+
+
 class InferenceService:
     """The serving core. Thread-safe; one instance per process, shared by every adapter."""
 
@@ -171,6 +206,8 @@ class InferenceService:
         self._max_image_pixels = max_image_pixels
         self._lock = threading.Lock()
         self._batchers: dict[tuple[str, int, str], Batcher | None] = {}
+        # Each loaded version's statistics live as long as its Servable (and no longer).
+        self._statistics: weakref.WeakKeyDictionary[Servable, VersionStatistics] = weakref.WeakKeyDictionary()
         self._idle = threading.Condition()
         self._in_flight = 0
         self._draining = False
@@ -184,7 +221,7 @@ class InferenceService:
         with self._request(request.protocol, "predict", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
-                outputs = self._run(servable, sig, inputs, request.deadline)
+                outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
                 return _predict_result(servable, sig, wanted, outputs)
 
     async def predict_async(self, request: PredictCall) -> PredictResult:
@@ -193,17 +230,18 @@ class InferenceService:
         with self._request(request.protocol, "predict", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
-                outputs = await self._run_async(servable, sig, inputs, request.deadline)
+                outputs = await self._run_async(servable, sig, inputs, request.deadline, record.timing)
                 return _predict_result(servable, sig, wanted, outputs)
 
     def _predict_inputs(self, servable: Servable, request: PredictCall,
                         record: Callable) -> tuple[SignatureSpec, list[str], dict[str, np.ndarray]]:
         sig = self._signature(servable, request.signature_name)
-        record(servable.version, sig.name)  # bad inputs, too, count against the version that refused them
+        record(servable.version, sig.name, servable=servable)  # bad inputs, too, count against the version
         wanted = _output_filter(sig, request.output_filter)
         raw = request.inputs(sig) if callable(request.inputs) else request.inputs
         inputs = self._validate(sig, raw)
-        record(servable.version, sig.name, _batch_size(sig, inputs))
+        record(servable.version, sig.name, _batch_size(sig, inputs), servable=servable,
+               inferences=_run_rows(sig, inputs))
         return sig, wanted, inputs
 
     def classify(self, request: ExamplesCall) -> ClassifyResult:
@@ -220,10 +258,10 @@ class InferenceService:
         with self._request(request.protocol, label, request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig = self._method_signature(servable, request.signature_name, method)
-                record(servable.version, sig.name, len(request.examples))
+                record(servable.version, sig.name, len(request.examples), servable=servable)
                 inputs = _examples_tensor(sig, request.examples, request.context)
                 self._check_example_images(request.examples, request.context)
-                outputs = self._run(servable, sig, inputs, request.deadline)
+                outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
                 return result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
 
     def warm(self, servable: Servable, call: PredictCall | ExamplesCall, method: str) -> None:
@@ -234,7 +272,7 @@ class InferenceService:
         version serves nobody yet. Raises what the request would.
         """
         if method == PREDICT_METHOD:
-            sig, _, inputs = self._predict_inputs(servable, call, lambda *args: None)
+            sig, _, inputs = self._predict_inputs(servable, call, lambda *a, **k: None)  # no request to count
             servable.run(sig.name, inputs)
             return
         if method not in _EXAMPLE_METHODS:
@@ -262,12 +300,12 @@ class InferenceService:
                 sigs = [self._method_signature(servable, t.signature_name, t.method_name)
                         for t in request.tasks]
                 self._check_example_images(request.examples, request.context)
-                record(servable.version, ",".join(s.name for s in sigs), len(request.examples))
+                record(servable.version, ",".join(s.name for s in sigs), len(request.examples), servable=servable)
                 results: list[ClassifyResult | RegressResult] = []
                 n = len(request.examples)
                 for task, sig in zip(request.tasks, sigs):
                     inputs = _examples_tensor(sig, request.examples, request.context)
-                    outputs = self._run(servable, sig, inputs, request.deadline)
+                    outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
                     if task.method_name == CLASSIFY_METHOD:
                         results.append(ClassifyResult(servable.name, servable.version, sig.name,
                                                       _classifications(outputs, n)))
@@ -315,8 +353,89 @@ class InferenceService:
                 entry[LINEAGE_METADATA_KEY] = training_summary(lineage)
         return entry
 
+    def statistics(self, name: str = "", version: int | None = None,
+                   label: str | None = None) -> list[StatisticsSnapshot]:
+        """The statistics of loaded versions: one version (or label) of ``name``, every AVAILABLE
+        version of ``name``, or, without a name, of every model. NotFound for an unknown model
+        or a version that is not loaded."""
+        if version is not None or label is not None:
+            with self._manager.acquire(name, version, label) as servable:
+                return [self._statistics_of(servable).snapshot()]
+        snapshots = []
+        for model in [name] if name else self._manager.model_names():
+            try:
+                versions = self._manager.available_versions(model)
+            except NotFound:
+                if name:
+                    raise
+                continue  # removed from the config since it was listed
+            for number in versions:
+                try:
+                    with self._manager.acquire(model, number) as servable:
+                        snapshots.append(self._statistics_of(servable).snapshot())
+                except NotFound:
+                    continue  # unloaded since it was listed
+        return snapshots
+
+    def model_description(self, name: str, version: int | None = None,
+                          label: str | None = None) -> ModelDescription:
+        """How the resolved version of ``name`` is served: default signature, batching, version policy."""
+        with self._manager.acquire(name, version, label) as servable:
+            sig = servable.signatures.get(DEFAULT_SIGNATURE)
+            batching = self._batching if sig is not None and _is_batchable(sig) else None
+            return ModelDescription(servable.name, servable.version, sig, batching,
+                                    self._manager.model_config(name).policy)
+
+    def repository_index(self) -> list[RepositoryModel]:
+        """Every configured model, loaded or not, with the state of each version the server knows."""
+        index = []
+        for name in self._manager.model_names():
+            try:
+                unloaded = self._manager.is_unloaded(name)
+            except NotFound:
+                continue  # removed from the config since it was listed
+            try:
+                versions = self._manager.status(name)
+            except NotFound:  # no version found on disk yet
+                versions = []
+            index.append(RepositoryModel(name, unloaded, versions))
+        return index
+
+    def load_model(self, name: str, timeout: float = LOAD_WAIT_S) -> None:
+        """A client's load of a configured model (V2's repository extension): serve it again after
+        an unload, and pick up new versions on disk now; returns once a version is AVAILABLE.
+
+        Only names in the server's model config can be loaded (NotFound otherwise): a client
+        cannot point the server at a directory. PermissionDenied with
+        ``--enable_reload_config_rpc=false``; Unavailable while draining; FailedPrecondition
+        when no version could be loaded; DeadlineExceeded after ``timeout`` seconds (the load
+        goes on).
+        """
+        self._check_model_control("load")
+        if self._draining:
+            raise Unavailable("Server is shutting down", retry_after=DRAIN_RETRY_AFTER)
+        self._manager.load(name, timeout)
+
+    def unload_model(self, name: str, timeout: float = UNLOAD_WAIT_S) -> None:
+        """A client's unload of a configured model: it stops taking new requests at once, its
+        versions unload as their in-flight requests finish (labels included), and it stays
+        unloaded until a client loads it again. Waits up to ``timeout`` seconds for that drain;
+        requests still running then keep their version until they finish.
+
+        NotFound for a name the config does not know; PermissionDenied as for :meth:`load_model`.
+        """
+        self._check_model_control("unload")
+        self._manager.unload(name, timeout)
+
+    def _check_model_control(self, action: str) -> None:
+        # Load and unload change what the server serves, as a reload_config does: one switch for all.
+        if not self._allow_reload_requests:
+            raise PermissionDenied(
+                f"model {action} requests are disabled on this server (--enable_reload_config_rpc=false)")
+
     def ready(self) -> bool:
-        """True when not draining and every configured model has an AVAILABLE version."""
+        """True when not draining and every configured model has an AVAILABLE version
+        (models a client unloaded excepted)."""
         return not self._draining and self._manager.ready()
 
     def live(self) -> bool:
@@ -377,16 +496,25 @@ class InferenceService:
     # ---------------------------------------------------------- ManagerListener
 
     def on_state(self, name: str, version: int, state: str) -> None:
-        """ManagerListener hook; the service keeps no per-state data."""
+        """An UNLOADING version gets no new requests: its queued ones run now, without waiting
+        out the batch timeout for company that cannot come (as :meth:`begin_drain` does)."""
+        if state != "UNLOADING":
+            return
+        with self._lock:
+            batchers = [b for k, b in self._batchers.items() if k[0] == name and k[1] == version and b is not None]
+        for batcher in batchers:
+            batcher.flush()
 
     def on_load(self, name: str, version: int, seconds: float, error: str | None) -> None:
         """ManagerListener hook; the service keeps no per-load data."""
 
     def on_unload(self, name: str, version: int) -> None:
-        """Close that version's batchers: its in-flight requests are already done."""
+        """Close that version's batchers and drop its statistics: its in-flight requests are already done."""
         with self._lock:
             keys = [k for k in self._batchers if k[0] == name and k[1] == version]
             batchers = [self._batchers.pop(k) for k in keys]
+            for servable in [s for s in self._statistics if s.name == name and s.version == version]:
+                del self._statistics[servable]
         for batcher in batchers:
             if batcher is not None:
                 batcher.close(drain=True)
@@ -394,8 +522,9 @@ class InferenceService:
     # -------------------------------------------------------------------- helpers
 
     @contextmanager
-    def _request(self, protocol: str, method: str, model: str, deadline: float | None = None) -> Iterator[Callable]:
-        """Admit one inference request (or refuse it while draining) and record its metrics.
+    def _request(self, protocol: str, method: str, model: str, deadline: float | None = None) -> Iterator[_Served]:
+        """Admit one inference request (or refuse it while draining); record its metrics and,
+        once it reached a version, that version's statistics.
 
         A caller cancelled at or after ``deadline`` (gRPC cancels a call when its
         deadline passes, racing the server's own expiry) counts as DEADLINE_EXCEEDED.
@@ -405,14 +534,10 @@ class InferenceService:
                 raise Unavailable("Server is shutting down", retry_after=DRAIN_RETRY_AFTER)
             self._in_flight += 1
         start = time.perf_counter()
-        served: dict[str, Any] = {}
-
-        def record(version: int, signature: str, examples: int = 0) -> None:
-            served.update(version=version, signature=signature, examples=examples)
-
+        served = _Served()
         code = "OK"
         try:
-            yield record
+            yield served
         except asyncio.CancelledError:  # an asyncio caller's client went away
             expired = deadline is not None and time.monotonic() >= deadline
             code = DeadlineExceeded.code if expired else Cancelled.code
@@ -423,13 +548,16 @@ class InferenceService:
                 exc.counted = True
             raise
         finally:
+            seconds = time.perf_counter() - start
             if self._metrics is not None:
-                version, signature = served.get("version"), served.get("signature", "")
-                self._metrics.observe_request(model, version, signature, method, protocol, code,
-                                              time.perf_counter() - start)
+                self._metrics.observe_request(model, served.version, served.signature, method, protocol, code,
+                                              seconds)
                 if code == "OK":
-                    self._metrics.observe_examples(model, version, signature, method,
-                                                   served.get("examples", 0))
+                    self._metrics.observe_examples(model, served.version, served.signature, method,
+                                                   served.examples)
+            if served.servable is not None:
+                self._statistics_of(served.servable).record_request(code == "OK", seconds, served.inferences,
+                                                                    served.timing)
             with self._idle:
                 self._in_flight -= 1
                 if self._in_flight == 0:
@@ -553,33 +681,48 @@ class InferenceService:
         return np.stack(images).astype(spec.dtype, copy=False)
 
     def _run(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
-             deadline: float | None) -> dict[str, np.ndarray]:
+             deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("Deadline exceeded before the request could run")
         batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
         if batcher is None:
-            return self._run_direct(servable, sig, inputs)
-        return batcher.submit(inputs, deadline)
+            return self._run_direct(servable, sig, inputs, timing, None)
+        return batcher.submit(inputs, deadline, timing)
 
     async def _run_async(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
-                         deadline: float | None) -> dict[str, np.ndarray]:
+                         deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("Deadline exceeded before the request could run")
         batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
         if batcher is None:
-            return await asyncio.to_thread(self._run_direct, servable, sig, inputs)
-        return await batcher.submit_async(inputs, deadline)
+            return await asyncio.to_thread(self._run_direct, servable, sig, inputs, timing, time.perf_counter())
+        return await batcher.submit_async(inputs, deadline, timing)
 
-    def _run_direct(self, servable: Servable, sig: SignatureSpec,
-                    inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One model run without a batcher, timed for the inference histogram as a batch's run is."""
+    def _run_direct(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
+                    timing: Timing, queued: float | None) -> dict[str, np.ndarray]:
+        """One model run without a batcher, timed as a batch's run is: for the inference
+        histogram, and as one execution in the version's statistics. ``queued`` is when
+        the run was handed to this worker thread (its wait counts as queueing)."""
         start = time.perf_counter()
         try:
-            return servable.run(sig.name, inputs)
+            outputs = servable.run(sig.name, inputs)
         finally:
+            seconds = time.perf_counter() - start
             if self._metrics is not None:
-                self._metrics.observe_inference(servable.name, servable.version, sig.name,
-                                                time.perf_counter() - start)
+                self._metrics.observe_inference(servable.name, servable.version, sig.name, seconds)
+        timing.add(0.0 if queued is None else start - queued, 0.0, seconds, 0.0)
+        self._statistics_of(servable).on_execution(_run_rows(sig, inputs), 0.0, seconds, 0.0)
+        return outputs
+
+    def _statistics_of(self, servable: Servable) -> VersionStatistics:
+        with self._lock:
+            return self._statistics_locked(servable)
+
+    def _statistics_locked(self, servable: Servable) -> VersionStatistics:
+        stats = self._statistics.get(servable)
+        if stats is None:
+            stats = self._statistics[servable] = VersionStatistics(servable.name, servable.version)
+        return stats
 
     def _batcher(self, servable: Servable, sig: SignatureSpec) -> Batcher | None:
         if self._batching is None or not _is_batchable(sig):
@@ -592,8 +735,9 @@ class InferenceService:
                 observer = (self._metrics.batch_observer(servable.name, servable.version, sig.name)
                             if self._metrics is not None else None)
                 self._batchers[key] = Batcher(
-                    functools.partial(servable.run, sig.name), self._batching,
-                    observer=observer, name=f"{servable.name}/{servable.version}/{sig.name}")
+                    functools.partial(servable.run, sig.name), self._batching, observer=observer,
+                    executions=self._statistics_locked(servable),
+                    name=f"{servable.name}/{servable.version}/{sig.name}")
             return self._batchers[key]
 
 
@@ -644,6 +788,37 @@ def _is_batchable(sig: SignatureSpec) -> bool:
 def _batch_size(sig: SignatureSpec, inputs: dict[str, np.ndarray]) -> int:
     sizes = [a.shape[0] for n, a in inputs.items() if _is_batched(sig.inputs[n]) and a.ndim]
     return sizes[0] if sizes else 0
+
+
+def _run_rows(sig: SignatureSpec, inputs: dict[str, np.ndarray]) -> int:
+    """How many inferences one run of ``inputs`` makes: its rows, or 1 without a batch dimension."""
+    sizes = [a.shape[0] for n, a in inputs.items() if _is_batched(sig.inputs[n]) and a.ndim]
+    return sizes[0] if sizes else 1
+
+
+class _Served:
+    """What one request reached (version, signature, rows) and where its time went.
+
+    Called by the request's path once it knows more: ``record(version, signature,
+    examples, servable=..., inferences=...)``. The version's statistics count the
+    request only when its ``servable`` is given; ``inferences`` defaults to ``examples``.
+    """
+
+    __slots__ = ("version", "servable", "signature", "examples", "inferences", "timing")
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.servable: Servable | None = None
+        self.signature = ""
+        self.examples = 0
+        self.inferences = 0
+        self.timing = Timing()
+
+    def __call__(self, version: int, signature: str, examples: int = 0, *, servable: Servable | None = None,
+                 inferences: int | None = None) -> None:
+        self.version, self.signature, self.examples = version, signature, examples
+        self.servable = servable
+        self.inferences = examples if inferences is None else inferences
 
 
 def _is_image_signature(sig: SignatureSpec) -> bool:
