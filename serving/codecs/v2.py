@@ -9,6 +9,12 @@ elements carry a 4-byte little-endian length prefix, as in Triton), and the
 check that the data fills the declared shape exactly. Every bad input raises
 ``InvalidArgument`` naming the tensor.
 
+Triton's extensions are answered here too, in the JSON shapes of Triton's
+documents (the gRPC adapter parses the same dicts into its messages, whose field
+names are Triton's): statistics (:func:`model_statistics`), the model repository
+(:func:`repository_index`, :func:`load_model`, :func:`unload_model`) and the model
+configuration (:func:`model_config`).
+
 V2 has no signatures: a request runs ``serving_default`` unless its parameter
 ``signature_name`` names another. A ``model_version`` of digits selects that
 version; any other non-empty text is taken as a version label (``stable``).
@@ -32,12 +38,16 @@ from serving.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from serving.service import DEFAULT_SIGNATURE, PredictCall
 
 if TYPE_CHECKING:
-    from serving.service import InferenceService, PredictResult
+    from serving.config import VersionPolicy
+    from serving.servable import TensorSpec
+    from serving.service import InferenceService, ModelDescription, PredictResult, RepositoryModel
+    from serving.statistics import Duration, StatisticsSnapshot
 
 SERVER_NAME = "graft"
 PLATFORM = "tensorflow_savedmodel"
 # Extensions named as Triton names them, so clients that check for one find it.
-EXTENSIONS = ("binary_tensor_data",)
+EXTENSIONS = ("binary_tensor_data", "statistics", "model_repository", "model_configuration")
+BACKEND = "tensorflow"
 SIGNATURE_PARAMETER = "signature_name"
 LINEAGE_KEY = contract.LINEAGE_METADATA_KEY
 BYTES = "BYTES"
@@ -405,3 +415,161 @@ def contents_to_array(name: str, datatype: Any, shape: Any, contents) -> np.ndar
             raise InvalidArgument(f"tensor '{name}': value out of range for {datatype}")
     return _fill(name, wide.astype(dtype.newbyteorder("="), copy=False), shape)
 
+
+
+# ------------------------------------------------------------- Triton's extensions
+
+
+def model_statistics(service: InferenceService, name: str = "", version: str = "") -> dict:
+    """Triton's ``$stats_model_response``: every loaded version of every model, of ``name``,
+    or one version (digits) or label of it."""
+    if version and not name:
+        raise InvalidArgument("a statistics request that names a version must name its model too")
+    number, label = parse_version(version)
+    return {"model_stats": [_model_stat(s) for s in service.statistics(name, number, label)]}
+
+
+def _duration(d: Duration) -> dict:
+    return {"count": d.count, "ns": d.ns}
+
+
+# Graft has no response cache: Triton's cache statistics are reported, and are always zero.
+_NO_CACHE = {"count": 0, "ns": 0}
+
+
+def _model_stat(s: StatisticsSnapshot) -> dict:
+    return {
+        "name": s.name,
+        "version": str(s.version),
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": _duration(s.success),
+            "fail": _duration(s.fail),
+            "queue": _duration(s.queue),
+            "compute_input": _duration(s.compute_input),
+            "compute_infer": _duration(s.compute_infer),
+            "compute_output": _duration(s.compute_output),
+            "cache_hit": dict(_NO_CACHE),
+            "cache_miss": dict(_NO_CACHE),
+        },
+        "batch_stats": [{
+            "batch_size": b.batch_size,
+            "compute_input": _duration(b.compute_input),
+            "compute_infer": _duration(b.compute_infer),
+            "compute_output": _duration(b.compute_output),
+        } for b in s.batches],
+    }
+
+
+# TF Serving's version states as Triton's repository index names them.
+INDEX_STATES: Mapping[str, str] = {
+    "START": "LOADING", "LOADING": "LOADING", "AVAILABLE": "READY", "UNLOADING": "UNLOADING", "END": "UNAVAILABLE",
+}
+READY = "READY"
+
+
+def repository_index(service: InferenceService, ready: bool = False) -> list[dict]:
+    """Triton's ``$repository_index_response``: one entry per version of every configured model
+    (one without a version for a model that has none), only READY ones with ``ready``."""
+    entries = [entry for model in service.repository_index() for entry in _index_entries(model)]
+    return [e for e in entries if e["state"] == READY] if ready else entries
+
+
+def _index_entries(model: RepositoryModel) -> list[dict]:
+    if not model.versions:
+        reason = "unloaded" if model.unloaded else "no complete version in its base path"
+        return [{"name": model.name, "state": INDEX_STATES["END"], "reason": reason}]
+    entries = []
+    for status in model.versions:
+        if status.error_code != "OK":
+            reason = status.error_message or status.error_code
+        else:
+            reason = "unloaded" if status.state == "END" else ""
+        entries.append({"name": model.name, "version": str(status.version),
+                        "state": INDEX_STATES.get(status.state, INDEX_STATES["END"]), "reason": reason})
+    return entries
+
+
+UNLOAD_DEPENDENTS = "unload_dependents"
+
+
+def load_model(service: InferenceService, name: str, parameters: Mapping[str, Any]) -> None:
+    """A repository load: (re)load a model the server's config names. Triton's ``config`` and
+    ``file:`` parameters would define a model from the request; they are refused."""
+    for key in parameters:
+        if key == "config" or key.startswith("file:"):
+            raise InvalidArgument(
+                f"load parameter '{key}' is not supported: graft-serve loads model '{name}' as its "
+                "model config names it")
+        raise InvalidArgument(f"unknown load parameter '{key}'")
+    service.load_model(name)
+
+
+def unload_model(service: InferenceService, name: str, parameters: Mapping[str, Any]) -> None:
+    """A repository unload. ``unload_dependents`` is accepted and changes nothing: a Graft model
+    has no dependent models."""
+    for key, value in parameters.items():
+        if key != UNLOAD_DEPENDENTS:
+            raise InvalidArgument(f"unknown unload parameter '{key}'; expected: {UNLOAD_DEPENDENTS}")
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"unload parameter '{UNLOAD_DEPENDENTS}' must be true or false")
+    service.unload_model(name)
+
+
+def model_config(service: InferenceService, name: str, version: str = "") -> dict:
+    """Triton's ``$model_configuration_response`` (its ModelConfig as JSON) for the resolved
+    version's ``serving_default`` signature.
+
+    ``max_batch_size`` is the batcher's when batching runs for that signature, and then the
+    batch dimension is left out of ``dims`` (Triton's rule); 0 otherwise, with full shapes.
+    """
+    number, label = parse_version(version)
+    return model_config_json(service.model_description(name, number, label))
+
+
+def model_config_json(description: ModelDescription) -> dict:
+    """A ModelDescription as Triton's ModelConfig JSON (see :func:`model_config`)."""
+    batching = description.batching
+    max_batch_size = batching.max_batch_size if batching is not None else 0
+    sig = description.signature
+    config: dict[str, Any] = {
+        "name": description.model,
+        "platform": PLATFORM,
+        "backend": BACKEND,
+        "version_policy": _policy_json(description.policy),
+        "max_batch_size": max_batch_size,
+        "input": [_config_tensor(t, max_batch_size > 0) for t in sig.inputs.values()] if sig else [],
+        "output": [_config_tensor(t, max_batch_size > 0) for t in sig.outputs.values()] if sig else [],
+    }
+    if batching is not None:
+        config["dynamic_batching"] = {
+            "preferred_batch_size": list(batching.allowed_batch_sizes),
+            "max_queue_delay_microseconds": batching.batch_timeout_micros,
+        }
+    return config
+
+
+def _policy_json(policy: VersionPolicy) -> dict:
+    if policy.kind == "all":
+        return {"all": {}}
+    if policy.kind == "specific":
+        return {"specific": {"versions": list(policy.versions)}}
+    return {"latest": {"num_versions": policy.num_versions}}
+
+
+def config_datatype(spec: TensorSpec) -> str:
+    """Triton's ModelConfig data type of a tensor (``TYPE_FP32``; ``TYPE_STRING`` for BYTES)."""
+    datatype = _TF_DATATYPES.get(spec.tf_dtype.as_datatype_enum)
+    if datatype is None:
+        return "TYPE_INVALID"
+    return "TYPE_STRING" if datatype == BYTES else f"TYPE_{datatype}"
+
+
+def _config_tensor(spec: TensorSpec, batched: bool) -> dict:
+    # V2 cannot say "unknown rank"; one free dimension is the least wrong answer.
+    dims = [-1] if spec.shape is None else [-1 if d is None else d for d in spec.shape]
+    if batched and spec.shape is not None:
+        dims = dims[1:]
+    return {"name": spec.name, "data_type": config_datatype(spec), "dims": dims}

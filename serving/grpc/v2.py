@@ -5,16 +5,22 @@ calls :func:`add_inference_servicer`). Inputs arrive as typed ``contents`` or as
 ``raw_input_contents``; outputs always leave as ``raw_output_contents``, as Triton
 sends them. Errors leave through ``serving.grpc.status``.
 
+Triton's statistics, model repository and model configuration extensions are
+answered with the JSON shapes ``serving.codecs.v2`` builds for REST, parsed into
+the messages (whose field names are Triton's), so both protocols say the same.
+
 The message classes come from ``serving.protos.inference``, which lives in a
 descriptor pool of its own (see ``serving/protos/generate.py``), so this module
-and ``tritonclient.grpc`` can share a process. Server reflection reads only the
-default pool and therefore does not list this service.
+and ``tritonclient.grpc`` can share a process. Server reflection finds them
+through :data:`DESCRIPTOR_POOL` (``serving.grpc.server``).
 """
 
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING
+
+from google.protobuf import json_format
 
 from serving.codecs import v2
 from serving.errors import InvalidArgument, NotFound
@@ -27,8 +33,12 @@ if TYPE_CHECKING:
     from serving.service import InferenceService
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# The private descriptor pool that holds this service's messages (see the module docstring).
+DESCRIPTOR_POOL = pb.DESCRIPTOR.pool
 PROTOCOL = "grpc_v2"
-def _parameter_value(param: pb.InferParameter):
+
+
+def _parameter_value(param: pb.InferParameter | pb.ModelRepositoryParameter):
     choice = param.WhichOneof("parameter_choice")
     return None if choice is None else getattr(param, choice)
 
@@ -115,6 +125,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             response.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
             response.raw_output_contents.append(v2.array_to_raw(out.array))
         return response
+
+    @rpc
+    async def ModelConfig(self, request, context):
+        """The model's configuration, for the version asked (empty: the newest loaded one)."""
+        config = await run_blocking(v2.model_config, self._service, request.name, request.version)
+        return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
+
+    @rpc
+    async def ModelStatistics(self, request, context):
+        """Statistics of the loaded versions of one model (or of every model, without a name)."""
+        stats = await run_blocking(v2.model_statistics, self._service, request.name, request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    @rpc
+    async def RepositoryIndex(self, request, context):
+        """Every configured model and the state of each of its versions."""
+        entries = await run_blocking(v2.repository_index, self._service, request.ready)
+        return json_format.ParseDict({"models": entries}, pb.RepositoryIndexResponse())
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context):
+        """Load a configured model (again); answers once a version is AVAILABLE."""
+        await run_blocking(v2.load_model, self._service, request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context):
+        """Unload a model; its in-flight requests finish first."""
+        await run_blocking(v2.unload_model, self._service, request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
 
 def add_inference_servicer(service: InferenceService, server) -> None:

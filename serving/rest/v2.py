@@ -13,6 +13,12 @@ raw parts follow in input order. An output is returned as raw data when it asks
 for it (``parameters.binary_data``) or, failing that, when the request's
 ``parameters.binary_data_output`` is true; the response then carries the same
 header and the raw parts after its JSON, in output order.
+
+Triton's statistics, model repository and model configuration extensions answer
+in Triton's JSON shapes, built by ``serving.codecs.v2``: ``GET
+/v2/models[/{m}[/versions/{v}]]/stats``, ``POST /v2/repository/index``, ``POST
+/v2/repository/models/{m}/load`` and ``/unload`` (an empty body, or a JSON object),
+and ``GET /v2/models/{m}[/versions/{v}]/config``.
 """
 
 from __future__ import annotations
@@ -75,6 +81,34 @@ def v2_routes(service: InferenceService, max_request_bytes: int, timeout_ms: int
         name, version = _model_of(request)
         return json_response((await run_blocking(v2.model_metadata, service, name, version)).to_json())
 
+    async def model_config(request: Request) -> Response:
+        name, version = _model_of(request)
+        return json_response(await run_blocking(v2.model_config, service, name, version))
+
+    async def statistics(request: Request) -> Response:
+        name = request.path_params.get("name", "")
+        version = request.path_params.get("version", "")
+        return json_response(await run_blocking(v2.model_statistics, service, name, version))
+
+    async def repository_index(request: Request) -> Response:
+        body = await _json_object(request, max_request_bytes, "repository index request")
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument("'ready' must be true or false")
+        return json_response(await run_blocking(v2.repository_index, service, ready))
+
+    async def load(request: Request) -> Response:
+        body = await _json_object(request, max_request_bytes, "load request")
+        parameters = _parameters(body.get("parameters"), "load request")
+        await run_blocking(v2.load_model, service, request.path_params["name"], parameters)
+        return _empty(200)
+
+    async def unload(request: Request) -> Response:
+        body = await _json_object(request, max_request_bytes, "unload request")
+        parameters = _parameters(body.get("parameters"), "unload request")
+        await run_blocking(v2.unload_model, service, request.path_params["name"], parameters)
+        return _empty(200)
+
     async def infer(request: Request) -> Response:
         start = time.perf_counter()
         deadline = time.monotonic() + timeout_ms / 1000.0
@@ -97,6 +131,15 @@ def v2_routes(service: InferenceService, max_request_bytes: int, timeout_ms: int
         Route("/v2/", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
+        # Before /v2/models/{name}, which would take "stats" for a model's name (as in Triton).
+        Route("/v2/models/stats", statistics),
+        Route("/v2/models/{name}/stats", statistics),
+        Route("/v2/models/{name}/versions/{version}/stats", statistics),
+        Route("/v2/models/{name}/config", model_config),
+        Route("/v2/models/{name}/versions/{version}/config", model_config),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{name}/load", load, methods=["POST"]),
+        Route("/v2/repository/models/{name}/unload", unload, methods=["POST"]),
         Route("/v2/models/{name}/ready", model_ready),
         Route("/v2/models/{name}/versions/{version}/ready", model_ready),
         Route("/v2/models/{name}", model_metadata),
@@ -208,6 +251,17 @@ def _requested_outputs(value: Any) -> list[v2.RequestedOutput]:
         outputs.append(v2.RequestedOutput(item["name"], _parameters(item.get("parameters"),
                                                                     f"output '{item['name']}'")))
     return outputs
+
+
+async def _json_object(request: Request, max_request_bytes: int, what: str) -> dict:
+    """A small JSON object body; an empty body is an empty object (as Triton's clients send)."""
+    body = await read_body(request, max_request_bytes)
+    if not body.strip():
+        return {}
+    doc = tfs_json.parse_json(body)
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"the {what} must be a JSON object")
+    return doc
 
 
 def _parameters(value: Any, where: str) -> dict:

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 
+from serving.codecs import v2
 from serving.config import ModelConfig
 from serving.errors import FailedPrecondition, NotFound, PermissionDenied
 from serving.manager import ModelManager
@@ -145,3 +146,11 @@ def test_only_configured_models_and_only_when_allowed(control):
         with pytest.raises(NotFound, match="not in the server's model config"):
             call("nope")
 
+
+def test_repository_index_states_and_reasons(control):
+    manager, service, base = control()
+    assert v2.repository_index(service) == [{"name": "two", "version": "1", "state": "READY", "reason": ""}]
+    service.unload_model("two")
+    assert v2.repository_index(service) == [{"name": "two", "version": "1", "state": "UNAVAILABLE",
+                                             "reason": "unloaded"}]
+    assert v2.repository_index(service, ready=True) == []

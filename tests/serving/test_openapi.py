@@ -4,7 +4,8 @@ Every documented operation is fed requests generated from the document; no
 answer may be a 5xx, and each status, content type and body must be the
 documented one. The document's path parameters are narrowed to the names the
 test server knows (plus unknown ones), so generated requests reach real models
-instead of stopping at "model not found".
+instead of stopping at "model not found". Loads and unloads name only the model
+"spare" (and an unknown one), so that the other operations keep their models.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ PATH_VALUES = {
     "model_version": ["1", "2", "stable", "9"],
     "label": ["stable", "nope"],
 }
+# The model name of the load and unload operations: one nothing else uses, and an unknown one.
+REPOSITORY_MODELS = ["spare", "nope"]
 LINEAGE = {"base": "mobilenet_v2", "scenario": {"scenario": 1, "name": "feature-extraction"},
            "metrics": {"val_accuracy": 0.75}, "created_at": "2026-11-01T00:00:00+00:00"}
 
@@ -48,17 +51,18 @@ def server(tmp_path_factory, tiny_cnn_savedmodel, two_input_savedmodel):
     root = tmp_path_factory.mktemp("openapi_repo")
     models.install_version(tiny_cnn_savedmodel, root / "cnn", 1)
     models.install_version(two_input_savedmodel, root / "two", 1)
+    models.install_version(two_input_savedmodel, root / "spare", 1)
     src = root / "src"
     shutil.copytree(two_input_savedmodel, src)
     (src / "assets.extra").mkdir(exist_ok=True)
     (src / "assets.extra" / "graft.json").write_text(json.dumps(LINEAGE))
     models.install_version(src, root / "two", 2)
     config = write_model_config(
-        root / "models.config", {"cnn": root / "cnn", "two": root / "two"},
+        root / "models.config", {"cnn": root / "cnn", "two": root / "two", "spare": root / "spare"},
         {"two": 'model_version_policy { all {} } version_labels { key: "stable" value: 2 }'})
     with serving(model_config_file=str(config), enable_batching=True, max_request_bytes=200_000) as (graft, client):
         # Ready means one version per model; the label "stable" needs version 2.
-        for name, version in (("cnn", 1), ("two", 1), ("two", 2)):
+        for name, version in (("cnn", 1), ("two", 1), ("two", 2), ("spare", 1)):
             graft.manager.wait_until_available(name, version, timeout=60)
         yield client
 
@@ -89,19 +93,23 @@ def test_document_covers_every_route(server, document):
         for prefix in ("/v1/models/{model_name}", "/v1/models/{model_name}/versions/{version}",
                        "/v1/models/{model_name}/labels/{label}"):
             assert f"{prefix}:{verb}" in document["paths"]
-    for suffix in ("", "/ready", "/infer"):
+    for suffix in ("", "/ready", "/infer", "/stats", "/config"):
         assert "/v2/models/{model_name}" + suffix in document["paths"]
         assert "/v2/models/{model_name}/versions/{model_version}" + suffix in document["paths"]
+    assert {"/v2/models/stats", "/v2/repository/index", "/v2/repository/models/{model_name}/load",
+            "/v2/repository/models/{model_name}/unload"} <= set(document["paths"])
 
 
 @pytest.fixture(scope="module")
 def api_schema(document, server):
     narrowed = json.loads(json.dumps(document))
-    for item in narrowed["paths"].values():
+    for path, item in narrowed["paths"].items():
         for operation in item.values():
             for parameter in operation.get("parameters", []):
                 if parameter["in"] == "path" and parameter["name"] in PATH_VALUES:
-                    parameter["schema"] = {"type": "string", "enum": PATH_VALUES[parameter["name"]]}
+                    values = (REPOSITORY_MODELS if path.startswith("/v2/repository/models/")
+                              else PATH_VALUES[parameter["name"]])
+                    parameter["schema"] = {"type": "string", "enum": values}
     schema = schemathesis.openapi.from_dict(narrowed)
     schema.config.update(base_url=server.rest)
     return schema
@@ -138,6 +146,16 @@ def _valid_cases(api_schema):
         yield operation.Case(path_parameters=path, media_type="application/octet-stream",
                              body=header + np.array([1, 2, 3], "<f4").tobytes(),
                              headers={"Inference-Header-Content-Length": str(len(header))})
+    # Triton's extensions: statistics, configuration, the repository index, unload then load.
+    yield api_schema["/v2/models/stats"]["GET"].Case()
+    for suffix, params in (("", {}), ("/versions/{model_version}", {"model_version": "stable"})):
+        for what in ("stats", "config"):
+            operation = api_schema["/v2/models/{model_name}" + suffix + "/" + what]["GET"]
+            yield operation.Case(path_parameters={"model_name": "two", **params})
+    yield api_schema["/v2/repository/index"]["POST"].Case(body={"ready": True}, media_type="application/json")
+    for action, body in (("unload", {"parameters": {"unload_dependents": False}}), ("load", {})):
+        operation = api_schema["/v2/repository/models/{model_name}/" + action]["POST"]
+        yield operation.Case(path_parameters={"model_name": "spare"}, body=body, media_type="application/json")
 
 
 def test_successful_requests_conform(api_schema, server):

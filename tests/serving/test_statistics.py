@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from serving.batching import Batcher
+from serving.codecs import v2
 from serving.config import BatchingConfig, ModelConfig
 from serving.errors import InvalidArgument, NotFound
 from serving.manager import ModelManager
@@ -53,6 +54,7 @@ def test_requests_and_executions_are_counted_in_nanoseconds():
 def test_a_fresh_version_reports_zeros():
     snap = VersionStatistics("m", 1).snapshot()
     assert (snap.last_inference_ms, snap.inference_count, snap.execution_count, snap.batches) == (0, 0, 0, [])
+    assert v2._model_stat(snap)["inference_stats"]["success"] == {"count": 0, "ns": 0}
 
 
 # ------------------------------------------------------------------------ Batcher
@@ -165,3 +167,9 @@ def test_without_batching_each_request_is_one_execution(unbatched):
     with pytest.raises(NotFound):
         service.statistics("nope")
 
+
+def test_model_config_without_batching_keeps_the_batch_dimension(unbatched):
+    config = v2.model_config(unbatched, "cnn")
+    assert config["max_batch_size"] == 0 and "dynamic_batching" not in config
+    assert config["input"] == [{"name": "images", "data_type": "TYPE_FP32", "dims": [-1, 32, 32, 3]}]
+    assert config["output"] == [{"name": "output_0", "data_type": "TYPE_FP32", "dims": [-1, 3]}]

@@ -3,16 +3,21 @@
 The V2 service shares the port of TF Serving's services. tritonclient's own
 ``inference`` protos and Graft's live in one process here (Graft's stubs use a
 private descriptor pool), and Graft's stubs also send typed ``contents``, which
-tritonclient never does (it always sends raw_input_contents).
+tritonclient never does (it always sends raw_input_contents). Triton's
+statistics, model repository and model configuration extensions are called as
+tritonclient calls them; expected counts come from the requests the test sent.
 """
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tensorflow_serving.apis import predict_pb2
+from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -73,7 +78,8 @@ def test_live_and_ready(triton):
 
 def test_server_metadata(triton):
     meta = triton.get_server_metadata(as_json=True)
-    assert meta["name"] == "graft" and meta["extensions"] == ["binary_tensor_data"]
+    assert meta["name"] == "graft"
+    assert meta["extensions"] == ["binary_tensor_data", "statistics", "model_repository", "model_configuration"]
 
 
 def test_model_metadata(triton):
@@ -213,3 +219,170 @@ def test_generator_builds_inference_protos_in_a_private_pool(tmp_path):
         "message Ping { google.protobuf.Int64Value n = 1; }\n")
     with pytest.raises(ValueError, match="private descriptor pool"):
         generate.generate(out, root, package="gentest")
+
+
+# ------------------------------------------------------------------ Triton's extensions
+
+
+def _triton_message(name: str):
+    """tritonclient's descriptor of ``inference.<name>``, from either of its two files."""
+    for module in (triton_pb2, triton_config_pb2):
+        try:
+            return module.DESCRIPTOR.pool.FindMessageTypeByName(f"inference.{name}")
+        except KeyError:
+            continue
+    raise KeyError(name)
+
+
+def _messages(descriptor):
+    yield descriptor
+    for nested in descriptor.nested_types:
+        yield from _messages(nested)
+
+
+def test_every_declared_field_has_tritons_number_and_type():
+    """Graft declares a subset of Triton's messages; what it declares must match tritonclient's wire format."""
+    # The Open Inference Protocol's own field, which Triton's proto lacks (its clients skip it).
+    open_inference_only = {"inference.ModelMetadataResponse.properties",
+                           "inference.ModelMetadataResponse.PropertiesEntry"}
+    checked = 0
+    for top in pb.DESCRIPTOR.message_types_by_name.values():
+        for ours in _messages(top):
+            if ours.full_name in open_inference_only:
+                continue
+            theirs = _triton_message(ours.full_name.removeprefix("inference."))
+            for field in ours.fields:
+                if field.full_name in open_inference_only:
+                    continue
+                other = theirs.fields_by_name.get(field.name)
+                assert other is not None, f"{ours.full_name}.{field.name} is not Triton's"
+                assert (field.number, field.type, field.is_repeated) == (
+                    other.number, other.type, other.is_repeated), f"{ours.full_name}.{field.name}"
+                checked += 1
+    assert checked > 100
+    enums = list(pb.DESCRIPTOR.enum_types_by_name.values()) + [
+        e for top in pb.DESCRIPTOR.message_types_by_name.values() for m in _messages(top) for e in m.enum_types]
+    for ours in enums:
+        theirs = triton_config_pb2.DESCRIPTOR.pool.FindEnumTypeByName(ours.full_name)
+        assert {v.name: v.number for v in ours.values} == {v.name: v.number for v in theirs.values}, ours.full_name
+    assert len(enums) == 2
+    for method in pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods:
+        theirs = triton_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[method.name]
+        assert (method.input_type.full_name, method.output_type.full_name) == (
+            theirs.input_type.full_name, theirs.output_type.full_name)
+
+
+def _stats(triton, model, version=""):
+    (stat,) = triton.get_inference_statistics(model, version, as_json=True)["model_stats"]
+    return stat
+
+
+def _count(stat, key):
+    return int(stat["inference_stats"][key].get("count", 0)), int(stat["inference_stats"][key].get("ns", 0))
+
+
+def test_statistics_count_what_ran(triton):
+    images = np.random.default_rng(3).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    before = _stats(triton, "cnn")
+    started_ms = time.time() * 1000
+    for _ in range(3):
+        inp = grpcclient.InferInput("images", list(images.shape), "FP32")
+        inp.set_data_from_numpy(images)
+        triton.infer("cnn", [inp])
+    bad = grpcclient.InferInput("images", [1, 31, 32, 3], "FP32")
+    bad.set_data_from_numpy(np.zeros((1, 31, 32, 3), np.float32))
+    with pytest.raises(InferenceServerException):
+        triton.infer("cnn", [bad])
+    after = _stats(triton, "cnn", "1")
+    assert (after["name"], after["version"]) == ("cnn", "1")
+    # as_json renders uint64 as strings, as protobuf's JSON mapping does.
+    assert int(after["inference_count"]) - int(before.get("inference_count", 0)) == 6
+    assert started_ms - 1 <= int(after["last_inference"]) <= time.time() * 1000 + 1
+    delta = {k: tuple(a - b for a, b in zip(_count(after, k), _count(before, k)))
+             for k in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")}
+    assert delta["success"][0] == 3 and delta["fail"][0] == 1
+    assert all(delta[k][0] == 3 for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert delta["compute_infer"][1] > 0 and delta["fail"][1] > 0
+    # A request's wait and run lie within its own time, in nanoseconds.
+    inside = sum(delta[k][1] for k in ("queue", "compute_input", "compute_infer", "compute_output"))
+    assert 0 < inside <= delta["success"][1] + 1000
+    assert delta["success"][1] < 3 * 60 * 10**9
+    executions = int(after["execution_count"]) - int(before.get("execution_count", 0))
+    assert 1 <= executions <= 3
+    # Batching runs here: each run is counted under its batch size (2 rows each, or merged).
+    sizes = {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in after["batch_stats"]}
+    old = {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in before.get("batch_stats", [])}
+    assert sum(sizes.values()) - sum(old.values()) == executions
+    assert set(sizes) - set(old) <= {2, 4, 6}
+
+
+def test_statistics_of_every_model_and_unknown_ones(triton):
+    names = {(s["name"], s["version"]) for s in triton.get_inference_statistics(as_json=True)["model_stats"]}
+    assert {("cnn", "1"), ("two", "1")} <= names
+    for model, version in (("nope", ""), ("cnn", "9")):
+        with pytest.raises(InferenceServerException) as info:
+            triton.get_inference_statistics(model, version)
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+def test_model_config(triton):
+    config = triton.get_model_config("cnn").config
+    assert isinstance(config, triton_config_pb2.ModelConfig)  # tritonclient's own message reads it
+    assert (config.name, config.platform, config.backend) == ("cnn", "tensorflow_savedmodel", "tensorflow")
+    # Batching runs with TF Serving's default parameters: the batch dimension leaves the dims.
+    assert config.max_batch_size == 1000 and config.HasField("dynamic_batching")
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.input] == [
+        ("images", triton_config_pb2.TYPE_FP32, [32, 32, 3])]
+    assert [(t.name, t.data_type, list(t.dims)) for t in config.output] == [
+        ("output_0", triton_config_pb2.TYPE_FP32, [3])]
+    assert config.version_policy.latest.num_versions == 1
+    two = triton.get_model_config("two", "1", as_json=True)["config"]
+    assert [(t["name"], t["data_type"]) for t in two["input"]] == [("tag", "TYPE_STRING"), ("x", "TYPE_FP32")]
+    with pytest.raises(InferenceServerException) as info:
+        triton.get_model_config("nope")
+    assert info.value.status() == "StatusCode.NOT_FOUND"
+
+
+def _index(triton):
+    return {(m.name, m.version): (m.state, m.reason) for m in triton.get_model_repository_index().models}
+
+
+def test_repository_index_unload_and_load(triton):
+    assert _index(triton) == {("cnn", "1"): ("READY", ""), ("two", "1"): ("READY", "")}
+    images = np.zeros((1, 32, 32, 3), np.float32)
+    inp = grpcclient.InferInput("images", list(images.shape), "FP32")
+    inp.set_data_from_numpy(images)
+    triton.unload_model("cnn")
+    try:
+        assert _index(triton)[("cnn", "1")] == ("UNAVAILABLE", "unloaded")
+        assert not triton.is_model_ready("cnn")
+        assert triton.is_server_ready()  # a model a client unloaded does not make the server unready
+        with pytest.raises(InferenceServerException) as info:
+            triton.infer("cnn", [inp])
+        assert info.value.status() == "StatusCode.NOT_FOUND"
+        ready_only = triton.get_model_repository_index(as_json=True)["models"]
+        assert [m["name"] for m in ready_only if m["state"] == "READY"] == ["two"]
+    finally:
+        triton.load_model("cnn")
+    assert triton.is_model_ready("cnn")
+    assert _index(triton)[("cnn", "1")] == ("READY", "")
+    assert triton.infer("cnn", [inp]).as_numpy("output_0").shape == (1, 3)
+
+
+def test_repository_errors(triton):
+    for call, status in ((lambda: triton.load_model("nope"), "StatusCode.NOT_FOUND"),
+                         (lambda: triton.unload_model("nope"), "StatusCode.NOT_FOUND"),
+                         (lambda: triton.load_model("cnn", config='{"max_batch_size": 4}'),
+                          "StatusCode.INVALID_ARGUMENT")):
+        with pytest.raises(InferenceServerException) as info:
+            call()
+        assert info.value.status() == status
+    assert "nope" in _error(lambda: triton.load_model("nope"))
+    assert "'config'" in _error(lambda: triton.load_model("cnn", config="{}"))
+    assert triton.is_model_ready("cnn")
+
+
+def _error(call) -> str:
+    with pytest.raises(InferenceServerException) as info:
+        call()
+    return info.value.message()

@@ -3,6 +3,8 @@
 tritonclient sends binary tensor data by default (``Inference-Header-Content-Length``),
 so its tests cover the binary extension; plain JSON requests go through ``requests``.
 Expected values come from the Keras model and from numpy, never from the server.
+Triton's statistics, model repository and model configuration extensions are
+called as tritonclient calls them; expected counts come from the requests sent.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+import time
 import zlib
 
 import numpy as np
@@ -254,6 +257,121 @@ def test_corrupt_compressed_body_is_400(server):
     assert r.status_code == 400 and "gzip" in r.json()["error"]
     r = _post(server, "/v2/models/two/infer", data=zlib.compress(b"{}")[:3], headers={"Content-Encoding": "deflate"})
     assert r.status_code == 400 and "deflate" in r.json()["error"]
+
+
+# ------------------------------------------------------------------ Triton's extensions
+
+
+def _stats(triton, model, version=""):
+    (stat,) = triton.get_inference_statistics(model, version)["model_stats"]
+    return stat
+
+
+STAT_KEYS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+def test_statistics_count_what_ran(triton, server):
+    before = _stats(triton, "two", "1")
+    started_ms = time.time() * 1000
+    for _ in range(4):
+        triton.infer("two", _two_inputs())                 # 2 rows each
+    # A well-formed tensor that does not fit the signature fails at version 1; bodies that do not
+    # decode never reach a version, so no version counts them.
+    body = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    assert _post(server, "/v2/models/two/versions/1/infer", body).status_code == 400
+    assert _post(server, "/v2/models/two/infer", data="{not json").status_code == 400
+    body["inputs"][0]["data"] = [1, 2]
+    assert _post(server, "/v2/models/two/infer", body).status_code == 400
+    after = _stats(triton, "two", "stable")                 # a label names its version
+    assert (after["name"], after["version"]) == ("two", "1")
+    assert after["inference_count"] - before["inference_count"] == 8
+    assert started_ms - 1 <= after["last_inference"] <= time.time() * 1000 + 1
+    delta = {k: (after["inference_stats"][k]["count"] - before["inference_stats"][k]["count"],
+                 after["inference_stats"][k]["ns"] - before["inference_stats"][k]["ns"]) for k in STAT_KEYS}
+    assert delta["success"][0] == 4 and delta["fail"][0] == 1
+    assert all(delta[k][0] == 4 for k in STAT_KEYS[2:])
+    assert delta["compute_infer"][1] > 0 and delta["fail"][1] > 0
+    inside = sum(delta[k][1] for k in STAT_KEYS[2:])   # nanoseconds spent waiting and running
+    assert 0 < inside <= delta["success"][1] + 1000
+    executions = after["execution_count"] - before["execution_count"]
+    assert 1 <= executions <= 4
+    runs = {b["batch_size"]: b["compute_infer"]["count"] for b in after["batch_stats"]}
+    old = {b["batch_size"]: b["compute_infer"]["count"] for b in before["batch_stats"]}
+    assert sum(runs.values()) - sum(old.values()) == executions
+    assert all(b["compute_infer"]["ns"] > 0 for b in after["batch_stats"])
+    assert after["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}  # no response cache
+
+
+def test_statistics_routes(triton, server):
+    every = triton.get_inference_statistics()["model_stats"]
+    assert {("cnn", "1"), ("two", "1")} <= {(s["name"], s["version"]) for s in every}
+    assert [s["name"] for s in triton.get_inference_statistics("cnn")["model_stats"]] == ["cnn"]
+    for path in ("/v2/models/nope/stats", "/v2/models/cnn/versions/9/stats"):
+        r = server.http.get(server.rest + path, timeout=30)
+        assert r.status_code == 404 and "error" in r.json(), path
+    r = server.http.get(server.rest + "/v2/models/two/versions/canary/stats", timeout=30)
+    assert r.status_code == 400 and "canary" in r.json()["error"]
+
+
+def test_model_config(triton, server):
+    config = triton.get_model_config("two")
+    assert {k: config[k] for k in ("name", "platform", "backend", "max_batch_size")} == {
+        "name": "two", "platform": "tensorflow_savedmodel", "backend": "tensorflow", "max_batch_size": 1000}
+    # Batching runs, so dims leave out the batch dimension, as in Triton's configs.
+    assert config["input"] == [{"name": "tag", "data_type": "TYPE_STRING", "dims": []},
+                               {"name": "x", "data_type": "TYPE_FP32", "dims": [3]}]
+    assert config["output"] == [{"name": "label_bytes", "data_type": "TYPE_STRING", "dims": []},
+                                {"name": "tag_len", "data_type": "TYPE_INT64", "dims": []},
+                                {"name": "y", "data_type": "TYPE_FP32", "dims": [2]}]
+    assert config["dynamic_batching"] == {"preferred_batch_size": [], "max_queue_delay_microseconds": 0}
+    assert config["version_policy"] == {"latest": {"num_versions": 1}}
+    assert triton.get_model_config("cnn", "1")["input"] == [
+        {"name": "images", "data_type": "TYPE_FP32", "dims": [32, 32, 3]}]
+    with pytest.raises(InferenceServerException) as info:
+        triton.get_model_config("nope")
+    assert info.value.status() == "404"
+
+
+def test_repository_index_unload_and_load(triton, server):
+    index = triton.get_model_repository_index()
+    assert index == [{"name": "cnn", "version": "1", "state": "READY", "reason": ""},
+                     {"name": "two", "version": "1", "state": "READY", "reason": ""}]
+    triton.unload_model("two")
+    try:
+        assert triton.get_model_repository_index()[1] == {
+            "name": "two", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+        r = _post(server, "/v2/repository/index", {"ready": True})
+        assert r.status_code == 200 and [m["name"] for m in r.json()] == ["cnn"]
+        assert not triton.is_model_ready("two")
+        assert triton.is_server_ready()  # a model a client unloaded does not make the server unready
+        with pytest.raises(InferenceServerException) as info:
+            triton.infer("two", _two_inputs())
+        assert info.value.status() == "404"
+        triton.unload_model("two")  # unloading an unloaded model changes nothing
+    finally:
+        triton.load_model("two")
+    assert triton.is_model_ready("two") and triton.is_model_ready("two", "stable")  # its label is back
+    np.testing.assert_allclose(triton.infer("two", _two_inputs()).as_numpy("y"), models.two_input_expected(X),
+                               atol=1e-5)
+    triton.load_model("two")  # loading a served model rescans it and keeps serving
+    assert triton.is_model_ready("two")
+
+
+@pytest.mark.parametrize("path, body, status, needle", [
+    ("/v2/repository/models/nope/load", None, 404, "nope"),
+    ("/v2/repository/models/nope/unload", None, 404, "nope"),
+    ("/v2/repository/models/two/load", {"parameters": {"config": "{}"}}, 400, "'config'"),
+    ("/v2/repository/models/two/load", {"parameters": {"file:1/model.savedmodel": "AA=="}}, 400, "'file:"),
+    ("/v2/repository/models/two/unload", {"parameters": {"unload_dependents": "yes"}}, 400, "unload_dependents"),
+    ("/v2/repository/models/two/unload", {"parameters": {"force": True}}, 400, "'force'"),
+    ("/v2/repository/models/two/unload", [], 400, "JSON object"),
+    ("/v2/repository/index", {"ready": 1}, 400, "'ready'"),
+    ("/v2/repository/index", "{not json", 400, "JSON"),
+])
+def test_repository_errors_name_the_problem(server, triton, path, body, status, needle):
+    r = _post(server, path, data=body if isinstance(body, str) else (b"" if body is None else json.dumps(body)))
+    assert r.status_code == status and needle in r.json()["error"], r.text
+    assert triton.is_model_ready("two")
 
 
 def test_refused_bodies_are_counted(server):
