@@ -4,6 +4,8 @@ TF Serving's PredictionService and ModelService (``serving.grpc.tfs``), the V2
 GRPCInferenceService (``serving.grpc.v2``), grpc.health.v1 and reflection, all
 behind one :class:`GuardedRegistry`: a request message that does not parse is
 answered INVALID_ARGUMENT by the method's own error path, not dropped by grpc.
+Reflection lists every one of them (:data:`SERVED_SERVICES`), the V2 service
+included, whose descriptors live in a pool of their own (:class:`PoolChain`).
 
 Predict, the hot path, decodes and queues its rows on the loop and awaits the
 batch (``InferenceService.predict_async``): no thread hand-off per request. Every
@@ -21,6 +23,7 @@ from concurrent import futures
 from typing import TYPE_CHECKING, Any, Coroutine, Sequence
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tensorflow_serving.apis import (
@@ -36,6 +39,8 @@ from serving.grpc.tfs import (
     ModelServicer,
     PredictionServicer,
 )
+from serving.grpc.v2 import DESCRIPTOR_POOL as V2_DESCRIPTOR_POOL
+from serving.grpc.v2 import SERVICE_NAME as V2_SERVICE
 from serving.grpc.v2 import add_inference_servicer
 from serving.limits import DEFAULT_MAX_REQUEST_BYTES
 from serving.runtime.loop import loop_kind, new_event_loop
@@ -45,6 +50,48 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Every service the server answers, as reflection lists them.
+SERVED_SERVICES = (PREDICTION_SERVICE, MODEL_SERVICE, V2_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+
+
+class PoolChain:
+    """Descriptor pools searched in order, with the lookups the reflection servicer makes.
+
+    Reflection takes one pool; V2's descriptors live in a private one (so that
+    tritonclient's copies can share the process) and everything else in protobuf's
+    default pool. Each lookup answers from the first pool that knows the name.
+    """
+
+    def __init__(self, *pools: descriptor_pool.DescriptorPool) -> None:
+        self._pools = pools
+
+    def _first(self, lookup: str, *args):
+        for pool in self._pools:
+            try:
+                return getattr(pool, lookup)(*args)
+            except KeyError:
+                continue
+        raise KeyError(args[0] if args else lookup)
+
+    def FindFileByName(self, name: str):
+        """The file descriptor called ``name``."""
+        return self._first("FindFileByName", name)
+
+    def FindFileContainingSymbol(self, symbol: str):
+        """The file descriptor that defines ``symbol`` (a message, service, enum ...)."""
+        return self._first("FindFileContainingSymbol", symbol)
+
+    def FindMessageTypeByName(self, name: str):
+        """The message descriptor of ``name``."""
+        return self._first("FindMessageTypeByName", name)
+
+    def FindExtensionByNumber(self, message, number: int):
+        """The extension ``number`` of ``message``, from the pool that defines ``message``."""
+        return message.file.pool.FindExtensionByNumber(message, number)
+
+    def FindAllExtensions(self, message):
+        """Every extension of ``message`` known to the pool that defines it."""
+        return message.file.pool.FindAllExtensions(message)
 
 
 class _Undecodable:
@@ -138,7 +185,7 @@ class HealthServicer(health.aio.HealthServicer):
     never lag behind /readyz.
     """
 
-    SERVICES = (health.OVERALL_HEALTH, PREDICTION_SERVICE, MODEL_SERVICE)
+    SERVICES = (health.OVERALL_HEALTH, PREDICTION_SERVICE, MODEL_SERVICE, V2_SERVICE)
 
     def __init__(self, service: InferenceService):
         super().__init__()
@@ -239,7 +286,7 @@ async def _bind(service: InferenceService, host: str, port: int, max_message_byt
     # Reflection streams its requests (nothing to guard), and picks its asyncio
     # servicer by checking for a grpc.aio.Server: it registers on the server itself.
     reflection.enable_server_reflection(
-        (PREDICTION_SERVICE, MODEL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        SERVED_SERVICES, server, pool=PoolChain(V2_DESCRIPTOR_POOL, descriptor_pool.Default()))
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = (server.add_insecure_port(address) if credentials is None

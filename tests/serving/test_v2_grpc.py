@@ -16,12 +16,14 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from tensorflow_serving.apis import predict_pb2
 from tritonclient.grpc import model_config_pb2 as triton_config_pb2
 from tritonclient.grpc import service_pb2 as triton_pb2
 from tritonclient.utils import InferenceServerException
 
 from serving.codecs import tensor_proto
+from serving.grpc.server import SERVED_SERVICES
 from serving.protos.inference import grpc_service_pb2 as pb
 from serving.protos.inference import grpc_service_pb2_grpc as pb_grpc
 from tests import models
@@ -270,6 +272,20 @@ def test_every_declared_field_has_tritons_number_and_type():
         theirs = triton_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].methods_by_name[method.name]
         assert (method.input_type.full_name, method.output_type.full_name) == (
             theirs.input_type.full_name, theirs.output_type.full_name)
+
+
+def test_reflection_lists_every_served_service(server):
+    database = ProtoReflectionDescriptorDatabase(server.channel)
+    assert set(database.get_services()) == set(SERVED_SERVICES)
+    assert "inference.GRPCInferenceService" in SERVED_SERVICES
+    # The V2 service's file resolves too (from Graft's private pool), RPCs and messages included.
+    proto = database.FindFileContainingSymbol("inference.GRPCInferenceService")
+    (service,) = [s for s in proto.service if s.name == "GRPCInferenceService"]
+    assert {"ModelInfer", "ModelStatistics", "RepositoryModelLoad", "ModelConfig"} <= {m.name for m in service.method}
+    assert database.FindFileContainingSymbol("tensorflow.serving.PredictionService").name.endswith(
+        "prediction_service.proto")
+    for name in SERVED_SERVICES:  # every listed service resolves to the file that declares it
+        assert name.rsplit(".", 1)[1] in {s.name for s in database.FindFileContainingSymbol(name).service}, name
 
 
 def _stats(triton, model, version=""):
