@@ -77,11 +77,12 @@ def parse_tokens(text: str) -> tuple[str, ...]:
 
 
 def read_token_file(path: str | Path) -> tuple[str, ...]:
-    """The tokens in the file at ``path``; ``ValueError`` names the file (``OSError`` if unreadable)."""
-    text = Path(path).read_text(encoding="utf-8")
+    """The tokens in the file at ``path``; ``ValueError`` naming the flag and the file otherwise."""
     try:
-        return parse_tokens(text)
-    except ValueError as exc:
+        return parse_tokens(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"--auth_token_file {path}: cannot read it: {exc.strerror or exc}") from None
+    except ValueError as exc:  # UnicodeDecodeError included
         raise ValueError(f"--auth_token_file {path}: {exc}") from None
 
 

@@ -1,21 +1,36 @@
 """graft-serve's command line: TF Serving's flags -> a ServerConfig -> a running GraftServer.
 
-Flags use TF Serving's names and defaults (``--port``, ``--rest_api_port``,
-``--model_config_file`` ...), including its ``--flag=true/false`` booleans. The
-parser and the config are free of TensorFlow, so ``--help`` and usage errors
-answer at once; TensorFlow loads only when the server is built.
+Every flag of TF Serving's ``tensorflow_model_server`` 2.x is accepted, with its
+name and (except ``--rest_api_port``, 8501 here) its default: most are
+implemented, the rest are kept in ``ServerConfig.inert_flags`` and logged at
+start with why they have no effect (``serving.runtime.compat``; docs/flags.md).
+Booleans take absl's forms: ``--flag``, ``--flag=true|false`` and ``--noflag``.
+Abbreviations are refused, as TF Serving refuses them.
+
+The parser, the config and the checks before work (``serving.runtime.preflight``)
+are free of TensorFlow, so ``--help``, ``--version``, usage errors, a bad file and a
+taken port all answer at once; TensorFlow loads only once they pass, with its own
+logging quiet by default (``serving.runtime.tflog``).
 SIGTERM / SIGINT drain instead of dropping work (``GraftServer.drain_and_stop``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import signal
+import sys
 from collections.abc import Sequence
+from importlib import metadata
 
+from serving.runtime import tflog
+from serving.runtime.compat import INERT_FLAGS
 from serving.runtime.loop import EVENT_LOOPS
+from serving.runtime.preflight import preflight
 from serving.runtime.settings import ServerConfig, field_default
 
 log = logging.getLogger("graft-serve")
@@ -65,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser: one flag per ServerConfig field, with the field's default."""
     d = field_default
     p = argparse.ArgumentParser(
-        prog="graft-serve",
-        description="Serve versioned TensorFlow SavedModels over TF-Serving-compatible gRPC and REST.")
+        prog="graft-serve", allow_abbrev=False,
+        description="Serve versioned TensorFlow SavedModels over TF-Serving-compatible gRPC and REST. "
+                    "Every flag of TF Serving's tensorflow_model_server is accepted (docs/flags.md); a "
+                    "boolean flag also takes --flag=true|false and --noflag.",
+        epilog="TensorFlow's own log lines are quiet by default; set TF_CPP_MIN_LOG_LEVEL (0: all, "
+               "1: warnings and errors, 2: errors) to see them as TensorFlow prints them.")
+    boolean = functools.partial(_add_boolean, p)
     p.add_argument("--port", type=_port, default=d("port"), help="gRPC port (default 8500; 0 picks a free one)")
     p.add_argument("--rest_api_port", type=_port, default=d("rest_api_port"),
                    help="REST port (default 8501; 0 disables REST)")
@@ -84,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan model directories for new versions this often (default 1; 0: only at start)")
     p.add_argument("--rest_api_timeout_in_ms", type=_positive_int, default=d("rest_api_timeout_in_ms"),
                    help="deadline of one REST request in milliseconds (default 30000)")
+    boolean("rest_api_enable_cors_support", d("rest_api_enable_cors_support"),
+            help="answer CORS preflight requests and allow every origin on the REST API (default false)")
     p.add_argument("--rest_api_num_threads", type=_positive_int, default=d("rest_api_num_threads"),
                    help="REST worker threads for the calls that block (all but predict and V2 infer, which "
                         "wait on the event loop; default 4 x CPUs, at least 8; with batching, "
@@ -95,12 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest REST body (after gunzip) and gRPC message, in bytes (default 64 MiB)")
     p.add_argument("--drain_seconds", type=float, default=d("drain_seconds"),
                    help="on SIGTERM, wait at most this long for in-flight requests (default 30)")
-    p.add_argument("--enable_batching", type=_bool, nargs="?", const=True, default=d("enable_batching"),
+    boolean("enable_batching", d("enable_batching"),
                    help="batch requests on the server (default false, or true with --batching_parameters_file)")
     p.add_argument("--batching_parameters_file", default=d("batching_parameters_file"),
                    help="TF Serving BatchingParameters text proto (implies --enable_batching unless it is "
                         "given as false)")
-    p.add_argument("--freeze_graph", type=_bool, nargs="?", const=True, default=d("freeze_graph"),
+    boolean("freeze_graph", d("freeze_graph"),
                    help="run each signature with its variables folded into constants: faster (see "
                         "docs/benchmarks.md), and a second copy of the weights in memory; a signature "
                         "that writes its variables always keeps them (default true)")
@@ -108,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads inside one op (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=d("tensorflow_inter_op_parallelism"),
                    help="ops run in parallel (default 0: TensorFlow decides)")
+    p.add_argument("--tensorflow_session_parallelism", type=int, default=d("tensorflow_session_parallelism"),
+                   help="both of the above where they are 0 (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_cpus", type=int, default=d("tensorflow_cpus"),
                    help="run TensorFlow's compute threads on the last N CPUs this process may use and "
                         "every other thread on the rest (Linux; default 0: no pinning). Pair it with "
@@ -130,11 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap each GPU at this fraction of its memory, allocated at start (default 0: no cap)")
     p.add_argument("--gpu_memory_limit_mb", type=int, default=d("gpu_memory_limit_mb"),
                    help="cap each GPU at this many MiB instead of a fraction (default 0: no cap)")
-    p.add_argument("--gpu_memory_growth", type=_bool, nargs="?", const=True, default=d("gpu_memory_growth"),
+    boolean("gpu_memory_growth", d("gpu_memory_growth"),
                    help="without a cap, let GPU memory grow as needed (default true)")
     p.add_argument("--max_image_pixels", type=_positive_int, default=d("max_image_pixels"),
                    help=f"largest encoded image accepted, in pixels (default {d('max_image_pixels')})")
-    p.add_argument("--enable_metrics", type=_bool, nargs="?", const=True, default=d("enable_metrics"),
+    boolean("enable_metrics", d("enable_metrics"),
                    help="serve Prometheus metrics at /metrics and /monitoring/prometheus/metrics (default true)")
     p.add_argument("--monitoring_config_file", default=d("monitoring_config_file"),
                    help="TF Serving MonitoringConfig text proto: prometheus_config { enable path } chooses "
@@ -142,25 +166,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth_token_file", default=d("auth_token_file"),
                    help="require a bearer token from this file (one per line) in the REST Authorization "
                         "header and the gRPC 'authorization' metadata (default: no authentication)")
-    p.add_argument("--auth_metrics", type=_bool, nargs="?", const=True, default=d("auth_metrics"),
+    boolean("auth_metrics", d("auth_metrics"),
                    help="metrics need the token too (health always stays open; default false)")
-    p.add_argument("--enable_reload_config_rpc", type=_bool, nargs="?", const=True,
-                   default=d("enable_reload_config_rpc"),
+    boolean("enable_reload_config_rpc", d("enable_reload_config_rpc"),
                    help="answer ModelService.HandleReloadConfigRequest, which can point the server at any "
                         "directory it can read (default true, as TF Serving; false: PERMISSION_DENIED)")
+    boolean("enable_model_warmup", d("enable_model_warmup"),
+            help="replay each version's assets.extra/tf_serving_warmup_requests before it serves (default true)")
+    p.add_argument("--num_request_iterations_for_warmup", type=int, default=d("num_request_iterations_for_warmup"),
+                   help="replay each warmup record this many times (default 0: once)")
     p.add_argument("--ssl_config_file", default=d("ssl_config_file"),
                    help="TF Serving SSLConfig text proto: gRPC over TLS, mutual TLS with client_verify")
     p.add_argument("--rest_tls_cert", default=d("rest_tls_cert"),
                    help="PEM certificate chain file: REST over HTTPS (with --rest_tls_key)")
     p.add_argument("--rest_tls_key", default=d("rest_tls_key"), help="PEM private key file of --rest_tls_cert")
     p.add_argument("--log_level", default=d("log_level"), help="logging level (default INFO)")
+    boolean("version", False, help="print the versions of Graft and TensorFlow, then exit")
+    inert = p.add_argument_group(
+        "TF Serving flags accepted without effect",
+        "Accepted so that TF Serving command lines start Graft unchanged; each one given is logged at "
+        "start with the reason it changes nothing here.")
+    for name, flag in INERT_FLAGS.items():
+        help_text = f"{flag.reason} (TF Serving's default: {flag.tf_serving_default or 'empty'})"
+        if flag.kind is bool:
+            _add_boolean(inert, name, None, help=help_text)
+        else:
+            inert.add_argument(f"--{name}", type=flag.kind, default=None, help=help_text)
     return p
+
+
+def _add_boolean(parser, name: str, default: bool | None, help: str) -> None:
+    """``--name`` (true), ``--name=true|false`` (also ``--name false``) and absl's ``--noname`` (false)."""
+    parser.add_argument(f"--{name}", type=_bool, nargs="?", const=True, default=default, metavar="true|false",
+                        help=help)
+    parser.add_argument(f"--no{name}", dest=name, action="store_const", const=False, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
+
+
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """The ServerConfig of parsed flags; ValueError when they contradict each other."""
+    values = vars(args)
     names = {f.name for f in dataclasses.fields(ServerConfig)}
-    return ServerConfig(**{k: v for k, v in vars(args).items() if k in names})
+    inert = {name: values[name] for name in INERT_FLAGS if values.get(name) is not None}
+    return ServerConfig(**{k: v for k, v in values.items() if k in names}, inert_flags=inert)
 
 
 def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> ServerConfig:
@@ -173,20 +223,51 @@ def parse_config(argv: Sequence[str] | None = None, parser: argparse.ArgumentPar
         parser.error(str(exc))
 
 
+def version_text() -> str:
+    """What ``--version`` prints, in TF Serving's two lines: Graft's version and TensorFlow's."""
+    return f"Graft ModelServer: {_installed('graft')}\nTensorFlow Library: {_installed('tensorflow')}"
+
+
+def _installed(distribution: str) -> str:
+    # The installed package's metadata: no need to import TensorFlow to know its version.
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``graft-serve``; returns the process exit code."""
-    config = parse_config(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
+    try:
+        config = config_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Loads TensorFlow: only once the command line is known to be good.
-    from serving.runtime.server import GraftServer
+    # TensorFlow reads the variable once: set it before the import. A TensorFlow that is
+    # already loaded (main() called inside a program) keeps the setting it has.
+    quiet = "tensorflow" not in sys.modules and tflog.quiet_by_default(os.environ)
+    try:
+        checked = preflight(config)
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+    with _tensorflow_logging(quiet):
+        # Loads TensorFlow: only once the command line, its files and its ports are known to be good.
+        from serving.runtime.server import GraftServer
 
     server = GraftServer(config)
     previous = {sig: signal.signal(sig, lambda signum, frame: server.request_stop())
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            server.start()
+            with _tensorflow_logging(quiet):
+                server.start(checked)
         except (OSError, ValueError, RuntimeError) as exc:
             log.error("cannot start: %s", exc)
             server.drain_and_stop()
@@ -198,6 +279,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _tensorflow_logging(quiet: bool) -> contextlib.AbstractContextManager:
+    """Graft's filter on TensorFlow's early log lines where the quiet default applies (serving.runtime.tflog)."""
+    if not quiet:
+        return contextlib.nullcontext()
+    return tflog.filtered_stderr(functools.partial(tflog.keep_line, nvidia_driver=tflog.has_nvidia_driver()))
 
 
 if __name__ == "__main__":

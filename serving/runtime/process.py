@@ -38,8 +38,8 @@ class ServeProcess:
                  python: str = sys.executable, env: Mapping[str, str] | None = None):
         self.command = [*serve_command(python), *flags]
         self.log_path = Path(log_path)
+        # TF_CPP_MIN_LOG_LEVEL stays as the caller has it: unset, graft-serve keeps TensorFlow quiet.
         environment = dict(os.environ if env is None else env)
-        environment.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         environment["PYTHONUNBUFFERED"] = "1"  # the startup lines must reach the log at once
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command, stdout=self._log, stderr=subprocess.STDOUT, env=environment)

@@ -1,10 +1,11 @@
 """GraftServer: one process serving gRPC and REST over one InferenceService, built from a ServerConfig.
 
 ``GraftServer(config)`` wires the core (manager, service, batcher, metrics) to
-both protocol servers; :meth:`GraftServer.start` reads every file the config
-names before any model loads, so a bad file fails fast. Draining: readiness
-turns false at once, new requests get UNAVAILABLE / 503, requests already
-admitted finish (bounded by ``drain_seconds``), then everything stops.
+both protocol servers. :meth:`GraftServer.start` first reads every file the config
+names and tries its ports (``serving.runtime.preflight``), and binds both ports
+before any model loads, so a bad file or a taken port fails fast. Draining:
+readiness turns false at once, new requests get UNAVAILABLE / 503, requests
+already admitted finish (bounded by ``drain_seconds``), then everything stops.
 """
 
 from __future__ import annotations
@@ -18,24 +19,21 @@ import time
 
 import tensorflow as tf
 from prometheus_client import CollectorRegistry
+from starlette.middleware.cors import CORSMiddleware
 
 from serving import devices
-from serving.config import (
-    BatchingConfig,
-    read_batching_parameters_file,
-    read_model_config_file,
-    read_monitoring_config_file,
-    single_model_config,
-)
+from serving.config import BatchingConfig, read_model_config_file
 from serving.grpc.server import build_server
 from serving.manager import ModelManager
-from serving.metrics import DEFAULT_METRICS_PATHS, ServingMetrics
+from serving.metrics import ServingMetrics
 from serving.rest.app import RestOptions, create_app
 from serving.rest.server import RestServer
-from serving.runtime.affinity import split_cpus, start_runtime_and_pin
-from serving.runtime.auth import AuthInterceptor, TokenAuth
+from serving.runtime.affinity import start_runtime_and_pin
+from serving.runtime.auth import AuthInterceptor
+from serving.runtime.compat import INERT_FLAGS, inert_message
+from serving.runtime.preflight import Preflight, preflight
 from serving.runtime.settings import ServerConfig
-from serving.runtime.tls import grpc_server_credentials, read_ssl_config
+from serving.runtime.tls import grpc_server_credentials
 from serving.servable import servable_loader
 from serving import warmup
 from serving.service import InferenceService
@@ -62,73 +60,84 @@ class GraftServer:
         self._grpc = None
         self._rest = None
 
-    def start(self) -> None:
-        """Load the configuration, start the manager and both servers; raise on bad config."""
+    def start(self, checked: Preflight | None = None) -> None:
+        """Check the configuration, bind both ports, start the manager and both servers; raise on bad config.
+
+        ``checked``: what :func:`serving.runtime.preflight.preflight` already read for
+        this config (graft-serve runs it before importing TensorFlow); read here otherwise.
+        """
         config = self.config
+        # Bad files, taken ports and impossible CPU splits fail before anything starts.
+        checked = checked or preflight(config)
+        _log_ignored_flags(config)
         _configure_tensorflow(config)
         _tune_gc()
         _tune_switch_interval(config)
         # Before anything touches a GPU: memory settings only apply to uninitialised devices.
         gpu_devices = devices.configure_gpus(devices.GpuOptions(
             config.gpu_memory_growth, config.per_process_gpu_memory_fraction, config.gpu_memory_limit_mb))
-        if config.tensorflow_cpus:
+        if checked.cpu_split is not None:
             # After the GPU settings (starting the runtime initialises the devices), and
             # before any other thread starts: those inherit the main thread's CPUs.
-            start_runtime_and_pin(split_cpus(config.tensorflow_cpus))
-        configs = self._read_configs()
-        # Bad files fail before any model loads.
-        metrics_paths = metrics_paths_of(config)
-        auth = _auth(config, metrics_paths)
-        credentials = grpc_server_credentials(read_ssl_config(config.ssl_config_file)) if config.ssl_config_file else None
-        batching = batching_config(config)
-        grpc_threads, rest_threads = handler_threads(config, batching)
-        registry = CollectorRegistry() if metrics_paths else None
+            start_runtime_and_pin(checked.cpu_split)
+        grpc_threads, rest_threads = handler_threads(config, checked.batching)
+        registry = CollectorRegistry() if checked.metrics_paths else None
         metrics = (ServingMetrics(registry, device_memory=devices.memory_reader(gpu_devices))
                    if registry is not None else None)
-        self.manager = ModelManager(configs, poll_seconds=config.file_system_poll_wait_seconds, listener=metrics,
+        self.manager = ModelManager(checked.models, poll_seconds=config.file_system_poll_wait_seconds,
+                                    listener=metrics,
                                     servable_loader=servable_loader(gpu_devices, config.freeze_graph),
-                                    warmup=self._warmup)
-        self.service = InferenceService(self.manager, metrics=metrics, batching=batching,
+                                    warmup=self._warmup if config.enable_model_warmup else None)
+        self.service = InferenceService(self.manager, metrics=metrics, batching=checked.batching,
                                         max_image_pixels=config.max_image_pixels,
                                         allow_reload_requests=config.enable_reload_config_rpc)
-        self.manager.start()
+        # Both ports are bound before the first model loads: a port taken since the
+        # preflight check still fails before any work.
         self._grpc = build_server(self.service, config.host, config.port, grpc_threads,
                                   config.max_request_bytes,
-                                  interceptors=[AuthInterceptor(auth)] if auth is not None else [],
-                                  credentials=credentials, event_loop=config.grpc_event_loop,
+                                  interceptors=[AuthInterceptor(checked.auth)] if checked.auth is not None else [],
+                                  credentials=grpc_server_credentials(checked.ssl) if checked.ssl else None,
+                                  event_loop=config.grpc_event_loop,
                                   channel_arguments=config.grpc_channel_arguments)
+        rest = self._rest_server(checked, registry, rest_threads) if config.rest_api_port else None
+        self.manager.start()
         self.grpc_port = self._grpc.port
         self.grpc_event_loop = self._grpc.event_loop
         self._grpc.start()
         log.info("Running gRPC ModelServer at %s:%d (event loop: %s) ...", config.host, self.grpc_port,
                  self.grpc_event_loop)
-        if config.rest_api_port:
-            app = create_app(self.service, RestOptions(config.max_request_bytes, config.rest_api_timeout_in_ms),
-                             metrics_registry=registry, auth=auth, metrics_paths=metrics_paths)
-            self._rest = RestServer(app, config.host, config.rest_api_port, threads=rest_threads,
-                                    certfile=config.rest_tls_cert, keyfile=config.rest_tls_key,
-                                    event_loop=config.rest_event_loop)
-            self.rest_port = self._rest.port
-            self.rest_event_loop = self._rest.event_loop
-            self._spawn("graft-rest", self._rest.serve)
+        if rest is not None:
+            self._rest = rest
+            self.rest_port = rest.port
+            self.rest_event_loop = rest.event_loop
+            self._spawn("graft-rest", rest.serve)
             log.info("Exporting HTTP/REST API at:%s:%d%s (event loop: %s) ...", config.host, self.rest_port,
-                     " (HTTPS)" if self._rest.tls else "", self.rest_event_loop)
+                     " (HTTPS)" if rest.tls else "", self.rest_event_loop)
         if config.model_config_file and config.model_config_file_poll_wait_seconds > 0:
             self._spawn("graft-config-poller", self._poll_config)
 
+    def _rest_server(self, checked: Preflight, registry: CollectorRegistry | None, threads: int) -> RestServer:
+        config = self.config
+        app = create_app(self.service, RestOptions(config.max_request_bytes, config.rest_api_timeout_in_ms),
+                         metrics_registry=registry, auth=checked.auth, metrics_paths=checked.metrics_paths)
+        if config.rest_api_enable_cors_support:
+            # Outside authentication: a browser's preflight request carries no token.
+            app = CORSMiddleware(app, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+        return RestServer(app, config.host, config.rest_api_port, threads=threads,
+                          certfile=config.rest_tls_cert, keyfile=config.rest_tls_key,
+                          event_loop=config.rest_event_loop)
+
     def _warmup(self, servable) -> int:
-        # Versions load only after start() has built the service.
-        return warmup.replay(self.service, servable)
+        # Versions load only after start() has built the service. TF Serving's
+        # --num_request_iterations_for_warmup replays the whole file that many times;
+        # the count is of every replay.
+        return sum(warmup.replay(self.service, servable)
+                   for _ in range(max(1, self.config.num_request_iterations_for_warmup)))
 
     def _spawn(self, name: str, target) -> threading.Thread:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         return thread
-
-    def _read_configs(self):
-        if self.config.model_config_file:
-            return read_model_config_file(self.config.model_config_file)
-        return [single_model_config(self.config.model_name, self.config.model_base_path)]
 
     def _poll_config(self) -> None:
         path = self.config.model_config_file
@@ -139,7 +148,7 @@ class GraftServer:
                 continue
             last = current
             try:
-                configs = self._read_configs()
+                configs = read_model_config_file(path)
             except (OSError, ValueError) as exc:
                 log.error("keeping the current models: %s", exc)
                 continue
@@ -201,45 +210,27 @@ def handler_threads(config: ServerConfig, batching: BatchingConfig | None) -> tu
     return grpc_threads, rest_threads
 
 
-def batching_config(config: ServerConfig) -> BatchingConfig | None:
-    """The batching parameters in force: None with batching off, the file's, else TF Serving's defaults."""
-    if not config.batching_enabled:
-        if config.batching_parameters_file:
-            log.warning("--batching_parameters_file %s is ignored: --enable_batching is false",
-                        config.batching_parameters_file)
-        return None
-    if config.batching_parameters_file:
-        return read_batching_parameters_file(config.batching_parameters_file)
-    return BatchingConfig()
-
-
-def metrics_paths_of(config: ServerConfig) -> tuple[str, ...]:
-    """The REST paths that serve metrics (none: no registry at all)."""
-    if not config.enable_metrics:
-        return ()
-    if not config.monitoring_config_file:
-        return DEFAULT_METRICS_PATHS
-    return read_monitoring_config_file(config.monitoring_config_file)
-
-
-def _auth(config: ServerConfig, metrics_paths: tuple[str, ...]) -> TokenAuth | None:
-    if not config.auth_token_file:
-        return None
-    return TokenAuth.from_file(config.auth_token_file, protect_metrics=config.auth_metrics,
-                               metrics_paths=metrics_paths)
-
-
 def _configure_tensorflow(config: ServerConfig) -> None:
-    if not (config.tensorflow_intra_op_parallelism or config.tensorflow_inter_op_parallelism):
+    intra, inter = config.intra_op_threads, config.inter_op_threads
+    if not (intra or inter):
         return
     # Only possible before TensorFlow's runtime starts, i.e. before any model loads.
-    if config.tensorflow_intra_op_parallelism:
-        tf.config.threading.set_intra_op_parallelism_threads(config.tensorflow_intra_op_parallelism)
-    if config.tensorflow_inter_op_parallelism:
-        tf.config.threading.set_inter_op_parallelism_threads(config.tensorflow_inter_op_parallelism)
+    if intra:
+        tf.config.threading.set_intra_op_parallelism_threads(intra)
+    if inter:
+        tf.config.threading.set_inter_op_parallelism_threads(inter)
     log.info("TensorFlow threads: intra_op=%d inter_op=%d",
              tf.config.threading.get_intra_op_parallelism_threads(),
              tf.config.threading.get_inter_op_parallelism_threads())
+
+
+def _log_ignored_flags(config: ServerConfig) -> None:
+    """One line for each flag given that changes nothing here, saying why."""
+    for name, value in config.inert_flags:
+        log.log(logging.WARNING if INERT_FLAGS[name].warn else logging.INFO, "%s", inert_message(name, value))
+    if config.model_config_file and config.model_base_path:
+        # As in TF Serving: the file names the models (the container's entrypoint passes both).
+        log.info("--model_name and --model_base_path are ignored: --model_config_file names the models")
 
 
 def _tune_gc() -> None:

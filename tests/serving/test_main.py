@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 import time
 
@@ -16,8 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
+from serving.runtime.compat import INERT_FLAGS
 from serving.runtime.main import build_parser, config_from_args, main, parse_config
-from serving.runtime.server import GraftServer, batching_config
+from serving.runtime.preflight import batching_config
+from serving.runtime.server import GraftServer
 from serving.runtime.settings import ServerConfig
 from serving.config import parse_monitoring_config
 from serving.servable import _FrozenCall
@@ -42,9 +45,11 @@ def test_defaults_are_tf_servings():
 
 def test_every_setting_is_a_flag_with_the_settings_default():
     args = vars(build_parser().parse_args(["--model_base_path", "/m"]))
-    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
-    assert set(args) == set(defaults)
-    assert {**args, "model_base_path": ""} == defaults
+    defaults = {f.name: f.default for f in dataclasses.fields(ServerConfig) if f.name != "inert_flags"}
+    # Beside the settings: --version, and TF Serving's flags without effect (None: not given).
+    assert set(args) == set(defaults) | {"version"} | set(INERT_FLAGS)
+    assert {name: args[name] for name in INERT_FLAGS} == dict.fromkeys(INERT_FLAGS)
+    assert {name: args[name] for name in defaults} == {**defaults, "model_base_path": "/m"}
     assert config_from_args(build_parser().parse_args(["--model_base_path", "/m"])) == ServerConfig(model_base_path="/m")
 
 
@@ -324,3 +329,18 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(tmp_path, two_input_saved
             np.testing.assert_allclose(tf.make_ndarray(answer.outputs["y"]), expected, atol=1e-5)
     assert code == 0 and exit_code == 0, server.log()
     assert "draining" in server.log()
+
+
+def test_warmup_flags_skip_or_repeat_the_warmup_records(tmp_path, two_input_savedmodel, caplog):
+    caplog.set_level(logging.INFO, logger="serving.manager")
+    bad, good = tmp_path / "bad", tmp_path / "good"
+    models.install_version(two_input_savedmodel, bad, 1)
+    # A record the model refuses: with warmup this version could never load.
+    models.write_warmup(bad / "1", [models.predict_log({"x": -X[:1]}, signature_name="checked")])
+    with serving(model_name="bad", model_base_path=str(bad), enable_model_warmup=False) as (_, client):
+        y = tf.make_ndarray(_predict(client, "bad").outputs["y"])
+        np.testing.assert_allclose(y, models.two_input_expected(X), atol=1e-5)
+    models.install_version(two_input_savedmodel, good, 1)
+    models.write_warmup(good / "1", [models.predict_log({"x": X, "tag": np.array([b"a", b"b"])})] * 2)
+    with serving(model_name="good", model_base_path=str(good), num_request_iterations_for_warmup=3):
+        assert "model good version 1: replayed 6 warmup records" in caplog.text   # 2 records, 3 times
