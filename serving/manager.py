@@ -348,6 +348,12 @@ class ModelManager:
         with self._lock:
             return all(m.latest is not None for m in self._models.values() if not (m.removed or m.unloaded))
 
+    def not_ready(self) -> dict[str, str]:
+        """Why each model that keeps the server from being ready has no AVAILABLE version, by name."""
+        with self._lock:
+            return {m.name: _not_ready_reason(m) for m in self._models.values()
+                    if m.latest is None and not (m.removed or m.unloaded)}
+
     def model_config(self, name: str) -> ModelConfig:
         """The configuration ``name`` is served with."""
         with self._lock:
@@ -666,6 +672,22 @@ class ModelManager:
         with self._lock:
             # Wanted again while it drained (e.g. a label moved back): load it now.
             self._reconcile(model)
+
+
+def _not_ready_reason(model: _Model) -> str:
+    """One line on why ``model`` has no AVAILABLE version yet (what an operator should look at)."""
+    if model.repository.problem:
+        return model.repository.problem
+    records = sorted(model.versions.values(), key=lambda r: r.number, reverse=True)
+    for record in records:
+        if record.state in (VersionState.START, VersionState.LOADING):
+            return f"version {record.number} is {record.state.value}"
+    for record in records:
+        if record.error_code != "OK":
+            return f"version {record.number} failed to load: {record.error_message}"
+    if model.pending:
+        return f"version {max(model.pending)} is still being written (it loads once two scans see it unchanged)"
+    return f"no version under {model.config.base_path} that its version policy selects"
 
 
 def _failed(record: _Version | None) -> bool:

@@ -91,27 +91,29 @@ class Repository:
         self.base_path = os.fspath(base_path)
         self._seen: dict[int, tuple[str, Fingerprint]] = {}
         self._complete: dict[int, str] = {}
-        self._list_error = ""
+        self.problem = ""
+        """Why the last scan found no version here ("" once it finds one); readiness reports it."""
 
     def scan(self) -> Scan:
         """List versions; return those found complete and those still settling.
 
-        A base path that cannot be listed (missing or unreadable; logged once per
-        change) is not an error and changes nothing: the versions found before stay
-        complete, as TF Serving keeps serving through a failed poll. At start that
-        means no versions, until some appear.
+        A base path that cannot be listed (missing or unreadable) is not an error
+        and changes nothing: the versions found before stay complete, as TF Serving
+        keeps serving through a failed poll. At start that means no versions, until
+        some appear. A base path that is missing, unreadable or holds no version is
+        logged at WARNING when that starts or changes, not again at every poll that
+        still finds it so, and kept in :attr:`problem`.
         """
         try:
             listed = list_version_dirs(self.base_path)
-            error = ""
+            problem = "" if listed else (f"model base path {self.base_path} holds no version yet "
+                                         "(a version is an integer directory holding saved_model.pb)")
         except OSError as exc:
-            listed, error = None, str(exc)
-        if error != self._list_error:
-            if error:
-                log.warning("cannot list model base path %s (keeping its versions): %s", self.base_path, error)
-            else:
-                log.info("model base path %s is readable again", self.base_path)
-            self._list_error = error
+            reason = "it does not exist" if isinstance(exc, FileNotFoundError) else exc.strerror or str(exc)
+            listed, problem = None, f"cannot list model base path {self.base_path}: {reason}"
+        if problem != self.problem:
+            self._log_change(problem, unlisted=listed is None)
+            self.problem = problem
         if listed is None:
             # A transient listing failure must not unload every version of the model.
             return Scan(versions=dict(self._complete), pending=frozenset(self._seen))
@@ -141,6 +143,16 @@ class Repository:
                 self._seen[version] = (path, current)
                 pending.add(version)
         return Scan(versions=dict(self._complete), pending=frozenset(pending))
+
+    def _log_change(self, problem: str, unlisted: bool) -> None:
+        if unlisted:
+            # Not fatal: a volume may be mounted later, or the directory is being replaced.
+            kept = "keeping its versions" if self._complete else "nothing to serve from it until then"
+            log.warning("%s (%s; looking again at every poll)", problem, kept)
+        elif problem:
+            log.warning("%s; looking again at every poll", problem)
+        elif self.problem:
+            log.info("model base path %s now holds versions", self.base_path)
 
     def read_labels(self) -> dict[str, int] | None:
         """``labels.json`` of this model (``graft.contract.read_labels``)."""

@@ -438,6 +438,10 @@ class InferenceService:
         (models a client unloaded excepted)."""
         return not self._draining and self._manager.ready()
 
+    def not_ready(self) -> dict[str, str]:
+        """Why each model that keeps the server from being ready is not, by name (``/readyz`` shows it)."""
+        return self._manager.not_ready()
+
     def live(self) -> bool:
         """True while the process can answer at all (also while draining)."""
         return True

@@ -65,7 +65,7 @@ def create_app(service: InferenceService, options: RestOptions | None = None,
         if service.draining:
             return json_response({"status": "draining"}, 503)
         if not service.ready():
-            return json_response({"status": "not ready"}, 503)
+            return json_response({"status": "not ready", "models": service.not_ready()}, 503)
         return json_response({"status": "ready"}, 200)
 
     routes = [Route("/healthz", healthz), Route("/readyz", readyz)]

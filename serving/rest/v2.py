@@ -66,7 +66,12 @@ def v2_routes(service: InferenceService, max_request_bytes: int, timeout_ms: int
         return _empty(_READY[service.live()])
 
     async def ready(_request: Request) -> Response:
-        return _empty(_READY[service.ready()])
+        if service.ready():
+            return _empty(_READY[True])
+        # Clients read the status alone; the body tells a person why.
+        reasons = service.not_ready()
+        why = "draining" if service.draining else "; ".join(f"model {n}: {r}" for n, r in sorted(reasons.items()))
+        return json_response({"error": f"not ready: {why or 'starting'}"}, _READY[False])
 
     async def model_ready(request: Request) -> Response:
         name, version = _model_of(request)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 
@@ -121,3 +122,21 @@ def test_labels(tmp_path):
 def test_bad_labels_rejected(text):
     with pytest.raises(ValueError):
         parse_labels(text)
+
+
+def test_problem_says_why_a_base_path_serves_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="serving.repository")
+    base = tmp_path / "m"
+    repo = Repository(base)
+    repo.scan()
+    assert repo.problem == f"cannot list model base path {base}: it does not exist"
+    repo.scan()
+    base.mkdir()
+    repo.scan()
+    assert repo.problem.startswith(f"model base path {base} holds no version yet")
+    (base / "1").mkdir()
+    (base / "1" / "saved_model.pb").write_bytes(b"x")
+    repo.scan()
+    assert repo.problem == ""
+    # One line per change, not one per scan.
+    assert [r.levelname for r in caplog.records if r.name == "serving.repository"] == ["WARNING", "WARNING", "INFO"]
