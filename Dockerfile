@@ -42,8 +42,7 @@ RUN apt-get update \
 ENV NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    TF_CPP_MIN_LOG_LEVEL=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 
 # ---- the wheel and the locked requirements: built once, installed into each target ----
@@ -90,26 +89,37 @@ RUN python3 -m venv /opt/graft \
 # ---- target: serving (graft-serve) ----
 FROM os AS serving
 COPY --from=serving-env /opt/graft /opt/graft
-ENV PATH=/opt/graft/bin:$PATH
+COPY --chmod=0755 docker/serve-entrypoint.sh /usr/local/bin/graft-serve-entrypoint
+# TF Serving's image variables: `docker run -e MODEL_NAME=pets -v .../pets:/models/pets`
+# serves pets from /models/pets. TF_CPP_MIN_LOG_LEVEL stays unset: graft-serve then keeps
+# TensorFlow's own log lines quiet (docs/flags.md; `-e TF_CPP_MIN_LOG_LEVEL=0` shows them).
+ENV PATH=/opt/graft/bin:$PATH \
+    MODEL_NAME=model \
+    MODEL_BASE_PATH=/models \
+    GRAFT_SERVE_ARGS_FILE=/tmp/graft-serve.args
 USER 10001:10001
 WORKDIR /home/graft
 EXPOSE 8500 8501
 # /healthz answers while the process is alive (readiness is /readyz, for Kubernetes).
-# The probe uses the image's own Python so no curl is needed; it assumes the
-# default REST port 8501.
+# The probe reads the command line the entrypoint wrote, with graft-serve's own parser,
+# so it follows --rest_api_port (and HTTPS, and the gRPC port when REST is off); it runs
+# on the image's Python, so no curl is needed.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8501/healthz', timeout=4)"]
-ENTRYPOINT ["/usr/bin/tini", "--", "graft-serve"]
-# Override these with `docker run IMAGE --model_config_file=...` etc.; the host must be
-# 0.0.0.0 inside a container for the published ports to reach the server.
-CMD ["--host=0.0.0.0", "--port=8500", "--rest_api_port=8501", "--model_name=model", "--model_base_path=/models/model"]
+  CMD ["python3", "-m", "serving.runtime.probe"]
+# The entrypoint runs graft-serve as TF Serving's image runs its server:
+#   graft-serve --host=0.0.0.0 --port=8500 --rest_api_port=8501 --model_name=$MODEL_NAME
+#               --model_base_path=$MODEL_BASE_PATH/$MODEL_NAME "$@"
+# and `docker run IMAGE --flag=...` appends flags (the last of a repeated flag wins).
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/graft-serve-entrypoint"]
+CMD []
 
 
 # ---- target: training (graft-train) ----
 FROM os AS training
 COPY --from=training-env /opt/graft /opt/graft
 ENV PATH=/opt/graft/bin:$PATH \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    TF_CPP_MIN_LOG_LEVEL=1
 USER 10001:10001
 WORKDIR /home/graft
 # `tini -g` signals the whole process group, so that a shell wrapper (the k8s

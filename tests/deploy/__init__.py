@@ -1,6 +1,8 @@
 """Helpers shared by the deployment tests: render kustomizations, read the Dockerfile,
 find every graft-serve / graft-train command line the images and manifests run, and
-check it against the real argument parsers.
+check it against the real argument parsers. An image whose entrypoint is a script
+(the serving image's ``docker/serve-entrypoint.sh``) is resolved by running that
+script with a stand-in program that prints the command line it was given.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -171,6 +174,66 @@ def dockerfile_stages(path: Path = DOCKERFILE) -> dict[str, Stage]:
     return stages
 
 
+def stage_env(stage: Stage) -> dict[str, str]:
+    """The variables the stage's own ENV instructions set, as written (``$PATH`` not expanded)."""
+    env: dict[str, str] = {}
+    for instruction in stage.instructions:
+        if instruction.keyword == "ENV":
+            for word in shlex.split(instruction.value):
+                key, _, value = word.partition("=")
+                env[key] = value
+    return env
+
+
+def copied_file(stage: Stage, path: str) -> Path | None:
+    """The build-context file that a COPY of ``stage`` puts at ``path`` (None when none does)."""
+    for instruction in stage.instructions:
+        if instruction.keyword == "COPY" and "--from" not in instruction.value:
+            words = [w for w in instruction.value.split() if not w.startswith("--")]
+            if words[-1] == path:
+                return ROOT / words[0]
+    return None
+
+
+# Stands in for graft-serve and graft-train: prints its own name and arguments, NUL-separated.
+_STAND_IN = '#!/bin/sh\nprintf \'%s\\0\' "$(basename "$0")" "$@"\n'
+
+
+def run_entrypoint_script(script: Path, args: list[str], env: Mapping[str, str]) -> tuple[str, list[str], str]:
+    """Run an image's entrypoint script under POSIX sh with stand-ins for the programs on PATH.
+
+    Returns the program it ran, the arguments it gave it, and what the script wrote to stderr.
+    The script's ``$GRAFT_SERVE_ARGS_FILE`` goes to a temporary directory unless ``env`` names one.
+    """
+    with tempfile.TemporaryDirectory() as stand_ins:
+        for program in PROGRAMS:
+            path = Path(stand_ins) / program
+            path.write_text(_STAND_IN)
+            path.chmod(0o755)
+        environment = {"GRAFT_SERVE_ARGS_FILE": f"{stand_ins}/graft-serve.args", **env,
+                       "PATH": f"{stand_ins}:/usr/bin:/bin"}
+        result = subprocess.run(["/bin/sh", str(script), *args], env=environment, capture_output=True,
+                                timeout=30, check=False)
+    assert result.returncode == 0, f"{script} failed: {result.stderr.decode()}"
+    program, *argv = [part.decode() for part in result.stdout.split(b"\0")[:-1]]
+    return program, argv, result.stderr.decode()
+
+
+def image_command(stage: Stage, args: list[str] | None, env: Mapping[str, str]) -> list[str]:
+    """The command a container of ``stage`` runs with ``args`` (None: the image's CMD) and ``env``.
+
+    An entrypoint script copied into the image is run (``run_entrypoint_script``) with
+    the image's ENV under ``env``: the result is the Graft program's own command line.
+    """
+    entrypoint = exec_form(stage.last("ENTRYPOINT")) or []
+    argv = args if args is not None else exec_form(stage.last("CMD")) or []
+    script = copied_file(stage, entrypoint[-1]) if entrypoint else None
+    if script is None:
+        return entrypoint + argv
+    program, arguments, _ = run_entrypoint_script(script, argv, {**stage_env(stage), **env})
+    return [*entrypoint[:-1], program, *arguments]
+
+
 def exec_form(instruction: Instruction | None) -> list[str] | None:
     """The JSON array of an exec-form ENTRYPOINT/CMD, or None (absent or shell form)."""
     if instruction is None:
@@ -299,15 +362,14 @@ def manifest_invocations(objects: list[dict], stages: dict[str, Stage],
             where = f"{obj['kind']}/{obj['metadata']['name']} container {item['name']}"
             env = container_env(item, objects)
             if "command" in item:
-                argv = item["command"] + item.get("args", [])
+                argv = [substitute(a, env) for a in item["command"] + item.get("args", [])]
             else:
                 target = image_target(item["image"])
                 if target is None:
                     continue
-                stage = stages[target]
-                entrypoint = exec_form(stage.last("ENTRYPOINT")) or []
-                argv = entrypoint + item.get("args", exec_form(stage.last("CMD")) or [])
-            argv = [substitute(a, env) for a in argv]
+                args = item.get("args")
+                argv = image_command(stages[target], None if args is None else [substitute(a, env) for a in args],
+                                     env)
             for index, arg in enumerate(argv):
                 if Path(arg).name in PROGRAMS:
                     yield Invocation(Path(arg).name, argv[index + 1:], where)

@@ -1,11 +1,13 @@
 """The Dockerfile: hadolint-clean, two targets, non-root, tini, exec form, health check,
 and every graft-serve / graft-train command line that the images and the k8s
-manifests run is accepted by the real argument parsers.
+manifests run (through the serving image's entrypoint script) is accepted by the
+real argument parsers. tests/deploy/test_entrypoint.py runs that script itself.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import re
 import shutil
@@ -23,10 +25,13 @@ from tests.deploy import (
     all_invocations,
     check_invocation,
     console_scripts,
+    copied_file,
     dockerfile_stages,
     exec_form,
+    image_command,
     manifest_invocations,
     render,
+    stage_env,
 )
 
 FINAL_TARGETS = {"serving": "graft-serve", "training": "graft-train"}
@@ -106,7 +111,12 @@ def test_entrypoints_are_exec_form_under_tini():
         assert cmd is not None, f"{target}: CMD is missing or not exec form"
         assert Path(entrypoint[0]).name == "tini", f"{target}: PID 1 must be tini, not {entrypoint[0]}"
         assert "--" in entrypoint, f"{target}: tini needs `--` before the program"
-        assert entrypoint[-1] == program
+        script = copied_file(stages[target], entrypoint[-1])
+        if script is None:
+            assert entrypoint[-1] == program
+        else:
+            # An entrypoint script must become the program (exec), so that tini's signals reach it.
+            assert script.read_text().rstrip().endswith(f'exec {program} "$@"'), f"{script} must exec {program}"
         assert program in scripts, f"{program} is not a console script in pyproject.toml"
 
 
@@ -119,16 +129,22 @@ def test_console_scripts_point_at_callables():
         assert callable(getattr(importlib.import_module(module_path), function, None)), scripts[program]
 
 
-def test_serving_image_ports_and_healthcheck():
-    """EXPOSE 8500 8501, and the HEALTHCHECK asks /healthz with a tool the image has."""
+def test_serving_image_ports_healthcheck_and_tf_servings_variables():
+    """EXPOSE 8500 8501; the HEALTHCHECK runs the probe module on the image's Python; MODEL_NAME and
+    MODEL_BASE_PATH default as in tensorflow/serving's image; TensorFlow's log level is left to graft-serve."""
     serving = dockerfile_stages()["serving"]
     exposed = {word.split("/")[0] for i in serving.instructions if i.keyword == "EXPOSE" for word in i.value.split()}
     assert {"8500", "8501"} <= exposed
     health = serving.last("HEALTHCHECK")
-    assert health is not None and "/healthz" in health.value
+    assert health is not None
     probe = json.loads(health.value[health.value.index("CMD") + 3:].strip())
     assert Path(probe[0]).name.startswith("python"), "the probe must use the image's Python (no curl there)"
-    compile(probe[probe.index("-c") + 1], "<healthcheck>", "exec")
+    assert probe[1:] == ["-m", "serving.runtime.probe"]
+    assert importlib.util.find_spec("serving.runtime.probe") is not None
+    env = stage_env(serving)
+    assert (env["MODEL_NAME"], env["MODEL_BASE_PATH"]) == ("model", "/models")
+    assert env["GRAFT_SERVE_ARGS_FILE"].startswith("/tmp/"), "the non-root user must be able to write it"
+    assert "TF_CPP_MIN_LOG_LEVEL" not in {**stage_env(dockerfile_stages()["os"]), **env}
 
 
 def test_build_context_holds_what_the_wheel_needs():
@@ -142,7 +158,7 @@ def test_build_context_holds_what_the_wheel_needs():
     for stage in stages.values():
         for instruction in stage.instructions:
             if instruction.keyword == "COPY" and "--from" not in instruction.value:
-                sources += instruction.value.split()[:-1]
+                sources += [w for w in instruction.value.split() if not w.startswith("--")][:-1]
     assert sources, "no COPY from the build context"
     for source in sources:
         assert (ROOT / source).exists(), f"COPY {source}: no such file"
@@ -154,10 +170,9 @@ def test_build_context_holds_what_the_wheel_needs():
 def _dockerfile_invocations() -> list[Invocation]:
     stages = dockerfile_stages()
     found = []
-    for target in FINAL_TARGETS:
-        entrypoint = exec_form(stages[target].last("ENTRYPOINT"))
-        cmd = exec_form(stages[target].last("CMD"))
-        found.append(Invocation(entrypoint[-1], cmd, f"Dockerfile target {target} (CMD)"))
+    for target, program in FINAL_TARGETS.items():
+        command = image_command(stages[target], None, {})
+        found.append(Invocation(program, command[command.index(program) + 1:], f"Dockerfile target {target} (CMD)"))
     return found
 
 
