@@ -137,6 +137,9 @@ def read_labels(base_path: str | os.PathLike) -> dict[str, int] | None:
 # -- lineage (assets.extra/graft.json) -----------------------------------------------------
 
 LINEAGE_SCHEMA_VERSION = 1
+# A version whose exported model keeps its whole trunk frozen declares that trunk:
+# versions with equal fingerprints run the same trunk on the same input.
+TRUNK_KEYS = ("fingerprint", "base", "cut_layer", "input_shape")
 # The key under which graft-serve's metadata and status answers carry a version's lineage
 # (REST metadata, gRPC GetModelMetadata's metadata map, V2 model parameters).
 LINEAGE_METADATA_KEY = "graft"
@@ -159,6 +162,18 @@ def _is_object(value: Any) -> bool:
     return isinstance(value, dict)
 
 
+def _is_trunk(value: Any) -> bool:
+    if not isinstance(value, dict) or set(value) != set(TRUNK_KEYS):
+        return False
+    shape = value["input_shape"]
+    return (isinstance(value["fingerprint"], str) and len(value["fingerprint"]) == 64
+            and all(c in "0123456789abcdef" for c in value["fingerprint"])
+            and isinstance(value["base"], str) and value["base"] != ""
+            and (value["cut_layer"] is None or isinstance(value["cut_layer"], str))
+            and isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape))
+
+
 # key -> (check, what the check wants). A record may lack any key but schema_version.
 LINEAGE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "schema_version": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an int >= 1"),
@@ -177,6 +192,7 @@ LINEAGE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": (_is_object, "an object"),
     "signatures": (_is_object, "an object of signature name -> method name"),
     "package_versions": (_is_object, "an object"),
+    "trunk": (lambda v: _is_trunk(v), "a trunk declaration {fingerprint, base, cut_layer, input_shape}"),
 }
 # Exports from before the schema was versioned carry no schema_version; they are read as 0.
 LEGACY_SCHEMA_VERSION = 0
@@ -244,6 +260,19 @@ def training_summary(lineage: Mapping[str, Any]) -> dict:
                     None)
     return {"base": lineage.get("base"), "scenario": scenario, "accuracy": accuracy,
             "created_at": lineage.get("created_at")}
+
+
+def trunk_of(lineage: Mapping[str, Any] | None) -> dict | None:
+    """The trunk a version declares (``TRUNK_KEYS``), or None when its trunk was trained."""
+    if not lineage:
+        return None
+    trunk = lineage.get("trunk")
+    return dict(trunk) if isinstance(trunk, dict) else None
+
+
+def short_fingerprint(fingerprint: str) -> str:
+    """The prefix of a trunk fingerprint that metrics and logs show (never the whole hash)."""
+    return fingerprint[:12]
 
 
 def read_class_names(version_dir: str | os.PathLike) -> list[str]:

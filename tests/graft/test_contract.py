@@ -125,3 +125,24 @@ def test_unreadable_saved_models_are_named(tmp_path):
     (tmp_path / "saved_model.pb").write_bytes(b"")
     with pytest.raises(ValueError, match="no meta graph tagged 'serve'"):
         contract.read_signature_defs(tmp_path)
+
+
+@pytest.mark.parametrize("change", [
+    {"fingerprint": "A" * 64},              # not lowercase hex
+    {"fingerprint": "a" * 63},
+    {"input_shape": [64, 64]},
+    {"input_shape": [64, 64, 0]},
+    {"base": ""},
+    {"extra": 1},
+])
+def test_a_bad_trunk_declaration_is_refused(change):
+    good = {"fingerprint": "0123456789abcdef" * 4, "base": "vgg16", "cut_layer": "block4_pool",
+            "input_shape": [64, 64, 3]}
+    assert contract.trunk_of(contract.new_lineage(trunk=good)) == good
+    with pytest.raises(ValueError, match="'trunk' must be a trunk declaration"):
+        contract.new_lineage(trunk={**good, **change})
+
+
+def test_a_version_without_a_trunk_declares_none():
+    assert contract.trunk_of(None) is None and contract.trunk_of({"base": "vgg16"}) is None
+    assert contract.short_fingerprint("0123456789abcdef" * 4) == "0123456789ab"
