@@ -11,8 +11,9 @@ One run:
    threads, the stricter reference reported beside it;
 3. starts graft-serve processes on 127.0.0.1, one with batching on (the
    parameters file below, tuned for a small CPU) and a naive baseline with
-   batching off, then drives each with gRPC Predict, REST JSON floats and REST
-   ``{"b64"}`` JPEG at concurrency 1, 8 and 32, one image per request, for a
+   batching off, then drives each with gRPC Predict, REST JSON floats (TF Serving's
+   ``/v1 :predict`` and V2's ``/v2/models/{m}/infer``, the same image as flat
+   ``data``) and REST ``{"b64"}`` JPEG at concurrency 1, 8 and 32, one image per request, for a
    fixed duration each (the servers alternate, so all see the same machine
    load); a third, batched server with a short GIL switch interval
    (``--python_switch_interval_micros``, see ``--switch-interval-micros``)
@@ -58,9 +59,14 @@ import common  # noqa: E402  (bench/common.py, importable by the spawned client 
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "bench/serve.py"
-PROTOCOLS = ("grpc", "rest_json", "rest_b64")
-PROTOCOL_NAMES = {"grpc": "gRPC Predict", "rest_json": "REST JSON floats", "rest_b64": "REST b64 JPEG"}
+PROTOCOLS = ("grpc", "rest_json", "rest_v2_json", "rest_b64")
+PROTOCOL_NAMES = {"grpc": "gRPC Predict", "rest_json": "REST JSON floats", "rest_v2_json": "REST V2 JSON floats",
+                  "rest_b64": "REST b64 JPEG"}
 MODEL_NAME = "bench"
+# Each REST load's path, and the protocol label its requests carry in graft_requests_total.
+REST_PATHS = {"rest_json": f"/v1/models/{MODEL_NAME}:predict", "rest_b64": f"/v1/models/{MODEL_NAME}:predict",
+              "rest_v2_json": f"/v2/models/{MODEL_NAME}/infer"}
+METRIC_PROTOCOLS = {"grpc": "grpc", "rest_json": "rest", "rest_b64": "rest", "rest_v2_json": "rest_v2"}
 NUM_CLASSES = 10
 CEILING_BATCHES = (1, 8, 32, 64)
 CEILING_MAX_CALLS = 5000
@@ -318,6 +324,10 @@ def make_bodies(input_name: str, height: int, width: int) -> dict[str, bytes]:
         "grpc": request.SerializeToString(),
         # Raw 0..255 pixels as floats, as a client sends img.astype(float).tolist().
         "rest_json": json.dumps({"instances": image[None].tolist()}).encode(),
+        # The same pixels as V2 sends them (tritonclient's JSON form): flat row-major data.
+        "rest_v2_json": json.dumps({"inputs": [{"name": input_name, "datatype": "FP32",
+                                                "shape": [1, height, width, 3],
+                                                "data": image.reshape(-1).tolist()}]}).encode(),
         "rest_b64": json.dumps({"instances": [{"b64": base64.b64encode(jpeg.getvalue()).decode()}]}).encode(),
     }
 
@@ -333,11 +343,17 @@ def check_answers(server: common.ServerProcess, bodies: dict[str, bytes]) -> Non
     dims = [d.size for d in response.outputs["scores"].tensor_shape.dim]
     if dims != [1, NUM_CLASSES] and dims[:1] != [1]:
         raise SystemExit(f"unexpected gRPC scores shape {dims}")
-    for kind in ("rest_json", "rest_b64"):
-        req = urllib.request.Request(f"{server.rest}/v1/models/{MODEL_NAME}:predict", data=bodies[kind],
+    for kind in ("rest_json", "rest_b64", "rest_v2_json"):
+        req = urllib.request.Request(f"{server.rest}{REST_PATHS[kind]}", data=bodies[kind],
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as answer:
-            predictions = json.loads(answer.read())["predictions"]
+            answer = json.loads(answer.read())
+        if kind == "rest_v2_json":
+            shapes = {o["name"]: o["shape"] for o in answer.get("outputs", [])}
+            if shapes.get("scores", [None])[0] != 1:
+                raise SystemExit(f"unexpected {kind} answer: {str(answer)[:200]}")
+            continue
+        predictions = answer["predictions"]
         if len(predictions) != 1 or "scores" not in predictions[0]:
             raise SystemExit(f"unexpected {kind} answer: {str(predictions)[:200]}")
 
@@ -349,7 +365,7 @@ def run_load(server: common.ServerProcess, protocol: str, concurrency: int, dura
              bodies: dict[str, bytes], tools: dict[str, str | None], workdir: Path) -> common.LoadResult:
     """Drive one protocol at one concurrency for ``duration`` seconds."""
     grpc_kind = protocol == "grpc"
-    path = f"/v1/models/{MODEL_NAME}:predict"
+    path = REST_PATHS.get(protocol, "")
     samples0 = server.scrape()
     server0 = server.cpu_s()
     children0 = common.children_cpu_s()
@@ -374,7 +390,7 @@ def run_load(server: common.ServerProcess, protocol: str, concurrency: int, dura
     server_cpu = server.cpu_s() - server0
     samples1 = server.scrape()
     counts0, counts1 = server.request_counts(samples0), server.request_counts(samples1)
-    wire = "grpc" if grpc_kind else "rest"
+    wire = METRIC_PROTOCOLS[protocol]
     # CANCELLED: calls the load generator abandoned when its time ran out (the asyncio
     # gRPC server notices those); the client never counted them, as success or failure.
     server_errors = sum(v - counts0.get(k, 0.0) for k, v in counts1.items()
@@ -524,6 +540,14 @@ def report(args, device: str, model_desc: str, ceiling: dict, ceiling_runs: list
             lines.append(f"| {prefix}{label} >= {want:.2f}x ceiling | {ratio:.2f}x | "
                          f"{r.images_per_s / graft_ref:.2f}x | {cpu_ratio(r, ceiling):.2f}x | "
                          f"{r.images_per_s / default_ref:.2f}x | {'yes' if ratio >= want else 'NO'} |")
+        v1_json, v2_json = results.get(("rest_json", mode, 32)), results.get(("rest_v2_json", mode, 32))
+        if v1_json is not None and v2_json is not None:
+            # The issue's V2 target: V2 JSON at least as fast as TF Serving's JSON, in the same run.
+            ratio = v2_json.images_per_s / v1_json.images_per_s
+            lines.append(f"| {prefix}REST V2 JSON floats >= REST JSON floats (TF Serving's /v1) at C=32 | "
+                         f"{ratio:.2f}x /v1 ({v2_json.images_per_s:.0f} vs {v1_json.images_per_s:.0f} images/s) | | "
+                         f"{cpu_ratio(v2_json, ceiling) / cpu_ratio(v1_json, ceiling):.2f}x /v1 | | "
+                         f"{'yes' if ratio >= 1.0 else 'NO'} |")
         r = results.get(("grpc", mode, 1))
         if r is not None:
             added = p(r, 50) - single

@@ -55,6 +55,7 @@ def openapi_document() -> bytes:
 def v2_routes(service: InferenceService, max_request_bytes: int, timeout_ms: int) -> list[Route]:
     """The routes serving V2 over ``service`` and ``/openapi.json``, with the REST limits."""
     document = openapi_document()
+    reader = v2.JsonReader()
 
     async def openapi(_request: Request) -> Response:
         return Response(document, media_type=JSON_TYPE)
@@ -122,8 +123,8 @@ def v2_routes(service: InferenceService, max_request_bytes: int, timeout_ms: int
             body = await read_body(request, max_request_bytes)
             header_length = request.headers.get(HEADER_LENGTH)
             if len(body) > DECODE_ON_LOOP_BYTES:
-                return await run_blocking(_infer, service, body, header_length, name, version, deadline)
-            infer_request = _infer_request(body, header_length, name, version, deadline)
+                return await run_blocking(_infer, service, body, header_length, name, version, deadline, reader)
+            infer_request = _infer_request(body, header_length, name, version, deadline, reader)
             return encode_response(await v2.infer_async(service, infer_request), infer_request)
         except ServingError as err:
             # Bodies that are not JSON, too large or malformed count as answered requests too.
@@ -159,15 +160,15 @@ def _model_of(request: Request) -> tuple[str, str]:
 
 
 def _infer(service: InferenceService, body: bytes, header_length: str | None, name: str, version: str,
-           deadline: float) -> Response:
+           deadline: float, reader: v2.JsonReader) -> Response:
     """A whole V2 infer in a worker thread, for bodies too large to decode on the loop."""
-    infer_request = _infer_request(body, header_length, name, version, deadline)
+    infer_request = _infer_request(body, header_length, name, version, deadline, reader)
     return encode_response(v2.infer(service, infer_request), infer_request)
 
 
 def _infer_request(body: bytes, header_length: str | None, name: str, version: str,
-                   deadline: float) -> v2.InferRequest:
-    infer_request = decode_request(body, header_length, name, version)
+                   deadline: float, reader: v2.JsonReader) -> v2.InferRequest:
+    infer_request = decode_request(body, header_length, name, version, reader)
     infer_request.deadline = deadline
     return infer_request
 
@@ -175,8 +176,12 @@ def _infer_request(body: bytes, header_length: str | None, name: str, version: s
 # --------------------------------------------------------------------- requests
 
 
-def decode_request(body: bytes, header_length: str | None, model: str, version: str) -> v2.InferRequest:
-    """A V2 REST infer body (JSON, optionally followed by binary tensor data) -> InferRequest."""
+def decode_request(body: bytes, header_length: str | None, model: str, version: str,
+                   reader: v2.JsonReader | None = None) -> v2.InferRequest:
+    """A V2 REST infer body (JSON, optionally followed by binary tensor data) -> InferRequest.
+
+    ``reader`` (one per app) parses the JSON, floating-point data without a Python
+    object per number; without it the general parser does."""
     binary = memoryview(b"")
     if header_length is not None:
         try:
@@ -191,7 +196,7 @@ def decode_request(body: bytes, header_length: str | None, model: str, version: 
         body = body[:size]
     if not body:
         raise InvalidArgument("JSON Parse error: The document is empty")
-    doc = tfs_json.parse_json(body)
+    doc = reader.parse(body) if reader is not None else tfs_json.parse_json(body)
     if not isinstance(doc, dict):
         raise InvalidArgument("inference request must be a JSON object")
     request_id = doc.get("id", "")
