@@ -398,7 +398,7 @@ class ModelManager:
                       if r.error_code != "OK" and r.number in model.complete]
             if failed:
                 raise FailedPrecondition(f"model {name}: no version could be loaded; " + "; ".join(failed))
-            raise FailedPrecondition(f"model {name}: no complete version under {model.config.base_path}")
+            raise FailedPrecondition(f"model {name}: {_not_ready_reason(model)}")  # what /readyz says too
 
     def unload(self, name: str, timeout: float) -> None:
         """Stop serving ``name``: no new request reaches it from now on, and each version

@@ -131,7 +131,7 @@ def test_load_of_a_model_that_cannot_load_names_the_error(control):
     assert "version 1" in str(info.value) and "two" in str(info.value)
     # Nothing on disk at all is said so too.
     shutil.rmtree(base / "1")
-    with pytest.raises(FailedPrecondition, match="no complete version"):
+    with pytest.raises(FailedPrecondition, match="holds no version"):
         service.load_model("two")
 
 
