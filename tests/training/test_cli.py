@@ -168,20 +168,39 @@ def test_console_entry_reports_errors_on_stderr(tmp_path):
     assert "graft-train evaluate: error:" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "training.cli", "fit", "--data", "x"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--repo" in proc.stderr  # argparse's own usage error
+    assert proc.returncode == 2 and "--repo" in proc.stderr  # argparse's own usage error, in one line
+    assert proc.stderr.startswith("graft-train fit: error: ") and proc.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--scenario", "transfer"], "unknown scenario"),
-    (["--base", "alexnet"], "unknown base"),
-    (["--image-size", "16"], "minimum of 32"),
-    (["--model-name", "../escape"], "invalid model name"),
+    (["--image-size", "16"], "argument --image-size: 16 is below vgg16's minimum of 32"),
+    (["--model-name", "../escape"], "argument --model-name: invalid model name"),
     (["--weights", "imagenet"], "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
 ])
 def test_bad_flags_exit_2_before_reading_data(tmp_path, monkeypatch, flags, message):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty cache: imagenet is absent
-    argv = ["fit", "--data", str(tmp_path / "not-read"), "--weights", "none", "--repo", str(tmp_path / "r"),
+    data_dir = write_image_folder(tmp_path / "data", per_class=2)
+    argv = ["fit", "--data", data_dir, "--weights", "none", "--repo", str(tmp_path / "r"),
             "--model-name", "m", "--run-dir", str(tmp_path / "run"), *flags]
     code, out, err = _run(argv)
     assert code == 2 and message in err and "Traceback" not in err
     assert "data:" not in out  # failed before the image scan
+
+
+@pytest.mark.parametrize("flags, flag", [(["--scenario", "transfer"], "--scenario"), (["--base", "alexnet"], "--base")])
+def test_closed_sets_are_argparse_choices(tmp_path, flags, flag):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exc:
+        cli.main(["fit", "--data", str(tmp_path), "--repo", str(tmp_path), "--model-name", "m", *flags])
+    assert exc.value.code == 2
+    assert err.getvalue().startswith(f"graft-train fit: error: argument {flag}: invalid choice")
+    assert err.getvalue().count("\n") == 1
+
+
+def test_evaluate_refuses_classes_the_model_does_not_know(fitted, tmp_path):
+    root, _ = fitted
+    data_dir = write_image_folder(tmp_path / "other", classes=("dots", "zebras"), per_class=1)
+    code, out, err = _run(["evaluate", "--model", str(root / "repo" / "shapes" / "1"), "--data", data_dir])
+    assert code == 2 and out == ""
+    assert err.startswith("graft-train evaluate: error: argument --data: classes not known to the model")
+    assert "zebras" in err and err.count("\n") == 1

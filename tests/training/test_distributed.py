@@ -14,7 +14,7 @@ import pytest
 
 from tests.ports import free_ports
 from tests.training.conftest import make_image_folder
-from training import cli, distributed
+from training import cli, cluster, distributed
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -33,16 +33,16 @@ def tf_config(ports, task_type="worker", index=0, chief_port=None) -> str:
 # -- TF_CONFIG --------------------------------------------------------------
 
 def test_worker_zero_is_the_chief_when_there_is_no_chief_task():
-    first = distributed.parse_tf_config(tf_config([1, 2, 3], index=0))
-    third = distributed.parse_tf_config(tf_config([1, 2, 3], index=2))
+    first = cluster.parse_tf_config(tf_config([1, 2, 3], index=0))
+    third = cluster.parse_tf_config(tf_config([1, 2, 3], index=2))
     assert (first.is_chief, first.position, first.workers) == (True, 0, 3)
     assert (third.is_chief, third.position, third.workers) == (False, 2, 3)
     assert third.describe() == {"type": "worker", "index": 2, "position": 2, "workers": 3, "chief": False}
 
 
 def test_a_chief_task_is_the_chief_and_counts_first():
-    chief = distributed.parse_tf_config(tf_config([1, 2], task_type="chief", index=0, chief_port=9))
-    worker = distributed.parse_tf_config(tf_config([1, 2], index=0, chief_port=9))
+    chief = cluster.parse_tf_config(tf_config([1, 2], task_type="chief", index=0, chief_port=9))
+    worker = cluster.parse_tf_config(tf_config([1, 2], index=0, chief_port=9))
     assert (chief.is_chief, chief.position, chief.workers) == (True, 0, 3)
     # Worker 0 is not the chief when a chief task exists; it reads the second shard.
     assert (worker.is_chief, worker.position) == (False, 1)
@@ -66,21 +66,21 @@ def test_a_chief_task_is_the_chief_and_counts_first():
 ])
 def test_bad_tf_config_is_a_clear_value_error(text, message):
     with pytest.raises(ValueError, match=message):
-        distributed.parse_tf_config(text)
+        cluster.parse_tf_config(text)
 
 
 def test_read_task_uses_the_given_environment():
-    task = distributed.read_task({"TF_CONFIG": tf_config([5, 6], index=1)})
+    task = cluster.read_task({"TF_CONFIG": tf_config([5, 6], index=1)})
     assert (task.type, task.index, task.is_chief) == ("worker", 1, False)
     with pytest.raises(ValueError, match="TF_CONFIG"):
-        distributed.read_task({})
+        cluster.read_task({})
 
 
 # -- who writes where ---------------------------------------------------------
 
 def test_only_the_chief_writes_to_the_given_directory(tmp_path):
-    chief = distributed.parse_tf_config(tf_config([1, 2], index=0))
-    other = distributed.parse_tf_config(tf_config([1, 2], index=1))
+    chief = cluster.parse_tf_config(tf_config([1, 2], index=0))
+    other = cluster.parse_tf_config(tf_config([1, 2], index=1))
     with distributed.write_dir(tmp_path / "ckpt", chief, "graft-ckpt-") as path:
         assert path == tmp_path / "ckpt"
         (path / "a.h5").write_text("x")

@@ -10,7 +10,7 @@ import pytest
 
 from graft import contract
 from tests.training.test_fit import write_image_folder
-from training import cli, pipeline
+from training import cli, pipeline, preflight
 
 SIZE = 32
 
@@ -18,6 +18,7 @@ SIZE = 32
 def _captured_config(monkeypatch, argv) -> pipeline.FitConfig:
     seen = []
     monkeypatch.setattr(pipeline, "run", seen.append)
+    monkeypatch.setattr(preflight, "check_fit", lambda settings: None)  # the folders named here do not exist
     assert cli.main(argv) == 0
     [config] = seen
     return config

