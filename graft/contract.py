@@ -88,6 +88,16 @@ def history_path(base_path: str | os.PathLike) -> Path:
     return Path(base_path) / HISTORY_FILE
 
 
+def _read_optional(path: Path) -> str | None:
+    """The text of a file that may be absent (None); ValueError names it when it cannot be read."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+
+
 # -- labels.json -------------------------------------------------------------------------
 
 def check_labels(labels: Mapping[Any, Any]) -> dict[str, int]:
@@ -125,13 +135,8 @@ def read_labels(base_path: str | os.PathLike) -> dict[str, int] | None:
     Raises ValueError naming the file when it exists but cannot be read or is malformed.
     """
     path = labels_path(base_path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
-    return parse_labels(text, str(path))
+    text = _read_optional(path)
+    return None if text is None else parse_labels(text, str(path))
 
 
 # -- lineage (assets.extra/graft.json) -----------------------------------------------------
@@ -185,6 +190,16 @@ LINEAGE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "preprocess": (_is_str, "a string"),
     "weights": (_is_object, "an object"),
     "scenario": (lambda v: isinstance(v, (str, dict)), "a name or an object"),
+    # Why this scenario and cut: the user's flag, or auto's evidence (probe accuracy per cut, data size, threshold).
+    "decision": (lambda v: isinstance(v, dict) and (v.get("chosen_by") == "user" or (
+        v.get("chosen_by") == "auto" and isinstance(v.get("probe_accuracy"), dict) and len(v["probe_accuracy"]) > 0
+        and all(isinstance(k, str) and isinstance(a, (int, float)) and not isinstance(a, bool) and 0 <= a <= 1
+                for k, a in v["probe_accuracy"].items())
+        and isinstance(v.get("images_per_class"), (int, float)) and not isinstance(v["images_per_class"], bool)
+        and isinstance(v.get("small_threshold"), int) and not isinstance(v["small_threshold"], bool)
+        and v["small_threshold"] > 0)),
+        "an object: chosen_by 'user', or 'auto' with probe_accuracy (cut -> 0..1), images_per_class "
+        "and small_threshold"),
     "frozen_layers": (_is_object, "an object"),
     "bn_frozen": (_is_str_list, "a list of layer names"),
     "hyper_parameters": (_is_object, "an object"),
@@ -232,12 +247,9 @@ def read_lineage(version_dir: str | os.PathLike) -> dict | None:
     breaks the schema.
     """
     path = lineage_path(version_dir)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    text = _read_optional(path)
+    if text is None:
         return None
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from exc
     try:
         data = json.loads(text)
     except ValueError as exc:

@@ -38,10 +38,9 @@ from serving.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ServingError,
 )
 from serving.repository import Repository, select_versions
-from serving.servable import Servable, tf_error_message
+from serving.servable import Servable, status_code, tf_error_message
 
 log = logging.getLogger(__name__)
 
@@ -633,7 +632,7 @@ class ModelManager:
                 record.failures += 1
                 delay = min(self._backoff[0] * 2 ** (record.failures - 1), self._backoff[1])
                 record.retry_at = time.monotonic() + delay
-                record.error_code = _error_code(error)
+                record.error_code = status_code(error)
                 record.error_message = tf_error_message(error)
                 state = VersionState.END
                 log.error("model %s version %d failed to load (attempt %d, retry in %.2fs): %s",
@@ -692,15 +691,6 @@ def _not_ready_reason(model: _Model) -> str:
 
 def _failed(record: _Version | None) -> bool:
     return record is not None and record.state is VersionState.END and record.error_code != "OK"
-
-
-def _error_code(exc: BaseException) -> str:
-    """The gRPC code name status reports for a failed load."""
-    if isinstance(exc, ServingError):
-        return exc.code
-    if isinstance(exc, tf.errors.OpError):
-        return _TF_CODE_NAMES.get(exc.error_code, "UNKNOWN")
-    return "UNKNOWN"
 
 
 def _quiet_unload(servable: Servable) -> None:

@@ -29,7 +29,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from graft import contract
 from serving.buffers import is_shareable
 from serving.devices import ReplicaPool
-from serving.errors import Internal, InvalidArgument, NotFound
+from serving.errors import Internal, InvalidArgument, NotFound, ServingError
 
 log = logging.getLogger(__name__)
 
@@ -364,10 +364,22 @@ def _read_lineage(path: str) -> dict | None:
         return None
 
 
+# TensorFlow's error codes are gRPC's: error_code -> the code's name.
+_TF_CODE_NAMES = {code: name for name, code in vars(tf.errors).items() if name.isupper() and isinstance(code, int)}
+
 # Lines TF adds around a graph error that tell a client nothing about its request.
 # "File ..." lines are the Python stack that built the failing node, which a graph
 # built in this process (a frozen signature) carries.
 _TF_NOISE = ("Graph execution error", "Detected at node", "<stack traces unavailable>", "[[{{node", 'File "')
+
+
+def status_code(exc: BaseException) -> str:
+    """The gRPC status code name of a failure: a ServingError's own, TensorFlow's error's, else UNKNOWN."""
+    if isinstance(exc, ServingError):
+        return exc.code
+    if isinstance(exc, tf.errors.OpError):
+        return _TF_CODE_NAMES.get(exc.error_code, "UNKNOWN")
+    return "UNKNOWN"
 
 
 def tf_error_message(exc: BaseException) -> str:

@@ -17,14 +17,12 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from graft import contract
 from serving.codecs import tensor_proto
-from serving.errors import InvalidArgument, ServingError, WarmupFailed
-from serving.servable import Servable, tf_error_message
+from serving.errors import InvalidArgument, WarmupFailed
+from serving.servable import Servable, status_code, tf_error_message
 from serving.service import ExamplesCall, InferenceService, PredictCall
 
 # TF Serving's limit; more is an error, as there.
 MAX_WARMUP_RECORDS = 1000
-_TF_CODE_NAMES = {code: name for name, code in vars(tf.errors).items()
-                  if name.isupper() and isinstance(code, int)}
 
 
 def replay(service: InferenceService, servable: Servable) -> int:
@@ -49,7 +47,7 @@ def replay(service: InferenceService, servable: Servable) -> int:
         raise
     except Exception as exc:
         raise WarmupFailed(f"warmup record {count} of {path} failed: {tf_error_message(exc)}",
-                           _code(exc)) from exc
+                           status_code(exc)) from exc
     return count
 
 
@@ -78,11 +76,3 @@ def calls(record: prediction_log_pb2.PredictionLog, model: str,
                                 context=context, protocol="warmup"), task.method_name)
     else:
         raise InvalidArgument(f"unsupported warmup record type {kind!r}")
-
-
-def _code(exc: BaseException) -> str:
-    if isinstance(exc, ServingError):
-        return exc.code
-    if isinstance(exc, tf.errors.OpError):
-        return _TF_CODE_NAMES.get(exc.error_code, "UNKNOWN")
-    return "UNKNOWN"

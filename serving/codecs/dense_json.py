@@ -39,6 +39,22 @@ MAX_RANK = 32
 _POOLED_BYTES = 4 << 20
 
 
+class ParserPool:
+    """simdjson parsers, one per thread, reused for bodies up to a few MiB."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, size: int) -> simdjson.Parser:
+        """A parser for a body of ``size`` bytes: this thread's own, or a fresh one for a large body."""
+        if size > _POOLED_BYTES:
+            return simdjson.Parser()
+        parser = getattr(self._local, "parser", None)
+        if parser is None:
+            parser = self._local.parser = simdjson.Parser()
+        return parser
+
+
 @dataclass(frozen=True)
 class DenseBody:
     """A predict body whose ``key`` ("instances" or "inputs") is one rectangular numeric array."""
@@ -57,22 +73,14 @@ class DenseReader:
     """Reads :class:`DenseBody` from request bodies; one simdjson parser per thread."""
 
     def __init__(self):
-        self._local = threading.local()
-
-    def _parser(self, size: int) -> simdjson.Parser:
-        if size > _POOLED_BYTES:
-            return simdjson.Parser()
-        parser = getattr(self._local, "parser", None)
-        if parser is None:
-            parser = self._local.parser = simdjson.Parser()
-        return parser
+        self._parsers = ParserPool()
 
     def read(self, raw: bytes) -> DenseBody | None:
         """The body as a DenseBody, or None when it is anything else (including invalid JSON)."""
         shape = _dense_shape(raw)
         if shape is None:
             return None
-        parser = self._parser(len(raw))
+        parser = self._parsers.get(len(raw))
         try:
             return _read(parser, raw, shape)
         except (ValueError, TypeError, RuntimeError, KeyError):

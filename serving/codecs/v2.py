@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 import struct
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ from tensorflow.core.framework import types_pb2
 from graft import contract
 from serving import __version__
 from serving.codecs import tfs_json
+from serving.codecs.dense_json import ParserPool
 from serving.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from serving.service import DEFAULT_SIGNATURE, PredictCall
 
@@ -330,9 +330,6 @@ def json_to_array(name: str, datatype: Any, shape: Any, data: Any) -> np.ndarray
 # Datatypes whose flat JSON data JsonReader reads in C: any JSON number becomes one of
 # them exactly as the general path's np.asarray(...).astype(...) would make it.
 _DENSE_DATATYPES = frozenset({"FP16", "FP32", "FP64"})
-# A thread's parser keeps the capacity of the largest body it parsed; larger bodies
-# get a parser of their own that is freed with them.
-_POOLED_BYTES = 4 << 20
 
 
 class JsonReader:
@@ -350,7 +347,7 @@ class JsonReader:
     """
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self._parsers = ParserPool()
 
     def parse(self, raw: bytes) -> Any:
         """The body as the general path parses it (``tfs_json.parse_json``), except that the
@@ -358,16 +355,8 @@ class JsonReader:
         body = self._dense(raw)
         return body if body is not None else tfs_json.parse_json(raw)
 
-    def _parser(self, size: int) -> simdjson.Parser:
-        if size > _POOLED_BYTES:
-            return simdjson.Parser()
-        parser = getattr(self._local, "parser", None)
-        if parser is None:
-            parser = self._local.parser = simdjson.Parser()
-        return parser
-
     def _dense(self, raw: bytes) -> dict | None:
-        parser = self._parser(len(raw))
+        parser = self._parsers.get(len(raw))
         try:
             # Every proxy into the document dies with _dense_body's frame, as the parser
             # requires before it parses again.
