@@ -24,6 +24,29 @@ from tests.ports import free_port
 READY_TIMEOUT_S = 90.0
 
 
+class BrokenService:
+    """Just enough of InferenceService for the servers to start and answer health; the calls
+    that read models (the model list, a model's status) fail the way a bug would."""
+
+    draining = False
+
+    def live(self) -> bool:
+        """Always alive."""
+        return True
+
+    def ready(self) -> bool:
+        """Always ready."""
+        return True
+
+    def list_models(self):
+        """A bug."""
+        raise RuntimeError("bug in the service")
+
+    def model_status(self, name, version, label):
+        """A bug."""
+        raise RuntimeError("bug in the service")
+
+
 class Client:
     """Handles on a running server: REST base URL, a gRPC channel and the TF Serving stubs."""
 

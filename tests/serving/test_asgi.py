@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from serving.rest.server import MAX_REQUEST_HEADER_BYTES, RestServer
 from serving.runtime.loop import run_blocking
+from tests.serving.server import BrokenService
 
 BIG = b"x" * (8 << 20)   # more than the socket buffers: the loop is still writing it at stop()
 
@@ -103,25 +104,10 @@ def test_a_taken_port_and_an_unknown_loop_are_refused_at_construction():
         RestServer(APP, "127.0.0.1", 0, event_loop="trio")
 
 
-class _BrokenService:
-    """Just enough of InferenceService for the model list, which fails with a bug."""
-
-    draining = False
-
-    def live(self) -> bool:
-        return True
-
-    def ready(self) -> bool:
-        return True
-
-    def list_models(self):
-        raise RuntimeError("bug in the service")
-
-
 def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(caplog):
     from serving.rest.app import create_app
 
-    server = RestServer(create_app(_BrokenService()), "127.0.0.1", 0, threads=2)
+    server = RestServer(create_app(BrokenService()), "127.0.0.1", 0, threads=2)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     try:
@@ -142,7 +128,7 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(caplog):
 def test_a_client_gone_mid_body_is_no_server_error(caplog):
     from serving.rest.app import create_app
 
-    server = RestServer(create_app(_BrokenService()), "127.0.0.1", 0, threads=2)
+    server = RestServer(create_app(BrokenService()), "127.0.0.1", 0, threads=2)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     try:
