@@ -176,7 +176,9 @@ def _check(config: FitConfig):
     ``--cut-layer`` needs the architecture, built here without weights.
     """
     checked = preflight.check_fit(config)
-    if config.cut_layer:
+    # Not under multiworker: building a network runs TensorFlow ops, and MultiWorkerMirroredStrategy
+    # must come first; build_backbone refuses an unknown cut layer the same way there.
+    if config.cut_layer and config.strategy != "multiworker":
         bases.check_cut_layer(checked.spec, checked.image_size, config.cut_layer)
     return checked.spec, checked.image_size, checked.weights.digested()
 
