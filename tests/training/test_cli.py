@@ -176,6 +176,8 @@ def test_console_entry_reports_errors_on_stderr(tmp_path):
     (["--image-size", "16"], "argument --image-size: 16 is below vgg16's minimum of 32"),
     (["--model-name", "../escape"], "argument --model-name: invalid model name"),
     (["--weights", "imagenet"], "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+    # The one check that builds the architecture (without weights), still before the scan.
+    (["--cut-layer", "block9_pool", "--image-size", "32"], "argument --cut-layer: unknown cut layer 'block9_pool'"),
 ])
 def test_bad_flags_exit_2_before_reading_data(tmp_path, monkeypatch, flags, message):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # an empty cache: imagenet is absent
