@@ -6,7 +6,7 @@ import keras
 
 from tests.training.conftest import class_image
 from training.bases import build_backbone, get_base
-from training.probe import ALPHAS, block_features_model, fit_ridge, probe_blocks, ridge_probe
+from training.probe import ALPHAS, BlockScore, block_features_model, fit_ridge, probe_blocks, ridge_probe, score_blocks
 from sklearn import linear_model
 
 
@@ -63,6 +63,33 @@ def test_probe_blocks_on_a_vgg16_backbone():
     assert all(0.0 <= score <= 1.0 for score in scores.values())
     assert scores["block1_pool"] >= 0.9  # colour and stripes are linear in early features
     assert probe_blocks(backbone, x, y, vx, vy, spec.block_ends, seed=1) == scores  # deterministic
+
+
+def test_leave_one_out_accuracy_is_what_refitting_without_each_image_scores():
+    x, y = blobs(n_per_class=8, dims=12, spread=5.0, seed=3)
+    fitted = fit_ridge(x, y, 3)
+    # Exact LOO: with the same strength, standardization and intercept refitted without image i.
+    hits = 0
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        rest = (x[keep] - x.mean(axis=0)) / x.std(axis=0)
+        reference = linear_model.RidgeClassifier(alpha=fitted.alpha).fit(rest, y[keep])
+        hits += int(reference.predict(((x[i] - x.mean(axis=0)) / x.std(axis=0))[None])[0] == y[i])
+    assert fitted.loo_accuracy == pytest.approx(hits / len(x))
+
+
+def test_block_scores_pool_validation_and_leave_one_out_training_predictions():
+    score = BlockScore(val_accuracy=0.9, train_loo_accuracy=0.6, val_count=10, train_count=30)
+    assert score.accuracy == pytest.approx((9 + 18) / 40)
+    assert score.describe()["accuracy"] == score.accuracy and score.describe()["train_images"] == 30
+    spec = get_base("vgg16")
+    backbone = build_backbone(spec, 32, "none", cut_layer="block2_pool")
+    x, y = class_images(6, 32, seed=0)
+    vx, vy = class_images(4, 32, seed=1)
+    scores = score_blocks(backbone, x, y, vx, vy, ["block1_pool", "block2_pool"])
+    assert {k: v.val_accuracy for k, v in scores.items()} == probe_blocks(
+        backbone, x, y, vx, vy, ["block1_pool", "block2_pool"])
+    assert all(v.train_count == len(y) and v.val_count == len(vy) for v in scores.values())
 
 
 def test_probe_features_come_from_preprocessed_pixels():
