@@ -13,6 +13,12 @@ head phase of every scenario) the trunk's features are computed once, plus
 epoch then costs a few matrix products instead of a full forward pass through
 the CNN. Model assembly and the phase rules are training.phases', shared with
 the multi-worker loop.
+
+LP-FT (``FitOptions.lp_init``, the default): before the first phase the head
+starts as the ridge probe on the training features (training.warmstart), and
+every phase measures its starting point on validation first: a phase whose
+best epoch does not beat that start ends where it started. The exported model
+therefore never scores below the probe on validation.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import data, distributed, phases
+from training import data, distributed, phases, warmstart
 from training.phases import FitOptions, PhaseRun, TrainResult
 
 STRATEGIES = ("default", "mirrored", "multiworker")
@@ -101,6 +107,7 @@ class _Trainer:
         self.monitor = "val_accuracy" if self.val_images is not None else "accuracy"
         self._feature_cache: tuple | None = None
         self._image_cache: tuple | None = None
+        self._plain_features: tuple | None = None
 
     # -- datasets -------------------------------------------------------
     def _dataset(self, images, *, training, augment, seed=None):
@@ -117,12 +124,23 @@ class _Trainer:
             self._image_cache = (train, val)
         return self._image_cache
 
+    def plain_features(self):
+        """(train features, labels, validation features and labels or None): no augmentation, computed once."""
+        if self._plain_features is None:
+            model = self.backbone.model
+            train = phases.extract_features(model, self._dataset(self.train_images, training=False, augment=False))
+            val = None
+            if self.val_images is not None:
+                val = phases.extract_features(model, self._dataset(self.val_images, training=False, augment=False))
+            self._plain_features = (*train, val)
+        return self._plain_features
+
     def feature_datasets(self):
         """(train, val) datasets of cached trunk features, computed once per run."""
         if self._feature_cache is None:
             model = self.backbone.model
-            parts = [phases.extract_features(
-                model, self._dataset(self.train_images, training=False, augment=False))]
+            train_features, train_labels, val_pair = self.plain_features()
+            parts = [(train_features, train_labels)]
             for copy in range(self.options.augment_copies):
                 # A different seed per copy, else every copy would be the same augmentation.
                 augmented = self._dataset(self.train_images, training=True, augment=True,
@@ -135,22 +153,21 @@ class _Trainer:
                      .batch(self.options.batch_size)
                      .prefetch(tf.data.AUTOTUNE))
             val = None
-            if self.val_images is not None:
-                val_features, val_labels = phases.extract_features(
-                    model, self._dataset(self.val_images, training=False, augment=False))
-                val = (tf.data.Dataset.from_tensor_slices((val_features, val_labels))
+            if val_pair is not None:
+                val = (tf.data.Dataset.from_tensor_slices(val_pair)
                        .batch(self.options.batch_size).prefetch(tf.data.AUTOTUNE))
             self._feature_cache = (train, val, len(labels))
         return self._feature_cache
 
     # -- callbacks ------------------------------------------------------
-    def callbacks(self, phase, checkpoint: Path) -> tuple[list, _EpochTimer]:
+    def callbacks(self, phase, checkpoint: Path, start_value: float | None) -> tuple[list, _EpochTimer]:
+        """The phase's callbacks; with ``start_value`` only an epoch that beats it is checkpointed."""
         timer = _EpochTimer()
         callbacks = [
             timer,
             keras.callbacks.ModelCheckpoint(
-                str(checkpoint), monitor=self.monitor, mode="max",
-                save_best_only=True, save_weights_only=True, verbose=0),
+                str(checkpoint), monitor=self.monitor, mode="max", save_best_only=True,
+                save_weights_only=True, initial_value_threshold=start_value, verbose=0),
             keras.callbacks.EarlyStopping(monitor=self.monitor, mode="max",
                                           patience=self.options.patience_for(phase), verbose=0),
         ]
@@ -182,6 +199,8 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
     trainer = _Trainer(plan, backbone, train_images, val_images, options)
     strategy = tf.distribute.get_strategy()
     head, full = phases.assemble(plan, backbone, len(train_images.class_names), options, strategy)
+    probe_info = (_start_from_probe(plan, trainer, head, len(train_images.class_names))
+                  if options.lp_init else None)
 
     history: dict[str, dict[str, list[float]]] = {}
     runs: list[PhaseRun] = []
@@ -201,8 +220,14 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
                 train_ds, val_ds, _ = trainer.feature_datasets()
             else:
                 train_ds, val_ds = trainer.image_datasets()
+            start_value, start_weights = None, None
+            if options.lp_init and val_ds is not None:
+                # Rounded as Keras logs the metric, so that a tie does not count as beating the start.
+                start_value = float(np.float32(phases.score_model(target, val_ds)["accuracy"]))
+                start_weights = target.get_weights()
             checkpoint = checkpoint_dir / f"{index:02d}-{phase.name}.weights.h5"
-            callbacks, timer = trainer.callbacks(phase, checkpoint)
+            checkpoint.unlink(missing_ok=True)  # a reused --checkpoint-dir must not leak an old best
+            callbacks, timer = trainer.callbacks(phase, checkpoint, start_value)
             if trainer.verbose:
                 print(phases.phase_title(index, plan, phase, cached, trainable), flush=True)
             started = time.perf_counter()
@@ -212,22 +237,33 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
             seconds = time.perf_counter() - started
             values = fitted.history.get(trainer.monitor, [])
             best_epoch = int(np.argmax(values)) if values else None
+            kept = "best epoch"
             if checkpoint.exists():
                 target.load_weights(str(checkpoint))
+            elif start_weights is not None:
+                target.set_weights(start_weights)
+                kept = "start"
+            if trainer.verbose and start_value is not None:
+                print(_kept_line(phase.name, trainer.monitor, kept, start_value,
+                                 values[best_epoch] if values else None), flush=True)
             history[phase.name] = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
             runs.append(PhaseRun(
                 name=phase.name, train_trunk=phase.train_trunk, cached_features=cached,
                 optimizer=optimizer, epochs_run=len(timer.seconds), best_epoch=best_epoch,
                 best_value=float(values[best_epoch]) if values else None, monitor=trainer.monitor,
                 seconds=seconds, epoch_seconds=timer.seconds, trainable_trunk_layers=trainable,
-                frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable)))
+                frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable),
+                start_value=start_value, kept=kept))
 
     metrics = {
         "train_images": len(train_images.files),
         "val_images": len(trainer.val_images.files) if trainer.val_images is not None else 0,
         "cached_train_features": trainer._feature_cache[2] if trainer._feature_cache else 0,
+        "lp_init": probe_info is not None,
         "phases": [run.to_dict() for run in runs],
     }
+    if probe_info is not None:
+        metrics["probe"] = probe_info
     _, val_ds = trainer.image_datasets()
     if val_ds is not None:
         # Scored on the assembled model, the object that is exported; no recompile, so
@@ -235,3 +271,32 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
         scores = phases.score_model(full, val_ds)
         metrics.update({"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]})
     return TrainResult(model=full, head=head, history=history, metrics=metrics, phases=runs)
+
+
+def _start_from_probe(plan, trainer: _Trainer, head: keras.Model, num_classes: int) -> dict | None:
+    """Start ``head`` as the ridge probe on the plain training features; what the probe is, or None.
+
+    None when the head cannot hold the probe (training.warmstart.init_head).
+    """
+    train_features, train_labels, val = trainer.plain_features()
+    fitted = warmstart.init_head(head, plan.head, train_features, train_labels, num_classes)
+    if fitted is None:
+        if trainer.verbose:
+            print(f"LP init: the {plan.head} head is too narrow to hold the probe; it starts at random", flush=True)
+        return None
+    info = {"train_features": int(len(train_labels)), "alpha": fitted.alpha, "temperature": fitted.temperature}
+    if val is not None:
+        info["val_accuracy"] = float(np.mean(fitted.predict(warmstart.pooled(val[0])) == val[1]))
+    if trainer.verbose:
+        shown = f", validation accuracy {info['val_accuracy']:.4f}" if "val_accuracy" in info else ""
+        print(f"LP init: the head starts as the ridge probe on {len(train_labels)} training features{shown}",
+              flush=True)
+    return info
+
+
+def _kept_line(name: str, monitor: str, kept: str, start: float, best: float | None) -> str:
+    """``phase head: kept best epoch (val_accuracy 0.96 > start 0.94)``, or that it went back to its start."""
+    if kept == "start":
+        shown = f"best epoch {best:.4f}" if best is not None else "no epoch"
+        return f"phase {name}: kept its start ({monitor} {start:.4f}; {shown} did not beat it)"
+    return f"phase {name}: kept its best epoch ({monitor} {best:.4f} > start {start:.4f})"

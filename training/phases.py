@@ -4,7 +4,9 @@
 :func:`training.distributed.train` (a custom ``strategy.run`` loop under
 MultiWorkerMirroredStrategy) run the same FreezePlan phases on the same model:
 
-- the head (:func:`build_head`) goes on the backbone's features, and the full
+- the head (:func:`build_head`) goes on the backbone's features, standardized
+  by a :class:`Standardize` layer (training.warmstart fits it, with the final
+  layer, from the linear probe), and the full
   model (preprocess + trunk + head) is assembled from the same layer objects
   (:func:`assemble`), so what was trained is exactly what is exported;
 - each phase makes its trunk layers trainable (:func:`set_phase_trainable`),
@@ -40,7 +42,9 @@ class FitOptions:
     (cached features) and, on small data, validation accuracy stalls for many
     epochs before it climbs.
     ``verbose`` None means progress bars when stdout is a terminal, one line per
-    epoch otherwise.
+    epoch otherwise. ``lp_init``: the head starts from the ridge probe fitted on
+    the training features (LP-FT), and every phase keeps its starting point when
+    no epoch beats it on validation; False trains a randomly initialised head.
     """
 
     image_size: int | tuple[int, int]
@@ -56,6 +60,7 @@ class FitOptions:
     strategy: str = "default"
     verbose: int | None = None
     gap_dropout: float = 0.2
+    lp_init: bool = True
 
     def patience_for(self, phase) -> int:
         """The early stopping patience of ``phase`` (a ``scenarios.Phase``)."""
@@ -64,7 +69,12 @@ class FitOptions:
 
 @dataclasses.dataclass
 class PhaseRun:
-    """What one phase did: its optimizer object, epochs run, best score, and timing."""
+    """What one phase did: its optimizer object, epochs run, best score, and timing.
+
+    ``start_value`` is the monitored score of the weights the phase started
+    from (None when it was not measured); ``kept`` says whether the phase ended
+    on its best epoch or went back to that start because no epoch beat it.
+    """
 
     name: str
     train_trunk: bool
@@ -78,6 +88,8 @@ class PhaseRun:
     epoch_seconds: list[float]
     trainable_trunk_layers: list[str]
     frozen_trunk_layers: list[str]
+    start_value: float | None = None
+    kept: str = "best epoch"
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the optimizer as its class name and config)."""
@@ -92,6 +104,8 @@ class PhaseRun:
             "epochs_run": self.epochs_run,
             "best_epoch": self.best_epoch,
             "best_" + self.monitor: self.best_value,
+            "start_" + self.monitor: self.start_value,
+            "kept": self.kept,
             "seconds": round(self.seconds, 3),
             "epoch_seconds": [round(s, 4) for s in self.epoch_seconds],
             "trainable_trunk_layers": len(self.trainable_trunk_layers),
@@ -110,21 +124,60 @@ class TrainResult:
     phases: list[PhaseRun]
 
 
+@keras.saving.register_keras_serializable(package="graft")
+class Standardize(keras.layers.Layer):
+    """``(x - mean) / scale`` per channel (the last axis), from statistics set by :meth:`set_statistics`.
+
+    Non-trainable variables read at every call (Keras' Normalization layer
+    copies its statistics into constants, which a later assignment would not
+    reach). Standardized features let one learning rate suit every base and
+    cut; computes in float32 whatever the global policy.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+    def build(self, input_shape):
+        """Create ``mean`` (zeros) and ``scale`` (ones): the identity until statistics are set."""
+        channels = (int(input_shape[-1]),)
+        self.mean = self.add_weight(name="mean", shape=channels, initializer="zeros", trainable=False)
+        self.scale = self.add_weight(name="scale", shape=channels, initializer="ones", trainable=False)
+
+    def call(self, inputs):
+        """Standardize the last axis."""
+        return (keras.ops.cast(inputs, self.compute_dtype) - self.mean) / self.scale
+
+    def set_statistics(self, mean, scale) -> None:
+        """Set the per-channel mean and scale (scale must be positive)."""
+        scale = np.asarray(scale, dtype=np.float32)
+        if np.any(scale <= 0):
+            raise ValueError("Standardize scale must be positive")
+        self.mean.assign(np.asarray(mean, dtype=np.float32))
+        self.scale.assign(scale)
+
+    def compute_output_shape(self, input_shape):
+        """Same shape as the input."""
+        return input_shape
+
+
 def build_head(kind: str, num_classes: int, feature_shape: Sequence[int], *,
                dropout: float = 0.2, seed: int | None = None) -> keras.Model:
     """The classification head on trunk features of ``feature_shape`` (without batch).
 
-    ``gap``: GlobalAveragePooling2D, Dropout, Dense softmax (a rank-1 feature skips
-    the pooling). ``seed``: Flatten, Dense 1024 relu, Dropout 0.5, Dense 1024 relu,
-    Dense softmax, the head of the Keras "migration learning" article. The final
-    Dense computes in float32 so that mixed precision keeps a stable softmax.
+    Both start with :class:`Standardize` (the identity until training.warmstart
+    sets it from the training features). ``gap``: GlobalAveragePooling2D,
+    Dropout, Dense softmax (a rank-1 feature skips the pooling). ``seed``:
+    Flatten, Dense 1024 relu, Dropout 0.5, Dense 1024 relu, Dense softmax, the
+    head of the Keras "migration learning" article. The final Dense computes in
+    float32 so that mixed precision keeps a stable softmax.
     """
     if kind not in HEAD_KINDS:
         raise ValueError(f"unknown head {kind!r}; expected one of {', '.join(HEAD_KINDS)}")
     if num_classes < 2:
         raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
     inputs = keras.Input(tuple(feature_shape), name="features")
-    x = inputs
+    x = Standardize(name="standardize")(inputs)
     if kind == "gap":
         if len(feature_shape) == 3:
             x = keras.layers.GlobalAveragePooling2D(name="gap")(x)

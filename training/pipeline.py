@@ -318,6 +318,11 @@ def _report(config: FitConfig, path: str, lineage: Mapping, result, evaluation, 
     files = report.write_fit_report(run_dir, history=result.history, summary=summary, evaluation=evaluation)
     _say("validation, through the exported SavedModel:")
     _say(report.format_evaluation(evaluation))
+    probed = lineage["metrics"].get("probe", {}).get("val_accuracy")
+    if probed is not None:
+        # LP-FT's promise, shown: the exported model never scores below the probe it started from.
+        _say(f"validation accuracy: linear probe {probed * 100:.1f} %, "
+             f"exported model {evaluation.accuracy * 100:.1f} %")
     _say(f"report: {files['report']}")
     _say(path)
 
