@@ -141,6 +141,7 @@ def training_lineage(config: FitConfig, spec, image_size: int, backbone, plan, r
         preprocess=spec.preprocess_mode,
         weights={**backbone.source.describe(), "report": backbone.weights_report.describe()},
         scenario=plan.describe(),
+        decision=scenarios.decision_record(plan),
         frozen_layers={run.name: run.frozen_trunk_layers for run in result.phases},
         bn_frozen=[layer.name for layer in bases.bn_layers(backbone.trunk)],
         hyper_parameters={
@@ -241,13 +242,15 @@ def _probe_scenario(config: FitConfig, spec, source, image_size: int, train, val
     x, y = data.load_arrays(data.sample_per_class(train, PROBE_IMAGES_PER_CLASS, config.seed), image_size)
     vx, vy = data.load_arrays(data.sample_per_class(val, PROBE_IMAGES_PER_CLASS, config.seed), image_size)
     _say(f"auto: linear probes at {', '.join(spec.block_ends)} on {len(x)} train / {len(vx)} validation images")
-    scores = probe.probe_blocks(backbone, x, y, vx, vy, spec.block_ends, seed=config.seed,
+    scores = probe.score_blocks(backbone, x, y, vx, vy, spec.block_ends, seed=config.seed,
                                 batch_size=config.batch_size)
-    decision = scenarios.decide_auto(train.per_class_counts(), scores, spec.block_ends,
-                                     small_threshold=threshold)
+    decision = scenarios.decide_auto(train.per_class_counts(), {name: s.accuracy for name, s in scores.items()},
+                                     spec.block_ends, small_threshold=threshold)
     cut = config.cut_layer or decision.cut_layer
+    evidence = {"chosen_by": "auto", **decision.evidence,
+                "probes": {name: score.describe() for name, score in scores.items()}}
     # The probing backbone is the training one when nothing is cut away.
-    return decision.scenario, cut, {"chosen_by": "auto", **decision.evidence}, (backbone if cut is None else None)
+    return decision.scenario, cut, evidence, (backbone if cut is None else None)
 
 
 def _describe_phase(phase, plan, options: phases.FitOptions) -> str:

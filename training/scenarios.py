@@ -192,6 +192,9 @@ def decide_auto(per_class_counts: Mapping[str, int], probe_scores: Mapping[str, 
     "different" when the best probe (the deepest one among ties) is not at the
     last block end and beats the last block's accuracy by more than `margin`;
     the cut then goes to that block (scenario 3; scenario 4 fine-tunes all).
+    `probe_scores` are accuracies per block end; the pipeline passes
+    training.probe.BlockScore.accuracy (validation and leave-one-out training
+    predictions pooled), which ranks blocks more reliably than validation alone.
     """
     if not per_class_counts:
         raise ValueError("per_class_counts is empty")
@@ -216,7 +219,7 @@ def decide_auto(per_class_counts: Mapping[str, int], probe_scores: Mapping[str, 
     cut_layer = best if scenario == 3 else None
     evidence = {
         "rule": "CS231n: small/large from median images per class vs threshold; "
-                "different when the best linear probe is not at the last block",
+                "different when the best linear probe (by probe_scores) is not at the last block",
         "per_class_counts": dict(per_class_counts),
         "median_images_per_class": median,
         "small_threshold": small_threshold,
@@ -230,3 +233,30 @@ def decide_auto(per_class_counts: Mapping[str, int], probe_scores: Mapping[str, 
         "cut_layer": cut_layer,
     }
     return AutoDecision(scenario, cut_layer, size, similarity, evidence)
+
+
+def decision_record(plan: FreezePlan) -> dict:
+    """The lineage's ``decision`` (graft.contract's schema): who chose the plan, and ``auto``'s evidence.
+
+    For ``auto``: the probe accuracy at each cut (and its parts, when the plan
+    has them), the data size (median images per class, counts per class) and
+    the small/large threshold, next to what was chosen.
+    """
+    evidence = plan.evidence
+    record = {"chosen_by": "auto" if evidence.get("chosen_by") == "auto" else "user",
+              "scenario": plan.scenario, "cut_layer": plan.cut_layer}
+    if record["chosen_by"] == "user":
+        return record
+    record.update({
+        "rule": evidence["rule"],
+        "probe_accuracy": dict(evidence["probe_scores"]),
+        "probes": dict(evidence.get("probes", {})),
+        "images_per_class": evidence["median_images_per_class"],
+        "per_class_counts": dict(evidence["per_class_counts"]),
+        "small_threshold": evidence["small_threshold"],
+        "size": evidence["size"],
+        "similarity": evidence["similarity"],
+        "best_block": evidence["best_block"],
+        "auto_cut_layer": evidence["cut_layer"],
+    })
+    return record

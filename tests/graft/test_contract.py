@@ -76,6 +76,19 @@ def test_lineage_schema_checks_known_keys_and_keeps_unknown_ones(tmp_path):
     assert contract.read_lineage(tmp_path / "2") is None
 
 
+def test_the_decision_carries_autos_evidence():
+    auto = {"chosen_by": "auto", "scenario": 3, "cut_layer": "block4_pool", "images_per_class": 10,
+            "small_threshold": 100, "probe_accuracy": {"block4_pool": 0.95, "block5_pool": 0.9}}
+    assert contract.new_lineage(decision=auto)["decision"] == auto
+    assert contract.new_lineage(decision={"chosen_by": "user", "scenario": 1})
+    for bad in ({**auto, "probe_accuracy": {}}, {**auto, "probe_accuracy": {"block4_pool": 95}},
+                {**auto, "probe_accuracy": {"block4_pool": True}}, {**auto, "small_threshold": 0},
+                {k: v for k, v in auto.items() if k != "images_per_class"}, {**auto, "chosen_by": "someone"},
+                ["auto"]):
+        with pytest.raises(ValueError, match="'decision' must be an object"):
+            contract.new_lineage(decision=bad)
+
+
 def test_training_summary():
     summary = contract.training_summary({"base": "vgg16", "scenario": {"name": "feature-extraction"},
                                          "metrics": {"accuracy": 0.7, "val_accuracy": 0.9}})

@@ -5,8 +5,10 @@ import sys
 
 import pytest
 
+from graft import contract
 from training.scenarios import (
-    SCENARIO_ALIASES, AutoDecision, FreezePlan, Phase, decide_auto, default_cut, parse_scenario, plan_for,
+    SCENARIO_ALIASES, AutoDecision, FreezePlan, Phase, decide_auto, decision_record, default_cut, parse_scenario,
+    plan_for,
 )
 
 
@@ -142,3 +144,18 @@ def test_decide_auto_rejects_incomplete_evidence():
         decide_auto({"a": 5, "b": 5}, {"conv9": 0.9, "block5_pool": 0.5}, ENDS)
     with pytest.raises(ValueError):
         decide_auto({}, {"block5_pool": 0.5}, ENDS)
+
+
+def test_the_decision_record_holds_autos_evidence_in_the_contracts_schema():
+    decision = decide_auto({"a": 10, "b": 12}, {"block4_pool": 0.95, "block5_pool": 0.8}, ENDS)
+    evidence = {"chosen_by": "auto", **decision.evidence, "probes": {"block4_pool": {"accuracy": 0.95}}}
+    plan = plan_for(decision.scenario, VGG, cut_layer=decision.cut_layer, evidence=evidence)
+    record = decision_record(plan)
+    assert record["chosen_by"] == "auto" and record["scenario"] == 3 and record["cut_layer"] == "block4_pool"
+    assert record["probe_accuracy"] == {"block4_pool": 0.95, "block5_pool": 0.8}
+    assert record["images_per_class"] == 11 and record["small_threshold"] == 100
+    assert record["probes"] == {"block4_pool": {"accuracy": 0.95}}
+    assert contract.new_lineage(decision=record)["decision"] == record
+    user = decision_record(plan_for(1, VGG, evidence={"chosen_by": "user", "flag": "1"}))
+    assert user == {"chosen_by": "user", "scenario": 1, "cut_layer": None}
+    assert contract.new_lineage(decision=user)
