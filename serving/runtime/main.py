@@ -170,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="metrics need the token too (health always stays open; default false)")
     boolean("enable_reload_config_rpc", d("enable_reload_config_rpc"),
                    help="answer ModelService.HandleReloadConfigRequest, which can point the server at any "
-                        "directory it can read (default true, as TF Serving; false: PERMISSION_DENIED)")
+                        "directory it can read, and V2's repository load and unload of configured models "
+                        "(default true, as TF Serving; false: PERMISSION_DENIED)")
     boolean("enable_model_warmup", d("enable_model_warmup"),
             help="replay each version's assets.extra/tf_serving_warmup_requests before it serves (default true)")
     p.add_argument("--num_request_iterations_for_warmup", type=int, default=d("num_request_iterations_for_warmup"),
