@@ -75,9 +75,6 @@ class DemoConfig:
     val_per_class: int = 10
     test_per_class: int = 0
     image_size: int = 64
-    epochs: int = 100
-    head_lr: float = 1e-2
-    patience: int = 20
     cnn_epochs: int = 200
     min_delta: float = 0.0
     seed: int = 0
@@ -144,14 +141,16 @@ def write_digits(root: str | os.PathLike, *, image_size: int = 64, small_per_cla
 # -- training ---------------------------------------------------------------------------
 
 def _fit(train_dir: Path, val_dir: Path, repo: Path, run_dir: Path, config: DemoConfig) -> Path:
-    """Run the training pipeline as ``graft-train fit`` would; return the exported version directory."""
+    """Run the training pipeline as ``graft-train fit`` would, with its defaults; return the version directory.
+
+    No tuning flags on purpose: the demo shows what a user who trusts the
+    defaults gets.
+    """
     fit_config = pipeline.FitConfig(
         data=train_dir, val_data=val_dir, base="vgg16", weights="hed", scenario="auto",
-        image_size=config.image_size, head_epochs=config.epochs, head_lr=config.head_lr,
-        head_patience=config.patience, seed=config.seed, repo=repo, model_name=MODEL_NAME, run_dir=run_dir)
+        image_size=config.image_size, seed=config.seed, repo=repo, model_name=MODEL_NAME, run_dir=run_dir)
     _say(f"$ graft-train fit --data {train_dir} --val-data {val_dir} --base vgg16 --weights hed --scenario auto "
-         f"--image-size {fit_config.image_size} --head-epochs {fit_config.head_epochs} "
-         f"--head-lr {fit_config.head_lr:g} --head-patience {fit_config.head_patience} --seed {fit_config.seed} "
+         f"--image-size {fit_config.image_size} --seed {fit_config.seed} "
          f"--repo {repo} --model-name {MODEL_NAME} --run-dir {run_dir}")
     return Path(pipeline.run(fit_config))
 
@@ -433,7 +432,7 @@ def run(config: DemoConfig) -> int:
     _say(f"labels.json: {labels}")
     if "stable" not in labels:
         _say("self-check FAILED: no version passed the promotion gate, so there is nothing stable to serve "
-             "(more --epochs or --images-per-class?)")
+             "(more --images-per-class?)")
         return 1
     stable = labels["stable"]
 

@@ -320,12 +320,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                         help="held-out test images per class (default 0: every remaining image)")
     parser.add_argument("--image-size", type=_positive_int, default=64, metavar="N",
                         help="image side in pixels (default 64)")
-    parser.add_argument("--epochs", type=_positive_int, default=100, metavar="N",
-                        help="head epochs of each fit (default 100: cheap on cached features; early stopping)")
-    parser.add_argument("--head-lr", type=_positive_float, default=1e-2, metavar="LR",
-                        help="head learning rate of each fit (default 0.01: raw VGG features are large)")
-    parser.add_argument("--patience", type=_positive_int, default=20, metavar="N",
-                        help="early stopping patience of each fit's head phase (default 20)")
     parser.add_argument("--cnn-epochs", type=_positive_int, default=200, metavar="N",
                         help="epochs of the from-scratch CNN baseline (default 200, early stopping)")
     parser.add_argument("--min-delta", type=float, default=0.0, metavar="D", help="promotion gate (default 0.0)")

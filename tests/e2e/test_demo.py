@@ -70,13 +70,21 @@ def test_demo_flags_become_the_config_and_their_defaults_agree(monkeypatch):
     monkeypatch.setattr(demo, "run", lambda config: seen.append(config) or 0)
     assert cli.main(["demo"]) == 0
     assert cli.main(["demo", "--workdir", "w", "--images-per-class", "5", "--candidate-images-per-class", "8",
-                     "--val-per-class", "3", "--test-per-class", "4", "--image-size", "32", "--epochs", "40",
-                     "--head-lr", "0.1", "--patience", "7", "--cnn-epochs", "2", "--min-delta", "-1",
+                     "--val-per-class", "3", "--test-per-class", "4", "--image-size", "32",
+                     "--cnn-epochs", "2", "--min-delta", "-1",
                      "--seed", "3", "--host", "::", "--grpc-port", "1", "--rest-port", "2", "--no-serve"]) == 0
     assert seen == [demo.DemoConfig(), demo.DemoConfig(
         workdir="w", images_per_class=5, candidate_images_per_class=8, val_per_class=3, test_per_class=4,
-        image_size=32, epochs=40, head_lr=0.1, patience=7, cnn_epochs=2, min_delta=-1.0, seed=3, host="::",
+        image_size=32, cnn_epochs=2, min_delta=-1.0, seed=3, host="::",
         grpc_port=1, rest_port=2, serve=False)]
+
+
+@pytest.mark.parametrize("flag", ["--epochs", "--head-lr", "--patience", "--head-epochs"])
+def test_the_demo_has_no_tuning_flags(flag, capsys):
+    # The demo shows what graft-train fit's defaults give; tuning them there would hide it.
+    with pytest.raises(SystemExit):
+        cli.main(["demo", flag, "1"])
+    assert "unrecognized arguments" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -86,7 +94,7 @@ def test_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     env = dict(os.environ, DEMO_SERVE="0", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "training.cli", "demo", "--workdir", str(workdir),
                "--images-per-class", "5", "--candidate-images-per-class", "8", "--val-per-class", "3",
-               "--test-per-class", "4", "--image-size", "32", "--epochs", "40", "--cnn-epochs", "2",
+               "--test-per-class", "4", "--image-size", "32", "--cnn-epochs", "2",
                "--min-delta", "-1", "--grpc-port", str(grpc_port), "--rest-port", str(rest_port)]
     run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = run.stdout
@@ -118,6 +126,12 @@ def test_demo_runs_end_to_end_at_tiny_scale(tmp_path):
     lineage = json.loads((model_dir / "2" / "assets.extra" / "graft.json").read_text())
     assert lineage["base"] == "vgg16" and lineage["weights"]["kind"] == "hed"
     assert lineage["scenario"]["evidence"]["chosen_by"] == "auto"
+    # LP-FT: the run printed the probe next to the exported model, which is not below it.
+    shown = [line for line in out.splitlines() if line.startswith("validation accuracy: linear probe")]
+    assert len(shown) == 2
+    assert lineage["metrics"]["val_accuracy"] >= lineage["metrics"]["probe"]["val_accuracy"] - 1e-9
+    assert lineage["decision"]["chosen_by"] == "auto" and set(lineage["decision"]["probe_accuracy"]) == set(
+        lineage["scenario"]["evidence"]["probe_scores"])
     assert set(lineage["scenario"]["evidence"]["probe_scores"]) == {
         "block1_pool", "block2_pool", "block3_pool", "block4_pool", "block5_pool"}
     # The answers printed next to the true labels: five rows of "<file> <true> <REST> <gRPC>".
