@@ -95,6 +95,12 @@ class DigitsSplit:
     counts: dict
 
 
+def digit_image(pixels: np.ndarray, image_size: int) -> Image.Image:
+    """One sklearn digit (8x8, 0..16 ink levels) as a grey RGB image, upscaled smoothly to ``image_size``."""
+    grey = (np.asarray(pixels) * (255.0 / 16.0)).astype(np.uint8)
+    return Image.fromarray(grey).resize((image_size, image_size), Image.BILINEAR).convert("RGB")
+
+
 def write_digits(root: str | os.PathLike, *, image_size: int = 64, small_per_class: int = 10,
                  large_per_class: int = 50, val_per_class: int = 10, test_per_class: int = 0,
                  seed: int = 0) -> DigitsSplit:
@@ -130,10 +136,7 @@ def write_digits(root: str | os.PathLike, *, image_size: int = 64, small_per_cla
             folder = getattr(split, part) / str(digit)
             folder.mkdir(parents=True, exist_ok=True)
             for index in indices:
-                # 0..16 ink levels -> 0..255 grey, upscaled smoothly, as three equal channels.
-                pixels = (digits.images[index] * (255.0 / 16.0)).astype(np.uint8)
-                image = Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR)
-                image.convert("RGB").save(folder / f"{index:04d}.png")
+                digit_image(digits.images[index], image_size).save(folder / f"{index:04d}.png")
             counts[part] += len(indices)
     return dataclasses.replace(split, counts=counts)
 
