@@ -21,7 +21,11 @@ dimension 0"), so this module trains the same FreezePlan phases as
   worker takes the same best-epoch and early-stopping decision;
 - only the chief (task type ``chief``, or worker 0 when there is none) writes
   checkpoints and the export; the other workers write theirs to temporary paths
-  that are removed (the save still runs on every worker, as tf.distribute asks).
+  that are removed (the save still runs on every worker, as tf.distribute asks);
+- LP-FT as in training.fit: every worker's pooled training features are
+  all-gathered, the head starts as the ridge probe on all of them (the chief's
+  start broadcast, so that no worker differs in a last bit), and a phase that
+  does not beat its start on the all-reduced validation hands the start back.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training import data, export, phases
+from training import data, export, phases, warmstart
 from training.cluster import Task, read_task
 from training.phases import FitOptions, PhaseRun, TrainResult
 
@@ -222,6 +226,7 @@ class _Run:
             self.val_shard = _shard(val_images, task.position, task.workers)
         self.has_val = val_images is not None and len(val_images.files) > 0
         self._features = None
+        self._plain: tuple[np.ndarray, np.ndarray] | None = None
         self._forward: dict[int, tf.types.experimental.GenericFunction] = {}
 
     def _local(self, images, *, training, augment, seed=None):
@@ -244,12 +249,18 @@ class _Run:
                             seed=self._worker_seed()).repeat()
         return self._distribute(train), self.image_val()
 
+    def plain_features(self) -> tuple[np.ndarray, np.ndarray]:
+        """This worker's shard as trunk features without augmentation, and its labels, computed once."""
+        if self._plain is None:
+            plain = self._local(self.train_shard, training=False, augment=False)
+            self._plain = phases.extract_features(self.backbone.model, plain)
+        return self._plain
+
     def feature_data(self):
         """The same for the trunk's features of this worker's shard, computed once per run."""
         if self._features is None:
             model = self.backbone.model
-            plain = self._local(self.train_shard, training=False, augment=False)
-            parts = [phases.extract_features(model, plain)]
+            parts = [self.plain_features()]
             for copy in range(self.options.augment_copies):
                 augmented = self._local(self.train_shard, training=True, augment=True,
                                         seed=self._worker_seed(1000 * (copy + 1)))
@@ -289,14 +300,16 @@ class _Run:
         """Steps for one pass over ``examples`` (all workers' together) at the global batch size."""
         return max(1, math.ceil(examples / self.options.batch_size))
 
-    def fit_epochs(self, phase, target, step, iterator, steps, val_ds, monitor, checkpoint, writer, verbose):
+    def fit_epochs(self, phase, target, step, iterator, steps, val_ds, monitor, checkpoint, writer, verbose,
+                   start_value: float | None = None):
         """The epochs of one phase, with best-epoch checkpoints and early stopping.
 
+        With ``start_value`` only an epoch that beats it is checkpointed.
         Returns (history, seconds per epoch, best epoch or None, best monitored value).
         """
         logs: dict[str, list[float]] = {}
         epoch_seconds: list[float] = []
-        best_value, best_epoch, wait = -math.inf, None, 0
+        best_value, best_epoch, wait = (-math.inf if start_value is None else start_value), None, 0
         for epoch in range(phase.epochs):
             epoch_start = time.perf_counter()
             totals = np.zeros(3, np.float64)
@@ -365,6 +378,7 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
     run = _Run(strategy, task, backbone, train_images, val_images, options)
     verbose = phases.progress_verbosity(options.verbose)
     head, full = phases.assemble(plan, backbone, len(train_images.class_names), options, strategy)
+    probe_info = _start_from_probe(run, plan, head, train_images) if options.lp_init else None
 
     monitor = "val_accuracy" if run.has_val else "accuracy"
     history: dict[str, dict[str, list[float]]] = {}
@@ -389,28 +403,43 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
             if verbose:
                 print(f"[{task.type} {task.index}] {phases.phase_title(index, plan, phase, cached, trainable)}, "
                       f"{steps} steps/epoch over {task.workers} workers", flush=True)
+            start_value, start_weights = None, None
+            if options.lp_init and run.has_val:
+                start_value = run.validate(target, val_ds)["accuracy"]
+                start_weights = target.get_weights()
+            checkpoint.unlink(missing_ok=True)  # a reused --checkpoint-dir must not leak an old best
             started = time.perf_counter()
             logs, epoch_seconds, best_epoch, best_value = run.fit_epochs(
-                phase, target, step, iter(train_ds), steps, val_ds, monitor, checkpoint, writer, verbose)
+                phase, target, step, iter(train_ds), steps, val_ds, monitor, checkpoint, writer, verbose,
+                start_value)
             seconds = time.perf_counter() - started
             if writer is not None:
                 writer.close()
+            kept = "best epoch"
             if checkpoint.exists():
                 target.load_weights(str(checkpoint))
+            elif start_weights is not None:
+                # Every worker took the same branch (all-reduced scores), so all restore alike.
+                target.set_weights(start_weights)
+                kept = "start"
             history[phase.name] = logs
             runs.append(PhaseRun(
                 name=phase.name, train_trunk=phase.train_trunk, cached_features=cached,
                 optimizer=phase_optimizer, epochs_run=len(epoch_seconds), best_epoch=best_epoch,
                 best_value=None if best_epoch is None else float(best_value), monitor=monitor,
                 seconds=seconds, epoch_seconds=epoch_seconds, trainable_trunk_layers=trainable,
-                frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable)))
+                frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable),
+                start_value=start_value, kept=kept))
 
     metrics = {
         "train_images": len(train_images.files),
         "val_images": len(val_images.files) if run.has_val else 0,
         "cached_train_features": run.cached_examples(),
+        "lp_init": probe_info is not None,
         "phases": [item.to_dict() for item in runs],
     }
+    if probe_info is not None:
+        metrics["probe"] = probe_info
     if run.has_val:
         scores = run.validate(full, run.image_val())
         metrics.update({"val_accuracy": scores["accuracy"], "val_loss": scores["loss"]})
@@ -420,3 +449,43 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
         "weights_digest": weights_digest(full),
     }
     return TrainResult(model=full, head=head, history=history, metrics=metrics, phases=runs)
+
+
+def _gather_pooled(run: _Run, total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every worker's pooled plain training features and labels, in image order, identical on every worker."""
+    features, labels = run.plain_features()
+    pooled = warmstart.pooled(features)
+    channels = pooled.shape[1]
+    rows = np.zeros((total, channels + 1))
+    # A worker's shard is every workers-th image from its position (_shard): its rows go back there.
+    rows[run.task.position::run.task.workers, :channels] = pooled
+    rows[run.task.position::run.task.workers, channels] = labels
+    gathered = sum_across_workers(run.strategy, rows.ravel()).reshape(total, channels + 1)
+    return gathered[:, :channels], np.rint(gathered[:, channels]).astype(np.int64)
+
+
+def _broadcast_from_chief(run: _Run, model: keras.Model) -> None:
+    """Set ``model``'s weights to the chief's on every worker (an all-reduce where only the chief adds)."""
+    values = model.get_weights()
+    flat = np.concatenate([np.ravel(v) for v in values]).astype(np.float64)
+    summed = sum_across_workers(run.strategy, flat if run.task.is_chief else np.zeros_like(flat))
+    restored, offset = [], 0
+    for value in values:
+        restored.append(summed[offset:offset + value.size].reshape(value.shape).astype(value.dtype))
+        offset += value.size
+    model.set_weights(restored)
+
+
+def _start_from_probe(run: _Run, plan, head: keras.Model, train_images) -> dict | None:
+    """LP-FT's start on every worker: the head as the ridge probe on all workers' training features."""
+    features, labels = _gather_pooled(run, len(train_images.files))
+    fitted = warmstart.init_head(head, plan.head, features, labels, len(train_images.class_names))
+    if fitted is None:
+        return None
+    # Each worker fitted the same probe; a different BLAS could still differ in a last bit.
+    _broadcast_from_chief(run, head)
+    info = {"train_features": int(len(labels)), "alpha": fitted.alpha, "temperature": fitted.temperature}
+    if run.has_val:
+        _, val_ds = run.feature_data()
+        info["val_accuracy"] = run.validate(head, val_ds)["accuracy"]
+    return info

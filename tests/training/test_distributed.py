@@ -244,6 +244,12 @@ def test_graft_train_fit_multiworker_on_two_workers(tmp_path):
     distribution = lineage["metrics"]["distribution"]
     assert distribution["workers"] == 2 and distribution["task"]["chief"] is True
     assert lineage["hyper_parameters"]["strategy"] == "multiworker"
+    # LP-FT, the default: the head started as the probe on both workers' features, and the
+    # exported model is not below it on the all-reduced validation.
+    metrics = lineage["metrics"]
+    assert metrics["lp_init"] and metrics["probe"]["train_features"] == metrics["train_images"]
+    assert metrics["val_accuracy"] >= metrics["probe"]["val_accuracy"] - 1e-9
+    assert "validation accuracy: linear probe" in chief_log
     # The other worker trained the same weights and left the export to the chief.
     assert f"not the chief: the chief exports, evaluates and reports (weights digest " \
            f"{distribution['weights_digest']})" in other_log
