@@ -163,7 +163,7 @@ def export_model(base: str, size: int, repo: Path) -> Path:
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32")(features)
     model = keras.Model(backbone.model.input, outputs)
     export_version(model, [f"class{i}" for i in range(NUM_CLASSES)], repo, MODEL_NAME, image_size=size,
-                   lineage={"base": base, "weights": "none", "purpose": "bench/serve.py"})
+                   lineage={"base": base, "weights": {"kind": "none"}, "purpose": "bench/serve.py"})
     return repo / MODEL_NAME
 
 
