@@ -185,7 +185,9 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
     already be inside :func:`strategy_scope` (the backbone's variables have to be
     created in it); "multiworker" runs training.distributed's loop. The best epoch
     of each phase (by val_accuracy, else accuracy) is restored before the next
-    phase starts.
+    phase starts; with ``options.lp_init`` the head starts as the ridge probe and
+    a phase whose best epoch does not beat its start on validation ends at its
+    start (``PhaseRun.kept``).
     """
     if options.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {options.strategy!r}")
