@@ -25,7 +25,20 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from graft import contract
-from training import bases, data, distributed, evaluate, export, fit, phases, preflight, probe, report, scenarios
+from training import (
+    bases,
+    data,
+    distributed,
+    evaluate,
+    export,
+    fit,
+    phases,
+    preflight,
+    probe,
+    report,
+    scenarios,
+    trunk,
+)
 from training.errors import UsageError
 
 # Probes need a few images per class, not the whole set: this caps their cost.
@@ -118,6 +131,9 @@ def run(config: FitConfig) -> str | None:
         result = fit.train(plan, backbone, train_set, val_set, options)
 
     lineage = training_lineage(config, spec, image_size, backbone, plan, result, train_set, val_set, skipped)
+    declared = contract.trunk_of(lineage)
+    _say(f"trunk: {declared['fingerprint']} (frozen: versions with this fingerprint run the same trunk)"
+         if declared else "trunk: trained, so this version declares none")
     path = _export(config, result, train_set, val_set, image_size, lineage)
     if path is None:
         _say(f"not the chief: the chief exports, evaluates and reports "
@@ -134,9 +150,13 @@ def training_lineage(config: FitConfig, spec, image_size: int, backbone, plan, r
     """The lineage of a trained model: base, weights, decisions, hyper-parameters, metrics and data.
 
     Built through graft.contract's schema; export adds what only it knows
-    (class names, signatures, package versions, time).
+    (class names, signatures, package versions, time). A model whose trunk never
+    trained declares that trunk (training.trunk), so that versions on the same
+    trunk can be told apart from the rest.
     """
+    declared = trunk.declaration(backbone, plan, (image_size, image_size, 3))
     return contract.new_lineage(
+        **({"trunk": declared} if declared is not None else {}),
         base=spec.name,
         preprocess=spec.preprocess_mode,
         weights={**backbone.source.describe(), "report": backbone.weights_report.describe()},

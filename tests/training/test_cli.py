@@ -89,6 +89,11 @@ def test_fit_prints_decisions_and_ends_with_the_version_path(fitted):
     assert lineage["hyper_parameters"]["image_size"] == SIZE
     assert len(lineage["dataset"]["fingerprint"]) == 64
     assert lineage["frozen_layers"]["head"]  # every weighted trunk layer stays frozen in scenario 1/3
+    # A frozen trunk is declared, and the run prints its fingerprint.
+    trunk = lineage["trunk"]
+    assert trunk["base"] == "vgg16" and trunk["input_shape"] == [SIZE, SIZE, 3]
+    assert trunk["cut_layer"] == lineage["scenario"]["cut_layer"]
+    assert f"trunk: {trunk['fingerprint']}" in out
 
 
 def test_fit_report_agrees_with_the_savedmodel(fitted):
@@ -140,6 +145,7 @@ def test_fit_fine_tune_alias_seed_head_and_val_data_gives_version_two(fitted, wo
     assert [p["name"] for p in lineage["metrics"]["phases"]] == ["head", "fine-tune"]
     assert lineage["dataset"]["val_count"] == 12
     assert len(lineage["frozen_layers"]["fine-tune"]) < len(lineage["frozen_layers"]["head"])
+    assert "trunk" not in lineage and "trunk: trained, so this version declares none" in out
 
 
 @pytest.mark.parametrize("case", ["missing", "single-class", "empty-class"])
