@@ -108,14 +108,15 @@ def _read(parser: simdjson.Parser, raw: bytes, shape: tuple[int, ...]) -> DenseB
         values = np.frombuffer(array.as_buffer(of_type="d"), dtype=np.float64)
         if values.size != _product(shape):
             return None
-        others = {k: _plain(doc[k]) for k in keys if k != key}
+        others = {k: plain(doc[k]) for k in keys if k != key}
     finally:
         # The parser refuses to parse again while proxies into its document live.
         del doc, array
     return DenseBody(key=key, values=values.reshape(shape), fields=others, raw=raw)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
+    """A simdjson value as plain Python (dict, list, str, number), detached from its document."""
     if isinstance(value, simdjson.Object):
         return value.as_dict()
     if isinstance(value, simdjson.Array):

@@ -35,7 +35,7 @@ from tensorflow.core.framework import types_pb2
 from graft import contract
 from serving import __version__
 from serving.codecs import tfs_json
-from serving.codecs.dense_json import ParserPool
+from serving.codecs.dense_json import ParserPool, plain
 from serving.errors import FailedPrecondition, InvalidArgument, Unimplemented
 from serving.service import DEFAULT_SIGNATURE, PredictCall
 
@@ -383,7 +383,7 @@ def _dense_body(doc: Any, brackets: int) -> dict | None:
         item_keys = _unique_keys(item) if isinstance(item, simdjson.Object) else None
         if item_keys is None:
             return None
-        tensor = {k: _plain(item[k]) for k in item_keys if k != "data"}
+        tensor = {k: plain(item[k]) for k in item_keys if k != "data"}
         known += isinstance(tensor.get("shape"), list)
         if "data" in item_keys:
             data = item["data"]
@@ -391,19 +391,11 @@ def _dense_body(doc: Any, brackets: int) -> dict | None:
             if isinstance(data, simdjson.Array) and tensor.get("datatype") in _DENSE_DATATYPES:
                 tensor["data"] = np.frombuffer(data.as_buffer(of_type="d"), dtype=np.float64)
             else:
-                tensor["data"] = _plain(data)
+                tensor["data"] = plain(data)
         items.append(tensor)
     if known != brackets:
         return None
-    return {**{k: _plain(doc[k]) for k in keys if k != "inputs"}, "inputs": items}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, simdjson.Object):
-        return value.as_dict()
-    if isinstance(value, simdjson.Array):
-        return value.as_list()
-    return value
+    return {**{k: plain(doc[k]) for k in keys if k != "inputs"}, "inputs": items}
 
 
 def raw_to_array(name: str, datatype: Any, shape: Any, raw: bytes | memoryview) -> np.ndarray:
