@@ -19,6 +19,11 @@ from training.bases import Backbone, preprocess_layer
 
 # Ridge strengths tried, relative to the mean squared singular value.
 ALPHAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+# The smallest channel scale, relative to the mean channel's standard deviation. A channel
+# that is nearly dead on the training images would otherwise be divided by almost nothing:
+# it dominates held-out images where it fires, and a head started from the probe passes
+# that amplification into the trunk's gradients when fine-tuning (docs/benchmarks.md).
+SCALE_FLOOR = 0.1
 # Softmax temperatures tried for the probe's scores (a log grid): ridge scores sit
 # near the {-1, 1} targets, far too flat for a softmax that a head then trains from.
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.1, 100.0, 61))
@@ -77,6 +82,8 @@ class RidgeProbe:
 def fit_ridge(features: np.ndarray, labels, n_classes: int, *, alphas: Sequence[float] = ALPHAS) -> RidgeProbe:
     """Fit a ridge classifier (with intercept) on standardized features.
 
+    Each feature is centred and divided by ``sqrt(std ** 2 + (SCALE_FLOOR *
+    mean std) ** 2)``: its standard deviation, floored for near-dead channels.
     Each alpha is scaled by the mean squared singular value of the features;
     the one with the best exact leave-one-out accuracy on `features` wins
     (from one SVD, as scikit-learn's RidgeClassifierCV computes it). The
@@ -86,8 +93,9 @@ def fit_ridge(features: np.ndarray, labels, n_classes: int, *, alphas: Sequence[
     labels = np.asarray(labels, dtype=np.int64)
     x = np.asarray(features, dtype=np.float64)
     mean = x.mean(axis=0)
-    scale = x.std(axis=0)
-    scale[scale < 1e-8] = 1.0  # dead channels (ReLU never on) carry nothing
+    std = x.std(axis=0)
+    scale = np.sqrt(std ** 2 + (SCALE_FLOOR * std.mean()) ** 2)
+    scale[scale < 1e-8] = 1.0  # every channel dead (ReLU never on): nothing to scale
     x = (x - mean) / scale
     targets = np.eye(n_classes)[labels] * 2.0 - 1.0
     offset = targets.mean(axis=0)

@@ -6,7 +6,7 @@ import keras
 
 from tests.training.conftest import class_image
 from training.bases import build_backbone, get_base
-from training.probe import ALPHAS, BlockScore, block_features_model, fit_ridge, probe_blocks, ridge_probe, score_blocks
+from training.probe import ALPHAS, SCALE_FLOOR, BlockScore, block_features_model, fit_ridge, probe_blocks, ridge_probe, score_blocks
 from sklearn import linear_model
 
 
@@ -20,7 +20,7 @@ def blobs(n_per_class=30, classes=3, dims=20, spread=1.0, seed=0):
 def test_ridge_matches_scikit_learn_for_a_given_strength():
     x, y = blobs(spread=4.0)
     probe = fit_ridge(x, y, 3, alphas=[0.1])
-    standardized = (x - x.mean(axis=0)) / x.std(axis=0)
+    standardized = (x - x.mean(axis=0)) / probe.scale
     reference = linear_model.RidgeClassifier(alpha=probe.alpha).fit(standardized, y)
     np.testing.assert_allclose(probe.decision_function(x), reference.decision_function(standardized),
                                rtol=1e-6, atol=1e-8)
@@ -29,11 +29,22 @@ def test_ridge_matches_scikit_learn_for_a_given_strength():
 def test_leave_one_out_choice_matches_scikit_learn():
     x, y = blobs(n_per_class=12, dims=40, spread=6.0, seed=1)
     probe = fit_ridge(x, y, 3)
-    standardized = (x - x.mean(axis=0)) / x.std(axis=0)
+    standardized = (x - x.mean(axis=0)) / probe.scale
     unit = float(np.mean(np.linalg.svd(standardized, compute_uv=False) ** 2))
     reference = linear_model.RidgeClassifierCV(alphas=np.array(ALPHAS) * unit, scoring="accuracy")
     reference.fit(standardized, y)
     assert probe.alpha == pytest.approx(reference.alpha_)
+
+
+def test_the_scale_is_the_standard_deviation_floored_for_near_dead_channels():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.normal(0, 2.0, (40, 3)), rng.normal(0, 1e-6, (40, 1))], axis=1)
+    y = np.arange(40) % 2
+    probe = fit_ridge(x, y, 2)
+    floor = SCALE_FLOOR * x.std(axis=0).mean()
+    np.testing.assert_allclose(probe.scale, np.sqrt(x.std(axis=0) ** 2 + floor ** 2))
+    # The near-dead channel is divided by the floor, not by its own 1e-6.
+    assert probe.scale[3] == pytest.approx(floor, rel=1e-6)
 
 
 def test_ridge_separates_separable_classes_and_not_noise():
@@ -72,9 +83,9 @@ def test_leave_one_out_accuracy_is_what_refitting_without_each_image_scores():
     hits = 0
     for i in range(len(x)):
         keep = np.arange(len(x)) != i
-        rest = (x[keep] - x.mean(axis=0)) / x.std(axis=0)
+        rest = (x[keep] - x.mean(axis=0)) / fitted.scale
         reference = linear_model.RidgeClassifier(alpha=fitted.alpha).fit(rest, y[keep])
-        hits += int(reference.predict(((x[i] - x.mean(axis=0)) / x.std(axis=0))[None])[0] == y[i])
+        hits += int(reference.predict(((x[i] - x.mean(axis=0)) / fitted.scale)[None])[0] == y[i])
     assert fitted.loo_accuracy == pytest.approx(hits / len(x))
 
 

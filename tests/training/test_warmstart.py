@@ -87,7 +87,7 @@ def _write_faint_classes(root, per_class: int, seed: int) -> str:
         for index in range(per_class):
             image = np.full((SIZE, SIZE, 3), 120.0)
             image[..., label] += 8.0
-            image += rng.normal(0.0, 60.0, image.shape)
+            image += rng.normal(0.0, 80.0, image.shape)
             Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(root / f"c{label}" / f"{index}.png")
     return str(root)
 
