@@ -25,7 +25,8 @@ dimension 0"), so this module trains the same FreezePlan phases as
 - LP-FT as in training.fit: every worker's pooled training features are
   all-gathered, the head starts as the ridge probe on all of them (the chief's
   start broadcast, so that no worker differs in a last bit), and a phase that
-  does not beat its start on the all-reduced validation hands the start back.
+  does not beat its start on the all-reduced validation (accuracy, then the
+  sign test over all-reduced disagreement counts) hands the start back.
 """
 
 from __future__ import annotations
@@ -341,6 +342,12 @@ class _Run:
                     break
         return logs, epoch_seconds, best_epoch, best_value
 
+    def local_predictions(self, model, val_ds) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted, true) labels of this worker's validation shard (empty when it has none)."""
+        if val_ds is None:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return phases.predicted_labels(model, val_ds)
+
     def validate(self, model, val_ds) -> dict[str, float] | None:
         """Accuracy and loss over every worker's validation shard (identical on every worker)."""
         if not self.has_val:
@@ -403,10 +410,11 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
             if verbose:
                 print(f"[{task.type} {task.index}] {phases.phase_title(index, plan, phase, cached, trainable)}, "
                       f"{steps} steps/epoch over {task.workers} workers", flush=True)
-            start_value, start_weights = None, None
+            start_value, start_weights, start_predictions = None, None, None
             if options.lp_init and run.has_val:
                 start_value = run.validate(target, val_ds)["accuracy"]
                 start_weights = target.get_weights()
+                start_predictions = run.local_predictions(target, val_ds)
             checkpoint.unlink(missing_ok=True)  # a reused --checkpoint-dir must not leak an old best
             started = time.perf_counter()
             logs, epoch_seconds, best_epoch, best_value = run.fit_epochs(
@@ -415,9 +423,18 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
             seconds = time.perf_counter() - started
             if writer is not None:
                 writer.close()
-            kept = "best epoch"
+            kept, versus = "best epoch", None
             if checkpoint.exists():
                 target.load_weights(str(checkpoint))
+                if start_weights is not None:
+                    predicted, labels = run.local_predictions(target, val_ds)
+                    local = phases.versus_start(predicted, start_predictions[0], labels)
+                    wins, losses = (int(round(v)) for v in sum_across_workers(strategy, local))
+                    versus = phases.keeps_best(wins, losses)
+                    if not versus["best"]:
+                        # The counts are all-reduced: every worker decides alike.
+                        target.set_weights(start_weights)
+                        kept = "start"
             elif start_weights is not None:
                 # Every worker took the same branch (all-reduced scores), so all restore alike.
                 target.set_weights(start_weights)
@@ -429,7 +446,7 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
                 best_value=None if best_epoch is None else float(best_value), monitor=monitor,
                 seconds=seconds, epoch_seconds=epoch_seconds, trainable_trunk_layers=trainable,
                 frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable),
-                start_value=start_value, kept=kept))
+                start_value=start_value, kept=kept, versus_start=versus))
 
     metrics = {
         "train_images": len(train_images.files),

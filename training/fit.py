@@ -17,8 +17,10 @@ the multi-worker loop.
 LP-FT (``FitOptions.lp_init``, the default): before the first phase the head
 starts as the ridge probe on the training features (training.warmstart), and
 every phase measures its starting point on validation first: a phase whose
-best epoch does not beat that start ends where it started. The exported model
-therefore never scores below the probe on validation.
+best epoch does not beat that start, or beats it by no more than chance (a
+sign test over the validation images the two classify differently,
+phases.keeps_best), ends where it started. The exported model therefore never
+scores below the probe on validation.
 """
 
 from __future__ import annotations
@@ -222,10 +224,11 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
                 train_ds, val_ds, _ = trainer.feature_datasets()
             else:
                 train_ds, val_ds = trainer.image_datasets()
-            start_value, start_weights = None, None
+            start_value, start_weights, start_predictions, val_labels = None, None, None, None
             if options.lp_init and val_ds is not None:
+                start_predictions, val_labels = phases.predicted_labels(target, val_ds)
                 # Rounded as Keras logs the metric, so that a tie does not count as beating the start.
-                start_value = float(np.float32(phases.score_model(target, val_ds)["accuracy"]))
+                start_value = float(np.float32(np.mean(start_predictions == val_labels)))
                 start_weights = target.get_weights()
             checkpoint = checkpoint_dir / f"{index:02d}-{phase.name}.weights.h5"
             checkpoint.unlink(missing_ok=True)  # a reused --checkpoint-dir must not leak an old best
@@ -239,15 +242,21 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
             seconds = time.perf_counter() - started
             values = fitted.history.get(trainer.monitor, [])
             best_epoch = int(np.argmax(values)) if values else None
-            kept = "best epoch"
+            kept, versus = "best epoch", None
             if checkpoint.exists():
                 target.load_weights(str(checkpoint))
+                if start_weights is not None:
+                    best_predictions, _ = phases.predicted_labels(target, val_ds)
+                    versus = phases.keeps_best(*phases.versus_start(best_predictions, start_predictions, val_labels))
+                    if not versus["best"]:
+                        target.set_weights(start_weights)
+                        kept = "start"
             elif start_weights is not None:
                 target.set_weights(start_weights)
                 kept = "start"
             if trainer.verbose and start_value is not None:
                 print(_kept_line(phase.name, trainer.monitor, kept, start_value,
-                                 values[best_epoch] if values else None), flush=True)
+                                 values[best_epoch] if values else None, versus), flush=True)
             history[phase.name] = {k: [float(v) for v in vs] for k, vs in fitted.history.items()}
             runs.append(PhaseRun(
                 name=phase.name, train_trunk=phase.train_trunk, cached_features=cached,
@@ -255,7 +264,7 @@ def train(plan, backbone, train_images, val_images, options: FitOptions) -> Trai
                 best_value=float(values[best_epoch]) if values else None, monitor=trainer.monitor,
                 seconds=seconds, epoch_seconds=timer.seconds, trainable_trunk_layers=trainable,
                 frozen_trunk_layers=phases.frozen_trunk_layers(backbone, trainable),
-                start_value=start_value, kept=kept))
+                start_value=start_value, kept=kept, versus_start=versus))
 
     metrics = {
         "train_images": len(train_images.files),
@@ -296,9 +305,16 @@ def _start_from_probe(plan, trainer: _Trainer, head: keras.Model, num_classes: i
     return info
 
 
-def _kept_line(name: str, monitor: str, kept: str, start: float, best: float | None) -> str:
-    """``phase head: kept best epoch (val_accuracy 0.96 > start 0.94)``, or that it went back to its start."""
-    if kept == "start":
-        shown = f"best epoch {best:.4f}" if best is not None else "no epoch"
-        return f"phase {name}: kept its start ({monitor} {start:.4f}; {shown} did not beat it)"
-    return f"phase {name}: kept its best epoch ({monitor} {best:.4f} > start {start:.4f})"
+def _kept_line(name: str, monitor: str, kept: str, start: float, best: float | None, versus: dict | None) -> str:
+    """``phase head: kept its best epoch (val_accuracy 0.96 > start 0.90; ...)``, or why it went back to its start."""
+    test = ""
+    if versus is not None:
+        test = (f"; {versus['wins']} validation images better, {versus['losses']} worse, "
+                f"sign test p={versus['p_value']:.2g}")
+    if kept == "best epoch":
+        return f"phase {name}: kept its best epoch ({monitor} {best:.4f} > start {start:.4f}{test})"
+    if versus is not None:
+        return (f"phase {name}: kept its start ({monitor} {start:.4f}; best epoch {best:.4f}, "
+                f"not significantly better{test})")
+    shown = f"best epoch {best:.4f}" if best is not None else "no epoch"
+    return f"phase {name}: kept its start ({monitor} {start:.4f}; {shown} did not beat it)"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import sys
 from collections.abc import Sequence
 
@@ -29,6 +30,10 @@ import tensorflow as tf
 from training import bases, data
 
 HEAD_KINDS = ("gap", "seed")
+# A phase's best epoch replaces the phase's start only when a one-sided sign test over
+# the validation images the two classify differently says it is better at this level:
+# the best of many epochs on a few hundred images wins by an image or two by chance.
+KEEP_LEVEL = 0.05
 
 
 @dataclasses.dataclass
@@ -73,7 +78,8 @@ class PhaseRun:
 
     ``start_value`` is the monitored score of the weights the phase started
     from (None when it was not measured); ``kept`` says whether the phase ended
-    on its best epoch or went back to that start because no epoch beat it.
+    on its best epoch or went back to that start, because no epoch beat it or
+    the best one was not significantly better (``versus_start``: the sign test).
     """
 
     name: str
@@ -90,6 +96,7 @@ class PhaseRun:
     frozen_trunk_layers: list[str]
     start_value: float | None = None
     kept: str = "best epoch"
+    versus_start: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary (the optimizer as its class name and config)."""
@@ -106,6 +113,7 @@ class PhaseRun:
             "best_" + self.monitor: self.best_value,
             "start_" + self.monitor: self.start_value,
             "kept": self.kept,
+            "versus_start": self.versus_start,
             "seconds": round(self.seconds, 3),
             "epoch_seconds": [round(s, 4) for s in self.epoch_seconds],
             "trainable_trunk_layers": len(self.trainable_trunk_layers),
@@ -246,6 +254,38 @@ def score_model(model: keras.Model, dataset: tf.data.Dataset) -> dict[str, float
     if not count:
         raise ValueError("no images to score")
     return {"accuracy": correct / count, "loss": loss / count}
+
+
+def predicted_labels(model: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(the class ``model`` predicts, the true label) for each example of a dataset of (inputs, labels), in order."""
+    forward = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+    predicted, labels = [], []
+    for inputs, batch_labels in dataset:
+        predicted.append(np.argmax(tf.cast(forward(inputs), tf.float32).numpy(), axis=-1))
+        labels.append(batch_labels.numpy())
+    if not predicted:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(predicted), np.concatenate(labels).astype(np.int64)
+
+
+def versus_start(best: np.ndarray, start: np.ndarray, labels: np.ndarray) -> tuple[int, int]:
+    """(wins, losses): validation images only the best epoch gets right, and only the start gets right."""
+    best_right, start_right = best == labels, start == labels
+    return int(np.sum(best_right & ~start_right)), int(np.sum(start_right & ~best_right))
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided p-value that ``wins`` of ``wins + losses`` disagreements favour one side by chance."""
+    total = wins + losses
+    if total == 0:
+        return 1.0
+    return sum(math.comb(total, k) for k in range(wins, total + 1)) / 2 ** total
+
+
+def keeps_best(wins: int, losses: int) -> dict:
+    """The keep-the-better decision between a phase's best epoch and its start, with its evidence."""
+    p_value = sign_test(wins, losses)
+    return {"wins": wins, "losses": losses, "p_value": p_value, "best": wins > losses and p_value < KEEP_LEVEL}
 
 
 def check_run(plan, options: FitOptions) -> None:

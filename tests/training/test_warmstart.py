@@ -164,3 +164,17 @@ def test_the_exported_model_is_the_probe_start_when_training_only_hurts(noisy_se
     assert served.accuracy == pytest.approx(probe_accuracy)
     assert f"linear probe {probe_accuracy * 100:.1f} %" in out
     assert f"exported model {served.accuracy * 100:.1f} %" in out
+
+
+def test_a_best_epoch_replaces_its_start_only_when_a_sign_test_says_it_is_better():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    start = np.array([0, 1, 2, 0, 0, 0, 0, 0])
+    best = np.array([0, 1, 2, 1, 1, 2, 0, 1])
+    assert phases.versus_start(best, start, labels) == (3, 1)
+    assert phases.sign_test(3, 1) == pytest.approx(5 / 16)
+    assert phases.sign_test(0, 0) == 1.0
+    # One or two images better, out of a hundred, is what the best of many epochs gets by chance.
+    assert not phases.keeps_best(2, 0)["best"] and not phases.keeps_best(4, 0)["best"]
+    assert phases.keeps_best(5, 0)["best"] and phases.keeps_best(5, 0)["p_value"] == pytest.approx(1 / 32)
+    assert not phases.keeps_best(9, 4)["best"] and phases.keeps_best(12, 2)["best"]
+    assert not phases.keeps_best(0, 5)["best"]
