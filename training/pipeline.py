@@ -52,7 +52,8 @@ class FitConfig:
     """Everything one training run needs; the fields are ``graft-train fit``'s flags.
 
     ``image_size`` None means the base's own size; ``val_split`` applies only
-    without ``val_data``; ``run_dir`` None means ``runs/<model_name>-<UTC time>``.
+    without ``val_data``; ``run_dir`` None means ``runs/<model_name>-<UTC time>``;
+    ``head_lr`` None means the head's own rate (scenarios.HEAD_LEARNING_RATES).
     Values that are wrong whatever the data (a negative epoch count, an unknown
     head or strategy) raise ValueError here; the base, scenario, weights and
     model name are checked by :func:`run` before it reads any image.
@@ -76,7 +77,7 @@ class FitConfig:
     head_epochs: int = 100
     finetune_epochs: int = 10
     batch_size: int = 32
-    head_lr: float = 1e-3
+    head_lr: float | None = None
     finetune_lr: float = 1e-4
     patience: int = 5
     head_patience: int = 20
@@ -98,7 +99,7 @@ class FitConfig:
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, not {value}")
         for name, value in {"head_lr": self.head_lr, "finetune_lr": self.finetune_lr}.items():
-            if not value > 0:
+            if value is not None and not value > 0:
                 raise ValueError(f"{name} must be positive, not {value}")
         if not 0.0 < self.val_split < 1.0:
             raise ValueError(f"val_split must be between 0 and 1 (exclusive), not {self.val_split}")
@@ -167,7 +168,9 @@ def training_lineage(config: FitConfig, spec, image_size: int, backbone, plan, r
         hyper_parameters={
             "image_size": image_size, "batch_size": config.batch_size, "head": config.head,
             "head_epochs": config.head_epochs, "finetune_epochs": config.finetune_epochs,
-            "head_lr": config.head_lr, "finetune_lr": config.finetune_lr, "freeze_first": config.freeze_first,
+            # The rate the head trained at: the flag, or the head's own default.
+            "head_lr": plan.phases[0].learning_rate, "finetune_lr": config.finetune_lr,
+            "freeze_first": config.freeze_first,
             "cut_layer": plan.cut_layer, "seed": config.seed, "augment": config.augment,
             "augment_copies": config.augment_copies, "patience": config.patience,
             "head_patience": config.head_patience,

@@ -40,6 +40,10 @@ OPTIMIZERS = ("adam", "sgd")
 SMALL_THRESHOLD = 100
 # The article's fine-tuning optimizer: SGD(1e-4, momentum 0.9).
 FINETUNE_MOMENTUM = 0.9
+# The head phase's Adam learning rate when none is given, per head: the seed head's
+# eight million weights drift away from their probe start at the gap head's rate
+# (docs/benchmarks.md, bench/transfer.py's section).
+HEAD_LEARNING_RATES: Mapping[str, float] = MappingProxyType({"gap": 1e-3, "seed": 1e-4})
 
 
 class _Spec(Protocol):
@@ -129,11 +133,12 @@ def default_cut(spec: _Spec) -> str:
 
 def plan_for(scenario: int, spec: _Spec, *, cut_layer: str | None = None, freeze_first: int = 0,
              head: str = "gap", head_epochs: int = 100, finetune_epochs: int = 10,
-             head_lr: float = 1e-3, finetune_lr: float = 1e-4, finetune_optimizer: str = "sgd",
+             head_lr: float | None = None, finetune_lr: float = 1e-4, finetune_optimizer: str = "sgd",
              momentum: float = FINETUNE_MOMENTUM, evidence: Mapping | None = None) -> FreezePlan:
     """Build the freeze plan of one scenario for one base.
 
-    Every plan starts with a head phase (Adam at `head_lr`, trunk frozen).
+    Every plan starts with a head phase (Adam at `head_lr`, trunk frozen;
+    None means the head's own rate, HEAD_LEARNING_RATES).
     Scenarios 2 and 4 add a fine-tuning phase (`finetune_optimizer` at
     `finetune_lr`, SGD with momentum 0.9 by default, as the article).
     Scenario 3 cuts at `cut_layer`, else `default_cut(spec)`. `freeze_first`
@@ -144,6 +149,8 @@ def plan_for(scenario: int, spec: _Spec, *, cut_layer: str | None = None, freeze
         raise ValueError(f"scenario must be 1, 2, 3 or 4, not {scenario!r}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+    if head_lr is None:
+        head_lr = HEAD_LEARNING_RATES[head]
     if finetune_optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {finetune_optimizer!r}")
     if head_epochs < 1:

@@ -106,7 +106,8 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--finetune-epochs", type=_positive_int, default=10, metavar="N",
                        help="most epochs of the phase that trains the trunk, scenarios 2 and 4 (default 10)")
     train.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="(default 32)")
-    train.add_argument("--head-lr", type=_positive_float, default=1e-3, metavar="LR", help="Adam (default 1e-3)")
+    train.add_argument("--head-lr", type=_positive_float, default=None, metavar="LR",
+                       help="Adam (default: 1e-3 for the gap head, 1e-4 for the seed head)")
     train.add_argument("--finetune-lr", type=_positive_float, default=1e-4, metavar="LR",
                        help="SGD with momentum 0.9 (default 1e-4, as the article)")
     train.add_argument("--patience", type=_positive_int, default=5, metavar="N",

@@ -7,8 +7,8 @@ import pytest
 
 from graft import contract
 from training.scenarios import (
-    SCENARIO_ALIASES, AutoDecision, FreezePlan, Phase, decide_auto, decision_record, default_cut, parse_scenario,
-    plan_for,
+    HEAD_LEARNING_RATES, SCENARIO_ALIASES, AutoDecision, FreezePlan, Phase, decide_auto, decision_record, default_cut,
+    parse_scenario, plan_for,
 )
 
 
@@ -159,3 +159,9 @@ def test_the_decision_record_holds_autos_evidence_in_the_contracts_schema():
     user = decision_record(plan_for(1, VGG, evidence={"chosen_by": "user", "flag": "1"}))
     assert user == {"chosen_by": "user", "scenario": 1, "cut_layer": None}
     assert contract.new_lineage(decision=user)
+
+
+def test_each_head_has_its_own_default_learning_rate():
+    assert plan_for(1, VGG).phases[0].learning_rate == HEAD_LEARNING_RATES["gap"] == 1e-3
+    assert plan_for(1, VGG, head="seed").phases[0].learning_rate == HEAD_LEARNING_RATES["seed"] == 1e-4
+    assert plan_for(1, VGG, head="seed", head_lr=0.01).phases[0].learning_rate == 0.01
