@@ -10,7 +10,7 @@ Rows, each trained by ``training.pipeline.run`` as ``graft-train fit`` runs
 it (defaults only: base vgg16, ``--weights hed``, ``--image-size 64``), its
 exported SavedModel scored on the held-out images:
 
-- ``auto``: ``--scenario auto``;
+- ``auto``: ``--scenario auto``; ``seed``: the same with ``--head seed``;
 - ``1``, ``3:<cut>`` for each block end but the last, ``2`` and ``4``: the
   fixed scenarios (``2`` and ``4`` fine-tune the whole trunk: slow on a CPU,
   so only when asked for with ``--rows``);
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sizes", default="5,10,20,50", help="training images per class (comma-separated)")
     p.add_argument("--seeds", default="0,1,2", help="data split and training seeds (comma-separated)")
     p.add_argument("--rows", default=",".join(DEFAULT_ROWS),
-                   help="rows to run: auto, 1, 2, 4, 3:<block end>, probe, random, cnn (comma-separated)")
+                   help="rows to run: auto, seed, 1, 2, 4, 3:<block end>, probe, random, cnn (comma-separated)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--val-per-class", type=int, default=10)
     p.add_argument("--cnn-epochs", type=int, default=200)
@@ -117,8 +117,10 @@ def write_split(root: Path, sizes: list[int], val_per_class: int, image_size: in
 
 def fit_row(row: str, folders: dict, size: int, seed: int, args, work: Path, auto: dict | None) -> dict:
     """Train one pipeline row, score its SavedModel on the held-out images; the result record."""
-    scenario, cut, weights = "auto", None, WEIGHTS
-    if row in FIXED:
+    scenario, cut, weights, head = "auto", None, WEIGHTS, "gap"
+    if row == "seed":
+        head = "seed"
+    elif row in FIXED:
         scenario = row
     elif row.startswith("3:"):
         scenario, cut = "3", row[2:]
@@ -127,7 +129,7 @@ def fit_row(row: str, folders: dict, size: int, seed: int, args, work: Path, aut
     name = f"n{size}-s{seed}-{row.replace(':', '-')}"
     config = pipeline.FitConfig(
         data=folders[f"train-{size}"], val_data=folders["val"], repo=work / "repo", model_name=name, base=BASE,
-        weights=weights, scenario=scenario, cut_layer=cut, image_size=args.image_size, seed=seed,
+        weights=weights, scenario=scenario, cut_layer=cut, head=head, image_size=args.image_size, seed=seed,
         run_dir=work / "runs" / name)
     keras.backend.clear_session()
     log = work / "logs" / f"{name}.log"
@@ -259,7 +261,7 @@ def _cell(values: list[float], seconds: list[float]) -> str:
 
 
 def _row_label(row: str) -> str:
-    labels = {"auto": "`auto` (the defaults)", "1": "scenario 1 (block5_pool, whole trunk)",
+    labels = {"auto": "`auto` (the defaults)", "seed": "`auto --head seed`", "1": "scenario 1 (block5_pool, whole trunk)",
               "2": "scenario 2 (fine-tune)", "4": "scenario 4 (full)", "probe": "ridge probe alone (auto's cut)",
               "random": "auto's architecture, random weights", "cnn": "small CNN from scratch"}
     if row.startswith("3:"):
@@ -270,7 +272,7 @@ def _row_label(row: str) -> str:
 
 
 def _order(row: str) -> tuple:
-    main = ["auto", "1", "3:block1_pool", "3:block2_pool", "3:block3_pool", "3:block4_pool", "2", "4", "probe",
+    main = ["auto", "seed", "1", "3:block1_pool", "3:block2_pool", "3:block3_pool", "3:block4_pool", "2", "4", "probe",
             "random", "cnn"]
     return (0, main.index(row)) if row in main else (1, row)
 
