@@ -261,7 +261,8 @@ def _cell(values: list[float], seconds: list[float]) -> str:
 
 
 def _row_label(row: str) -> str:
-    labels = {"auto": "`auto` (the defaults)", "seed": "`auto --head seed`", "1": "scenario 1 (block5_pool, whole trunk)",
+    labels = {"auto": "`auto` (the defaults)", "seed": "`auto --head seed`",
+              "1": "scenario 1 (block5_pool, whole trunk)",
               "2": "scenario 2 (fine-tune)", "4": "scenario 4 (full)", "probe": "ridge probe alone (auto's cut)",
               "random": "auto's architecture, random weights", "cnn": "small CNN from scratch"}
     if row.startswith("3:"):
