@@ -13,6 +13,9 @@ Layout (TF Serving's, plus Graft's own files)::
         assets/labels.txt                  class names, one per line, in score order
         assets.extra/graft.json            lineage (LINEAGE_SCHEMA_VERSION)
         assets.extra/tf_serving_warmup_requests
+        assets.extra/graft-trunk/          a frozen-trunk version's trunk alone (a SavedModel)
+        assets.extra/graft-head/           and its head alone, on the trunk's features
+        assets.extra/graft-report/         the training run's report: curves and confusion PNGs, JSON
       labels.json                          {"stable": 3, "canary": 4}
       labels.history.jsonl                 one JSON line per label move
       .tmp-*                               staging directories and files (hidden: never served)
@@ -40,6 +43,9 @@ ASSETS_EXTRA_DIR = "assets.extra"
 CLASS_NAMES_FILE = "labels.txt"          # in ASSETS_DIR
 LINEAGE_FILE = "graft.json"              # in ASSETS_EXTRA_DIR
 WARMUP_FILE = "tf_serving_warmup_requests"  # in ASSETS_EXTRA_DIR (TF Serving's name)
+TRUNK_MODEL_DIR = "graft-trunk"          # in ASSETS_EXTRA_DIR
+HEAD_MODEL_DIR = "graft-head"            # in ASSETS_EXTRA_DIR
+REPORT_DIR = "graft-report"              # in ASSETS_EXTRA_DIR
 LABELS_FILE = "labels.json"              # in the model's base path
 HISTORY_FILE = "labels.history.jsonl"    # in the model's base path
 PUBLISH_LOCK_FILE = ".graft-publish.lock"
@@ -76,6 +82,21 @@ def lineage_path(version_dir: str | os.PathLike) -> Path:
 def warmup_path(version_dir: str | os.PathLike) -> Path:
     """``<version>/assets.extra/tf_serving_warmup_requests``."""
     return Path(version_dir) / ASSETS_EXTRA_DIR / WARMUP_FILE
+
+
+def trunk_model_path(version_dir: str | os.PathLike) -> Path:
+    """``<version>/assets.extra/graft-trunk``: the version's trunk as a SavedModel (see SHARED_SIGNATURES)."""
+    return Path(version_dir) / ASSETS_EXTRA_DIR / TRUNK_MODEL_DIR
+
+
+def head_model_path(version_dir: str | os.PathLike) -> Path:
+    """``<version>/assets.extra/graft-head``: the version's head as a SavedModel, on ``FEATURES_KEY``."""
+    return Path(version_dir) / ASSETS_EXTRA_DIR / HEAD_MODEL_DIR
+
+
+def report_path(version_dir: str | os.PathLike) -> Path:
+    """``<version>/assets.extra/graft-report``: the training run's report files, travelling with the version."""
+    return Path(version_dir) / ASSETS_EXTRA_DIR / REPORT_DIR
 
 
 def labels_path(base_path: str | os.PathLike) -> Path:
@@ -280,6 +301,35 @@ def trunk_of(lineage: Mapping[str, Any] | None) -> dict | None:
         return None
     trunk = lineage.get("trunk")
     return dict(trunk) if isinstance(trunk, dict) else None
+
+
+# -- shared trunks (assets.extra/graft-trunk, assets.extra/graft-head) ---------------------
+#
+# A version that declares a trunk also carries it split in two, so that a server can
+# load the trunk once per fingerprint and each version's head alone. The version's
+# own SavedModel stays whole and standalone; these two are extra.
+#
+# The trunk SavedModel has one signature per version signature that can share it,
+# named in SHARED_SIGNATURES: the version signature's inputs, same names and specs,
+# in; FEATURES_KEY (float32, batch first) out. The head SavedModel has a signature of
+# the version signature's own name: FEATURES_KEY in, that signature's outputs out.
+# So version signature S == head[S](trunk[SHARED_SIGNATURES[S]](inputs)).
+
+FEATURES_KEY = "features"
+# Version signature -> the trunk signature that computes its features.
+SHARED_SIGNATURES = {"serving_default": "images", "predict_images": "image_bytes", "classify": "examples"}
+
+
+def shared_parts(version_dir: str | os.PathLike) -> tuple[Path, Path] | None:
+    """The (trunk, head) SavedModel directories of a version that carries both and declares its trunk, else None."""
+    trunk, head = trunk_model_path(version_dir), head_model_path(version_dir)
+    if not ((trunk / SAVED_MODEL_FILE).is_file() and (head / SAVED_MODEL_FILE).is_file()):
+        return None
+    try:
+        lineage = read_lineage(version_dir)
+    except ValueError:
+        return None
+    return (trunk, head) if trunk_of(lineage) else None
 
 
 def short_fingerprint(fingerprint: str) -> str:
