@@ -216,3 +216,55 @@ def write_model_config(path: Path, models: dict[str, Path], extra: dict[str, str
         for name, base in models.items())
     path.write_text(f"model_config_list {{\n{entries}}}\n")
     return path
+
+
+def export_shared_trunk_version(repo: str | os.PathLike, model_name: str, *, trunk_seed: int, head_seed: int,
+                                size: int = 32, num_classes: int = 3) -> str:
+    """Export the next version of ``<repo>/<model_name>``: a tiny frozen trunk and a head, split for sharing.
+
+    Goes through training.export with the trunk declaration training.trunk
+    computes, so the version carries ``assets.extra/graft-trunk`` and
+    ``graft-head`` (graft.contract's shared trunks). Versions exported with the
+    same ``trunk_seed`` and ``size`` share one trunk (equal weights, so equal
+    fingerprints), whatever their ``head_seed``; another ``trunk_seed`` gives
+    another trunk. Inputs are raw 0..255 RGB [N, size, size, 3]; classes are
+    ``c0``..``c<num_classes - 1>``; scores vary with the input. Returns the
+    version's path.
+    """
+    # Late imports: Keras and training's exporter are heavy, and most serving tests need neither.
+    import keras
+
+    from training import export, scenarios, trunk
+    from training.bases import Backbone, preprocess_layer
+    from training.catalog import BaseSpec
+    from training.weights import WeightsReport
+
+    spec = BaseSpec("tiny", "TinyTrunk", "tf", size, 16, ("tiny_pool",), "tiny.weights.h5")
+    init = [keras.initializers.GlorotUniform(seed=trunk_seed * 10 + i) for i in range(2)]
+    bias = [keras.initializers.RandomUniform(-0.1, 0.1, seed=trunk_seed * 10 + 5 + i) for i in range(2)]
+    trunk_inputs = keras.Input((size, size, 3))
+    x = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init[0], bias_initializer=bias[0])(
+        trunk_inputs)
+    x = keras.layers.MaxPooling2D(name="tiny_pool")(x)
+    x = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init[1], bias_initializer=bias[1])(x)
+    trunk_model = keras.Model(trunk_inputs, x, name="tiny_trunk")
+    images = keras.Input((size, size, 3), name="images")
+    backbone = Backbone(keras.Model(images, trunk_model(preprocess_layer(spec)(images)), name="tiny_backbone"),
+                        trunk_model, spec, WeightsReport())
+
+    feature_shape = tuple(backbone.model.output.shape[1:])
+    features = keras.Input(feature_shape, name="features")
+    y = keras.layers.Flatten()(features)
+    scores = keras.layers.Dense(num_classes, activation="softmax",
+                                kernel_initializer=keras.initializers.GlorotUniform(seed=head_seed),
+                                bias_initializer=keras.initializers.RandomUniform(-0.5, 0.5, seed=head_seed + 1))(y)
+    head = keras.Model(features, scores, name="tiny_head")
+    model = keras.Model(images, head(backbone.model(images)), name=f"tiny_{model_name}")
+
+    plan = scenarios.plan_for(1, spec)
+    lineage = {"base": spec.name, "preprocess": spec.preprocess_mode,
+               "weights": {"kind": "none", "path": None, "sha256": None},
+               "scenario": plan.describe(), "decision": scenarios.decision_record(plan),
+               "trunk": trunk.declaration(backbone, plan, (size, size, 3))}
+    return export.export_version(model, [f"c{i}" for i in range(num_classes)], repo, model_name,
+                                 image_size=size, lineage=lineage, shared=(backbone.model, head))

@@ -10,7 +10,9 @@ The SavedModel carries three signatures (docs/internals.md, "export contract"):
   ``image/encoded`` -> ``classes`` string [N,C], ``scores`` float32 [N,C].
 
 It also writes the class names, the lineage and the warmup requests where
-graft.contract puts them. Everything is written into a hidden staging directory
+graft.contract puts them, and for a frozen-trunk version its trunk and head as
+two more SavedModels (graft.contract's shared trunks), so that a server can run
+one trunk for many heads. Everything is written into a hidden staging directory
 and renamed into place as one step (training.repo).
 """
 
@@ -110,6 +112,91 @@ class _Signatures:
             "classify": classify,
         }
 
+    def trunk_functions(self) -> dict[str, tf.types.experimental.GenericFunction]:
+        """The trunk's endpoints (``contract.SHARED_SIGNATURES``): each version signature's inputs -> features.
+
+        ``self.model`` is the trunk here: what runs before the head, preprocessing included.
+        """
+        h, w = self.height, self.width
+
+        @tf.function(input_signature=[tf.TensorSpec([None, h, w, 3], tf.float32, name="images")])
+        def images(images):
+            return {contract.FEATURES_KEY: self._scores(images)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def image_bytes(image_bytes):
+            return {contract.FEATURES_KEY: self._scores(self._decode_batch(image_bytes))}
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+        def examples(inputs):
+            features = tf.io.parse_example(
+                inputs, {IMAGE_FEATURE: tf.io.FixedLenFeature([], tf.string)})
+            return {contract.FEATURES_KEY: self._scores(self._decode_batch(features[IMAGE_FEATURE]))}
+
+        by_version = {"serving_default": images, "predict_images": image_bytes, "classify": examples}
+        return {contract.SHARED_SIGNATURES[name]: fn for name, fn in by_version.items()}
+
+    def head_functions(self, feature_shape: Sequence[int]) -> dict[str, tf.types.experimental.GenericFunction]:
+        """The head's endpoints, named as the version's: features -> that signature's outputs.
+
+        ``self.model`` is the head here; ``feature_shape`` is the trunk's output without its batch axis.
+        """
+        spec = tf.TensorSpec([None, *feature_shape], tf.float32, name=contract.FEATURES_KEY)
+
+        @tf.function(input_signature=[spec])
+        def serving_default(features):
+            return self._outputs(features)
+
+        @tf.function(input_signature=[spec])
+        def predict_images(features):
+            return self._outputs(features)
+
+        @tf.function(input_signature=[spec])
+        def classify(features):
+            scores = self._scores(features)
+            names = tf.constant(self.class_names, dtype=tf.string)
+            classes = tf.tile(names[tf.newaxis, :], [tf.shape(scores)[0], 1])
+            return {"classes": classes, "scores": scores}
+
+        return {"serving_default": serving_default, "predict_images": predict_images, "classify": classify}
+
+
+def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head: keras.Model,
+                       class_names: Sequence[str], height: int, width: int) -> tuple[Path, Path]:
+    """Write a frozen-trunk version's trunk and head as the two SavedModels graft.contract names; their paths.
+
+    ``trunk`` maps raw 0..255 RGB float32 [N,H,W,3] to features and ``head``
+    features to class probabilities, so that the version's model is
+    ``head(trunk(x))``. A server may load the trunk once for every version with
+    the same fingerprint and each version's head alone.
+    """
+    feature_shape = tuple(int(v) for v in trunk(np.zeros((1, height, width, 3), np.float32),
+                                                training=False).shape[1:])
+    paths = (contract.trunk_model_path(version_dir), contract.head_model_path(version_dir))
+    parts = ((trunk, _Signatures(trunk, class_names, height, width).trunk_functions()),
+             (head, _Signatures(head, class_names, height, width).head_functions(feature_shape)))
+    for path, (model, functions) in zip(paths, parts):
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        for name, fn in functions.items():
+            archive.add_endpoint(name, fn)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        archive.write_out(str(path), verbose=False)
+    _drop_default_alias(paths[0])
+    contract.set_method_names(paths[1], {name: method for name, method in SIGNATURE_METHODS.items()
+                                         if method != contract.PREDICT_METHOD})
+    return paths
+
+
+def _drop_default_alias(saved_model_dir: Path) -> None:
+    # Keras' ExportArchive adds "serving_default" as an alias of the first endpoint;
+    # the trunk's signatures are exactly contract.SHARED_SIGNATURES' names.
+    saved = contract.read_saved_model(saved_model_dir)
+    for meta_graph in saved.meta_graphs:
+        if "serving_default" not in contract.SHARED_SIGNATURES.values():
+            meta_graph.signature_def.pop("serving_default", None)
+    (saved_model_dir / contract.SAVED_MODEL_FILE).write_bytes(saved.SerializeToString())
+
 
 def write_warmup_requests(path: str | os.PathLike, model_name: str, images: np.ndarray) -> int:
     """Write PredictionLog records for ``serving_default`` (TF Serving's warmup format).
@@ -162,6 +249,7 @@ def export_version(
     image_size: int | Sequence[int],
     lineage: Mapping,
     warmup_images: np.ndarray | None = None,
+    shared: tuple[keras.Model, keras.Model] | None = None,
 ) -> str:
     """Write ``model`` as the next version of ``<repo>/<model_name>`` and return its path.
 
@@ -172,10 +260,17 @@ def export_version(
     is the directory name, known only at publish); ValueError when a field
     breaks the schema. ``warmup_images`` (float32 [K,H,W,3]) feed the warmup
     records; when None, mid-grey images are used.
+    ``shared`` is ``(trunk, head)`` with ``model(x) == head(trunk(x))``: given
+    exactly when ``lineage`` declares a trunk, it is also written as the two
+    SavedModels of graft.contract's shared trunks (:func:`write_shared_parts`),
+    inside the same staging directory.
     """
     height, width = image_hw(image_size)
     class_names = [str(name) for name in class_names]
     _check_model(model, class_names, height, width)
+    if (shared is None) != (contract.trunk_of(lineage) is None):
+        # graft.contract: a version declares its trunk exactly when it carries the split.
+        raise ValueError("a lineage that declares a trunk needs shared=(trunk, head), and only such a lineage")
     target_dir = model_repo.model_dir(repo, model_name)
 
     archive = keras.export.ExportArchive()
@@ -212,5 +307,7 @@ def export_version(
         write_warmup_requests(contract.warmup_path(tmp), model_name, warmup_images)
         contract.lineage_path(tmp).write_text(
             json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
+        if shared is not None:
+            write_shared_parts(tmp, *shared, class_names, height, width)
         _, path = model_repo.publish_dir(tmp, target_dir)
     return str(path)

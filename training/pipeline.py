@@ -135,7 +135,8 @@ def run(config: FitConfig) -> str | None:
     declared = contract.trunk_of(lineage)
     _say(f"trunk: {declared['fingerprint']} (frozen: versions with this fingerprint run the same trunk)"
          if declared else "trunk: trained, so this version declares none")
-    path = _export(config, result, train_set, val_set, image_size, lineage)
+    path = _export(config, result, train_set, val_set, image_size, lineage,
+                   shared=(backbone.model, result.head) if declared else None)
     if path is None:
         _say(f"not the chief: the chief exports, evaluates and reports "
              f"(weights digest {result.metrics['distribution']['weights_digest']})")
@@ -328,12 +329,18 @@ def _print_decisions(spec, image_size: int, backbone, plan, options: phases.FitO
         _say(f"  {_describe_phase(phase, plan, options)}")
 
 
-def _export(config: FitConfig, result, train_set, val_set, image_size: int, lineage: Mapping) -> str | None:
-    """The exported version's path; None on a non-chief worker (only the chief's export lands in the repo)."""
+def _export(config: FitConfig, result, train_set, val_set, image_size: int, lineage: Mapping, *,
+            shared=None) -> str | None:
+    """The exported version's path; None on a non-chief worker (only the chief's export lands in the repo).
+
+    ``shared`` (the backbone's model, which is everything before the head, and
+    the head) is given for a version that declares its frozen trunk: the export
+    then carries the two apart too, for shared-trunk serving.
+    """
     warmup, _ = data.load_arrays(data.sample_per_class(val_set, 1, config.seed), (image_size, image_size))
     exporter = distributed.export_version if config.strategy == "multiworker" else export.export_version
     return exporter(result.model, train_set.class_names, config.repo, config.model_name,
-                    image_size=image_size, lineage=lineage, warmup_images=warmup[:WARMUP_IMAGES])
+                    image_size=image_size, lineage=lineage, warmup_images=warmup[:WARMUP_IMAGES], shared=shared)
 
 
 def _report(config: FitConfig, path: str, lineage: Mapping, result, evaluation, skipped) -> None:

@@ -1,0 +1,188 @@
+"""A frozen-trunk export also carries its trunk and head apart (graft.contract's shared trunks).
+
+For every version signature S: version[S](x) == head[S](trunk[SHARED_SIGNATURES[S]](x)),
+on float images, encoded images and tf.Examples alike; versions whose trunk trained
+carry neither part.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from graft import contract
+from serving import servable as servable_module
+from tests.models import export_shared_trunk_version
+from tests.training.test_fit import write_image_folder
+from training import export, pipeline
+
+SIZE = 32
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _example(data: bytes) -> bytes:
+    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
+    return tf.train.Example(features=tf.train.Features(
+        feature={export.IMAGE_FEATURE: feature})).SerializeToString()
+
+
+def _inputs(seed: int, size: int = SIZE) -> dict[str, dict[str, tf.Tensor]]:
+    """Each version signature's inputs: noise, a flat grey, a gradient, and a larger image to resize."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (size, size, 3)).astype(np.uint8),
+              np.full((size, size, 3), 128, np.uint8),
+              np.broadcast_to(np.linspace(0, 255, size, dtype=np.uint8)[None, :, None], (size, size, 3)),
+              rng.integers(0, 256, (size, size, 3)).astype(np.uint8)]
+    encoded = [_png(image) for image in images] + [_png(rng.integers(0, 256, (size + 9, size + 4, 3)))]
+    return {"serving_default": {"images": tf.constant(np.stack(images).astype(np.float32))},
+            "predict_images": {"image_bytes": tf.constant(encoded)},
+            "classify": {"inputs": tf.constant([_example(data) for data in encoded])}}
+
+
+def _assert_composes(version_dir, seed: int = 0, size: int = SIZE) -> None:
+    """Every signature of the version equals its head on its trunk, within 1e-4, on varied inputs."""
+    trunk_dir, head_dir = contract.trunk_model_path(version_dir), contract.head_model_path(version_dir)
+    version, trunk, head = (tf.saved_model.load(str(path)) for path in (version_dir, trunk_dir, head_dir))
+    for name, inputs in _inputs(seed, size).items():
+        whole = version.signatures[name](**inputs)
+        features = trunk.signatures[contract.SHARED_SIGNATURES[name]](**inputs)
+        assert set(features) == {contract.FEATURES_KEY}
+        assert features[contract.FEATURES_KEY].dtype == tf.float32
+        parts = head.signatures[name](**{contract.FEATURES_KEY: features[contract.FEATURES_KEY]})
+        assert set(parts) == set(whole), name
+        for key, value in whole.items():
+            if value.dtype == tf.string or value.dtype.is_integer:
+                np.testing.assert_array_equal(parts[key].numpy(), value.numpy())
+            else:
+                np.testing.assert_allclose(parts[key].numpy(), value.numpy(), atol=1e-4)
+        scores = whole["scores"].numpy()
+        # Inputs that give one answer could hide a part that ignores them.
+        assert np.ptp(scores, axis=0).max() > 1e-3, name
+
+
+@pytest.fixture(scope="module")
+def shared_repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shared")
+    paths = {"a": export_shared_trunk_version(root, "a", trunk_seed=1, head_seed=10),
+             "b": export_shared_trunk_version(root, "b", trunk_seed=1, head_seed=20),
+             "c": export_shared_trunk_version(root, "c", trunk_seed=2, head_seed=10)}
+    return root, {name: Path(path) for name, path in paths.items()}
+
+
+def test_a_frozen_trunk_version_carries_both_parts_with_the_contract_signatures(shared_repo):
+    _, paths = shared_repo
+    version = paths["a"]
+    assert contract.shared_parts(version) == (contract.trunk_model_path(version), contract.head_model_path(version))
+    whole = contract.read_signature_defs(version)
+    trunk = contract.read_signature_defs(contract.trunk_model_path(version))
+    head = contract.read_signature_defs(contract.head_model_path(version))
+    assert set(trunk) == set(contract.SHARED_SIGNATURES.values())
+    assert set(head) == set(export.SIGNATURE_METHODS)
+    for name, trunk_name in contract.SHARED_SIGNATURES.items():
+        # Same aliases, dtypes and shapes as the version's inputs; features out.
+        assert {k: (v.dtype, v.tensor_shape) for k, v in trunk[trunk_name].inputs.items()} == \
+               {k: (v.dtype, v.tensor_shape) for k, v in whole[name].inputs.items()}
+        assert list(trunk[trunk_name].outputs) == [contract.FEATURES_KEY]
+        assert trunk[trunk_name].method_name == contract.PREDICT_METHOD
+        # The head takes the trunk's features and gives the version's outputs.
+        assert list(head[name].inputs) == [contract.FEATURES_KEY]
+        features = trunk[trunk_name].outputs[contract.FEATURES_KEY]
+        assert head[name].inputs[contract.FEATURES_KEY].dtype == features.dtype
+        assert [d.size for d in head[name].inputs[contract.FEATURES_KEY].tensor_shape.dim] == \
+               [d.size for d in features.tensor_shape.dim]
+        assert {k: (v.dtype, v.tensor_shape) for k, v in head[name].outputs.items()} == \
+               {k: (v.dtype, v.tensor_shape) for k, v in whole[name].outputs.items()}
+        assert head[name].method_name == whole[name].method_name == export.SIGNATURE_METHODS[name]
+    assert head["classify"].method_name == contract.CLASSIFY_METHOD
+
+
+def test_every_signature_equals_its_head_on_its_trunk(shared_repo):
+    _, paths = shared_repo
+    _assert_composes(paths["a"], seed=3)
+    _assert_composes(paths["c"], seed=4)
+
+
+def test_heads_on_one_trunk_share_its_fingerprint_and_its_features(shared_repo):
+    _, paths = shared_repo
+    declared = {name: contract.trunk_of(contract.read_lineage(path)) for name, path in paths.items()}
+    assert declared["a"] == declared["b"] and declared["a"] != declared["c"]
+    inputs = _inputs(5)["serving_default"]
+    features = {name: tf.saved_model.load(str(contract.trunk_model_path(path))).signatures["images"](**inputs)
+                [contract.FEATURES_KEY].numpy() for name, path in paths.items()}
+    np.testing.assert_array_equal(features["a"], features["b"])
+    assert not np.allclose(features["a"], features["c"])
+    scores = {name: tf.saved_model.load(str(path)).signatures["serving_default"](**inputs)["scores"].numpy()
+              for name, path in paths.items() if name != "c"}
+    assert not np.allclose(scores["a"], scores["b"])  # different heads on the one trunk
+
+
+def test_the_version_still_loads_standalone(shared_repo):
+    _, paths = shared_repo
+    servable = servable_module.Servable.load("a", 1, str(paths["a"]))
+    try:
+        images = _inputs(6)["serving_default"]["images"].numpy()
+        out = servable.run("serving_default", {"images": images})
+        expected = tf.saved_model.load(str(contract.head_model_path(paths["a"]))).signatures["serving_default"](
+            features=tf.saved_model.load(str(contract.trunk_model_path(paths["a"]))).signatures["images"](
+                images=tf.constant(images))[contract.FEATURES_KEY])["scores"].numpy()
+        np.testing.assert_allclose(out["scores"], expected, atol=1e-4)
+        assert servable.signatures["classify"].method_name == contract.CLASSIFY_METHOD
+    finally:
+        servable.unload()
+
+
+def _tiny(seed: int = 0) -> tuple[keras.Model, keras.Model, keras.Model]:
+    inputs = keras.Input((SIZE, SIZE, 3))
+    trunk = keras.Model(inputs, keras.layers.Conv2D(4, 3, kernel_initializer=keras.initializers.GlorotUniform(
+        seed=seed))(inputs))
+    features = keras.Input(tuple(trunk.output.shape[1:]))
+    head = keras.Model(features, keras.layers.Dense(3, activation="softmax")(keras.layers.Flatten()(features)))
+    return trunk, head, keras.Model(inputs, head(trunk(inputs)))
+
+
+def test_the_split_goes_with_a_trunk_declaration_and_only_with_one(tmp_path):
+    trunk, head, model = _tiny()
+    declared = {"fingerprint": "0" * 64, "base": "tiny", "cut_layer": None, "input_shape": [SIZE, SIZE, 3]}
+    with pytest.raises(ValueError, match="declares a trunk needs shared"):
+        export.export_version(model, ["x", "y", "z"], tmp_path, "m", image_size=SIZE, lineage={"trunk": declared})
+    with pytest.raises(ValueError, match="declares a trunk needs shared"):
+        export.export_version(model, ["x", "y", "z"], tmp_path, "m", image_size=SIZE, lineage={},
+                              shared=(trunk, head))
+    assert not (tmp_path / "m").exists() or not [p for p in (tmp_path / "m").iterdir() if not p.name.startswith(".")]
+    plain = Path(export.export_version(model, ["x", "y", "z"], tmp_path, "m", image_size=SIZE, lineage={}))
+    assert not contract.trunk_model_path(plain).exists() and not contract.head_model_path(plain).exists()
+    assert contract.shared_parts(plain) is None
+
+
+@pytest.fixture(scope="module")
+def fit_data(tmp_path_factory):
+    return write_image_folder(tmp_path_factory.mktemp("data") / "data", per_class=8, seed=5)
+
+
+def _fit(root: Path, data_dir: str, scenario: str, **changes) -> Path:
+    config = pipeline.FitConfig(data=Path(data_dir), repo=root / "repo", model_name="shapes", base="vgg16",
+                                weights="none", scenario=scenario, cut_layer="block2_pool", image_size=SIZE,
+                                head_epochs=1, finetune_epochs=1, batch_size=8, run_dir=root / f"run-{scenario}",
+                                **changes)
+    return Path(pipeline.run(config))
+
+
+def test_a_frozen_trunk_fit_exports_the_parts_and_a_fine_tuned_one_does_not(tmp_path, fit_data):
+    frozen = _fit(tmp_path, fit_data, "1")
+    assert contract.trunk_of(contract.read_lineage(frozen)) is not None
+    assert contract.shared_parts(frozen) is not None
+    _assert_composes(frozen, seed=7)
+    tuned = _fit(tmp_path, fit_data, "2")
+    assert contract.trunk_of(contract.read_lineage(tuned)) is None
+    assert not contract.trunk_model_path(tuned).exists() and not contract.head_model_path(tuned).exists()
