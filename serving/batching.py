@@ -41,6 +41,18 @@ Semantics follow TF Serving's ``SharedBatchScheduler`` / ``BatchingSession``:
 
 A request with zero rows runs directly on the caller's thread (nothing to batch).
 
+Two options serve a batcher shared by several models (``serving.trunks``: one trunk
+batcher per trunk group and trunk signature):
+
+- ``tagged``: each request carries a ``tag`` (the model version it belongs to), and
+  ``run`` is called as ``run(inputs, parts)`` with ``parts`` the ``(tag, rows)`` of
+  each request part in row order; it returns one output dict per part, since the
+  parts' outputs need not share shapes (heads with different class counts).
+- ``edf_default_s``: earliest deadline first. When a batch is due, it is filled
+  from every queued request of its input shape, nearest deadline first, instead
+  of in arrival order; a request without a deadline counts as arriving plus
+  ``edf_default_s``. Expired requests never run, as above.
+
 What each request went through (its wait in the queue, the batch's input merge,
 model run and its share of the output split) is added to the ``timing`` it was
 submitted with, before it is woken; each successful run is reported to the
@@ -76,6 +88,9 @@ from serving.errors import (
 log = logging.getLogger(__name__)
 
 RunFunction = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
+# A tagged batcher's run: merged inputs and the (tag, rows) of each part, in row order,
+# to one output dict per part.
+TaggedRunFunction = Callable[[dict[str, np.ndarray], list[tuple[object, int]]], Sequence[Mapping[str, np.ndarray]]]
 
 # Retry-After for a full queue: one second is the smallest value HTTP can state
 # and is long enough for a few batches to drain at any realistic batch latency.
@@ -165,9 +180,10 @@ def _wake(requests: list[_Request]) -> None:
 class _Task:
     """One queued unit: a whole request, or one part of a split one."""
 
-    __slots__ = ("request", "index", "inputs", "rows", "key", "deadline", "enqueued", "state", "batch")
+    __slots__ = ("batch", "deadline", "enqueued", "index", "inputs", "key", "request", "rows", "state", "tag")
 
-    def __init__(self, request, index, inputs, rows, key, deadline, enqueued) -> None:
+    def __init__(self, request, index, inputs, rows, key, deadline, enqueued, tag=None) -> None:
+        self.tag = tag
         self.request = request
         self.index = index
         self.inputs = inputs
@@ -198,10 +214,12 @@ class Batcher:
     ``config.num_batch_threads`` threads, at most that many at once.
     """
 
-    def __init__(self, run: RunFunction, config: BatchingConfig, *,
+    def __init__(self, run: RunFunction | TaggedRunFunction, config: BatchingConfig, *,
                  observer: BatchObserver | None = None, executions: ExecutionObserver | None = None,
-                 name: str = "") -> None:
+                 name: str = "", tagged: bool = False, edf_default_s: float | None = None) -> None:
         self._run = run
+        self._tagged = tagged
+        self._edf_default_s = edf_default_s
         self.config = config
         self.name = name
         self._observer = observer
@@ -227,22 +245,23 @@ class Batcher:
     # -- caller side -------------------------------------------------------
 
     def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
-               timing: RequestTiming | None = None) -> dict[str, np.ndarray]:
+               timing: RequestTiming | None = None, tag: object = None) -> dict[str, np.ndarray]:
         """Run ``inputs`` in a batch; block until this request's own output rows are back.
 
         Raises ``Unavailable`` (queue full, ``retry_after`` set; or closed),
         ``DeadlineExceeded`` (``deadline``, a ``time.monotonic()`` value, passed
         first), ``InvalidArgument`` (inputs that cannot be batched, or too many
         rows with splitting off), or the error the batch's run raised. ``timing``
-        hears where the request's time went once it succeeded.
+        hears where the request's time went once it succeeded. ``tag``: the request's
+        tag, for a ``tagged`` batcher.
         """
-        request = self._admit(inputs, deadline, None, timing)
+        request = self._admit(inputs, deadline, None, timing, tag)
         if request is None:
-            return self._run_empty(inputs, timing)
+            return self._run_empty(inputs, timing, tag)
         return self._wait(request, deadline)
 
     async def submit_async(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None,
-                           timing: RequestTiming | None = None) -> dict[str, np.ndarray]:
+                           timing: RequestTiming | None = None, tag: object = None) -> dict[str, np.ndarray]:
         """:meth:`submit` for a coroutine: queue at once, then await without blocking the event loop.
 
         Same errors as ``submit``. A caller cancelled while queued (its client went
@@ -250,9 +269,9 @@ class Batcher:
         """
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        request = self._admit(inputs, deadline, (loop, done), timing)
+        request = self._admit(inputs, deadline, (loop, done), timing, tag)
         if request is None:
-            return await asyncio.to_thread(self._run_empty, inputs, timing)
+            return await asyncio.to_thread(self._run_empty, inputs, timing, tag)
         try:
             if deadline is None:
                 await done
@@ -270,7 +289,7 @@ class Batcher:
 
     def _admit(self, inputs: Mapping[str, np.ndarray], deadline: float | None,
                waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future] | None,
-               timing: RequestTiming | None) -> _Request | None:
+               timing: RequestTiming | None, tag: object = None) -> _Request | None:
         """Check and queue a request; None when it has no rows (the caller runs it directly)."""
         rows, key = self._check(inputs)
         if rows == 0:
@@ -282,17 +301,18 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise Unavailable(f"the batcher{' of ' + self.name if self.name else ''} is closed")
-            tasks = self._plan(request, inputs, rows, key, deadline, now)
+            tasks = self._plan(request, inputs, rows, key, deadline, now, tag)
             self._enqueue(tasks)
             self._queued_rows += rows
             self._report_depth()
             self._cond.notify()
         return request
 
-    def _run_empty(self, inputs: Mapping[str, np.ndarray], timing: RequestTiming | None) -> dict[str, np.ndarray]:
+    def _run_empty(self, inputs: Mapping[str, np.ndarray], timing: RequestTiming | None,
+                   tag: object = None) -> dict[str, np.ndarray]:
         """Run a request without rows at once, in the caller's thread: there is nothing to batch."""
         started = time.perf_counter()
-        outputs = dict(self._run(dict(inputs)))
+        outputs = dict(self._run(dict(inputs), [(tag, 0)])[0] if self._tagged else self._run(dict(inputs)))
         seconds = time.perf_counter() - started
         if timing is not None:
             timing.add(0.0, 0.0, seconds, 0.0)
@@ -342,7 +362,7 @@ class Batcher:
                 return self._cap - tail.rows
         return 0
 
-    def _plan(self, request, inputs, rows, key, deadline, now) -> list[_Task]:
+    def _plan(self, request, inputs, rows, key, deadline, now, tag=None) -> list[_Task]:
         """Cut the request into tasks and check the queue has room for them (under the lock)."""
         room = self._open_room(key)
         if rows <= room:
@@ -367,13 +387,13 @@ class Batcher:
                 retry_after=QUEUE_FULL_RETRY_AFTER_S,
             )
         if len(sizes) == 1:
-            tasks = [_Task(request, 0, inputs, rows, key, deadline, now)]
+            tasks = [_Task(request, 0, inputs, rows, key, deadline, now, tag)]
         else:
             tasks = []
             start = 0
             for i, size in enumerate(sizes):
                 part = {n: a[start:start + size] for n, a in inputs.items()}
-                tasks.append(_Task(request, i, part, size, key, deadline, now))
+                tasks.append(_Task(request, i, part, size, key, deadline, now, tag))
                 start += size
             request.parts = [None] * len(tasks)
             request.mutex = threading.Lock()
@@ -496,9 +516,9 @@ class Batcher:
                 if self._closing:
                     return None
                 cond.wait()
-            batch = batches.popleft()
-            batch.open = False
             now = time.monotonic()
+            batch = batches.popleft() if self._edf_default_s is None else self._earliest_first(now)
+            batch.open = False
             live: list[_Task] = []
             expired: list[_Task] = []
             for task in batch.tasks:
@@ -517,6 +537,31 @@ class Batcher:
             if batches:
                 cond.notify()
         return live, expired, now
+
+    def _earliest_first(self, now: float) -> _Batch:
+        """Pop a batch of the head batch's key filled nearest deadline first from every queued batch (under the lock).
+
+        Expired requests are taken whatever their number (they fail without running);
+        the others fill the batch up to its cap in deadline order. Batches left
+        empty leave the queue; the others keep their place and their open state.
+        """
+        head = self._batches[0]
+        default_s = self._edf_default_s
+        candidates = [task for batch in self._batches if batch.key == head.key
+                      for task in batch.tasks if task.state == _QUEUED]
+        candidates.sort(key=lambda t: (t.deadline if t.deadline is not None else t.enqueued + default_s,
+                                       t.enqueued))
+        chosen = _Batch(head.key, head.created)
+        for task in candidates:
+            expired = task.deadline is not None and task.deadline <= now
+            if not expired and chosen.rows + task.rows > self._cap:
+                continue
+            task.batch.tasks.remove(task)
+            task.batch.rows -= task.rows
+            chosen.tasks.append(task)
+            chosen.rows += task.rows
+        self._batches = deque(batch for batch in self._batches if batch.tasks)
+        return chosen
 
     def _worker(self) -> None:
         while True:
@@ -577,18 +622,13 @@ class Batcher:
             inputs = self._merge(tasks, rows, target)
             t0 = time.perf_counter()
             try:
-                outputs = self._run(inputs)
+                outputs = self._run(inputs, [(t.tag, t.rows) for t in tasks]) if self._tagged else self._run(inputs)
             finally:
                 run_seconds = time.perf_counter() - t0
-            if not isinstance(outputs, Mapping):
-                raise Internal(f"model run returned {type(outputs).__name__}, not a mapping of outputs")
-            for name, value in outputs.items():
-                if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != target:
-                    shape = getattr(value, "shape", None)
-                    raise Internal(
-                        f"output '{name}' has shape {shape}, but its dimension 0 must be the batch size "
-                        f"{target}; this signature cannot be batched (serve it with batching off)"
-                    )
+            if self._tagged:
+                _check_parts(outputs, tasks)
+            else:
+                _check_outputs(outputs, target)
         except ServingError as err:
             error = err
         except Exception as err:
@@ -610,10 +650,10 @@ class Batcher:
             merge_seconds = t0 - merge_started
             split_seconds = 0.0
             pos = 0
-            for task in tasks:
+            for i, task in enumerate(tasks):
                 end = pos + task.rows
                 split_started = time.perf_counter()
-                own = {n: v[pos:end] for n, v in outputs.items()}
+                own = dict(outputs[i]) if self._tagged else {n: v[pos:end] for n, v in outputs.items()}
                 split = time.perf_counter() - split_started
                 split_seconds += split
                 woken.append(self._finish(task, own, None,
@@ -696,3 +736,24 @@ class Batcher:
                 self._observer.on_queue_depth(self._queued_rows)
             except Exception:
                 log.exception("batcher %s: observer failed", self.name)
+
+
+def _check_outputs(outputs, target: int) -> None:
+    """Raise ``Internal`` unless ``outputs`` maps names to arrays of ``target`` rows."""
+    if not isinstance(outputs, Mapping):
+        raise Internal(f"model run returned {type(outputs).__name__}, not a mapping of outputs")
+    for name, value in outputs.items():
+        if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != target:
+            shape = getattr(value, "shape", None)
+            raise Internal(
+                f"output '{name}' has shape {shape}, but its dimension 0 must be the batch size "
+                f"{target}; this signature cannot be batched (serve it with batching off)"
+            )
+
+
+def _check_parts(parts, tasks: Sequence[_Task]) -> None:
+    """Raise ``Internal`` unless a tagged run returned one output mapping per task, each of its rows."""
+    if not isinstance(parts, Sequence) or len(parts) != len(tasks):
+        raise Internal(f"a tagged run returned {type(parts).__name__}, not one output mapping per request part")
+    for outputs, task in zip(parts, tasks):
+        _check_outputs(outputs, task.rows)
