@@ -24,12 +24,12 @@ move clients, remove the old one, restart.
 from __future__ import annotations
 
 import hmac
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import grpc
 
+from graft.tokens import MIN_TOKEN_CHARS, parse_tokens, read_token_file  # noqa: F401 (this module's API)
 from serving.errors import Unauthenticated
 from serving.grpc.status import abort
 from serving.metrics import DEFAULT_METRICS_PATHS
@@ -46,44 +46,8 @@ HEALTH_METHODS = frozenset({
 AUTHORIZATION_HEADER = "Authorization"
 AUTHORIZATION_METADATA = "authorization"  # gRPC metadata keys are lower case
 SCHEME = "bearer"
-# RFC 6750's b64token: what fits in an HTTP header and gRPC metadata unchanged.
-_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
-MIN_TOKEN_CHARS = 16
-
 MISSING_MESSAGE = "Missing bearer token: send 'Authorization: Bearer <token>'"
 INVALID_MESSAGE = "Invalid bearer token"
-
-
-def parse_tokens(text: str) -> tuple[str, ...]:
-    """The tokens in a token file's text: one per line; blank lines and ``#`` comments ignored.
-
-    Raises ``ValueError`` when there is none, or one is shorter than
-    ``MIN_TOKEN_CHARS`` or has characters a bearer token cannot carry.
-    """
-    tokens = []
-    for number, line in enumerate(text.splitlines(), 1):
-        token = line.strip()
-        if not token or token.startswith("#"):
-            continue
-        if not _TOKEN.fullmatch(token):
-            raise ValueError(f"line {number}: a bearer token may hold only letters, digits and -._~+/ "
-                             "(then '=' padding)")
-        if len(token) < MIN_TOKEN_CHARS:
-            raise ValueError(f"line {number}: token shorter than {MIN_TOKEN_CHARS} characters")
-        tokens.append(token)
-    if not tokens:
-        raise ValueError("no token found")
-    return tuple(tokens)
-
-
-def read_token_file(path: str | Path) -> tuple[str, ...]:
-    """The tokens in the file at ``path``; ``ValueError`` naming the flag and the file otherwise."""
-    try:
-        return parse_tokens(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"--auth_token_file {path}: cannot read it: {exc.strerror or exc}") from None
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise ValueError(f"--auth_token_file {path}: {exc}") from None
 
 
 class TokenAuth:
