@@ -11,7 +11,11 @@ graft_batch_size                       histogram  model, version, signature (rea
 graft_batch_padding_rows_total         counter    model, version, signature
 graft_batch_queue_delay_seconds        histogram  model, version, signature (per request part)
 graft_batch_queue_depth                gauge      model, version, signature (rows waiting)
-graft_inference_seconds                histogram  model, version, signature (one run: a batch, or an unbatched request)
+graft_inference_seconds                histogram  model, version, signature, part, trunk (one run: a batch, or an
+                                                  unbatched request; part: model, or a shared trunk's trunk / head)
+graft_trunk_batch_size                 histogram  trunk, signature (rows per trunk run)
+graft_trunk_batch_models               histogram  trunk, signature (models whose rows one trunk run carried)
+graft_trunk_group_size                 gauge      trunk (loaded versions sharing the trunk)
 graft_model_version_state              gauge      model, version, state (1 = current state, else 0)
 graft_model_load_seconds               histogram  model (successful loads, warmup included)
 graft_model_load_failures_total        counter    model
@@ -28,6 +32,12 @@ failed before a version was resolved (e.g. ``NOT_FOUND``), and ``signature``
 too when the adapter refused it before the service saw it (a body that is not
 JSON, a malformed gRPC message). Request bytes that do not parse as the RPC's
 message at all name no model and are not counted.
+
+Shared trunks (``serving.trunks``) are labelled ``trunk`` with
+``graft.contract.short_fingerprint``, never the whole hash. A trunk run is an
+inference sample with ``part="trunk"`` (model and version empty, the trunk
+signature), each head run one with ``part="head"``; whole-version runs are
+``part="model"`` with ``trunk`` empty.
 """
 
 from __future__ import annotations
@@ -133,7 +143,7 @@ class BatchMetrics:
         self._padding = metrics.batch_padding_rows.labels(*labels)
         self._delay = metrics.batch_queue_delay.labels(*labels)
         self._depth = metrics.batch_queue_depth.labels(*labels)
-        self._inference = metrics.inference_seconds.labels(*labels)
+        self._inference = metrics.inference_seconds.labels(*labels, "model", "")
 
     def on_batch(self, size: int, padded_size: int, queue_delays: list[float], run_seconds: float) -> None:
         """Record one batch: its real rows, padding, each part's queueing delay and the run time."""
@@ -184,8 +194,16 @@ class ServingMetrics:
             batch_labels, registry=registry)
         self.inference_seconds = Histogram(
             "graft_inference_seconds", "Model run time per batch, or per request run without a batcher "
-            "(device time, padding included).",
-            batch_labels, buckets=LATENCY_BUCKETS, registry=registry)
+            "(device time, padding included); part: a whole model, or a shared trunk's trunk or head.",
+            [*batch_labels, "part", "trunk"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.trunk_batch_size = Histogram(
+            "graft_trunk_batch_size", "Rows per run of a shared trunk (every model's rows together).",
+            ["trunk", "signature"], buckets=BATCH_SIZE_BUCKETS, registry=registry)
+        self.trunk_batch_models = Histogram(
+            "graft_trunk_batch_models", "Models whose rows one run of a shared trunk carried.",
+            ["trunk", "signature"], buckets=BATCH_SIZE_BUCKETS, registry=registry)
+        self.trunk_group_size = Gauge(
+            "graft_trunk_group_size", "Loaded model versions sharing one trunk.", ["trunk"], registry=registry)
         self.version_state = Gauge(
             "graft_model_version_state", "1 for the state a model version is in, 0 for the others.",
             ["model", "version", "state"], registry=registry)
@@ -231,13 +249,30 @@ class ServingMetrics:
             child = self._example_children[key] = self.examples.labels(*key)
         child.inc(count)
 
-    def observe_inference(self, model: str, version: int | str, signature: str, seconds: float) -> None:
-        """Record one model run made without a batcher (batching off, or a signature it cannot batch)."""
-        key = (model, str(version), signature)
+    def observe_inference(self, model: str, version: int | str, signature: str, seconds: float,
+                          part: str = "model", trunk: str = "") -> None:
+        """Record one model run made without a batcher (batching off, or a signature it cannot batch),
+        or one run of a shared trunk's ``part`` ("trunk" or "head"; ``trunk``: its short fingerprint)."""
+        key = (model, str(version), signature, part, trunk)
         child = self._inference_children.get(key)
         if child is None:
             child = self._inference_children[key] = self.inference_seconds.labels(*key)
         child.observe(seconds)
+
+    def observe_trunk_batch(self, trunk: str, signature: str, rows: int, models: int) -> None:
+        """Record one shared trunk run: its rows and how many models they came from."""
+        self.trunk_batch_size.labels(trunk, signature).observe(rows)
+        self.trunk_batch_models.labels(trunk, signature).observe(models)
+
+    def set_trunk_group_size(self, trunk: str, size: int) -> None:
+        """Set a trunk's group size; an unloaded trunk's series goes away."""
+        if size:
+            self.trunk_group_size.labels(trunk).set(size)
+        else:
+            try:
+                self.trunk_group_size.remove(trunk)
+            except KeyError:  # never set
+                pass
 
     def batch_observer(self, model: str, version: int | str, signature: str) -> BatchMetrics:
         """A ``BatchObserver`` for the batcher of one (model, version, signature)."""

@@ -187,6 +187,21 @@ class Servable:
         except Exception as exc:
             raise Internal(f"model {self.name} version {self.version} failed: {tf_error_message(exc)}") from exc
 
+    def member_batcher(self, signature_name: str):
+        """The batcher this version shares with others for ``signature_name`` (``serving.trunks``), else None.
+
+        None: the version batches alone, in the service's own batcher.
+        """
+
+    def trunk_info(self) -> dict | None:
+        """The trunk this version declares, ``{"fingerprint", "shared": False}``, or None (a trained trunk).
+
+        A version loaded standalone runs its own copy; ``serving.trunks`` overrides this
+        for versions that share theirs.
+        """
+        trunk = contract.trunk_of(self._lineage)
+        return None if trunk is None else {"fingerprint": trunk["fingerprint"], "shared": False}
+
     def signature_def_map(self) -> get_model_metadata_pb2.SignatureDefMap:
         """The SignatureDefMap for GetModelMetadata (a fresh message each call)."""
         result = get_model_metadata_pb2.SignatureDefMap()

@@ -338,6 +338,7 @@ class InferenceService:
                 "model_version_status": [self._with_training_summary(name, s) for s in statuses],
                 "labels": dict(self._manager.labels(name)),
             })
+        _count_trunk_groups(models)
         return models
 
     def _with_training_summary(self, name: str, status: VersionStatus) -> dict:
@@ -347,10 +348,13 @@ class InferenceService:
             try:
                 with self._manager.acquire(name, status.version) as servable:
                     lineage = servable.lineage()
+                    trunk = servable.trunk_info()
             except ServingError:  # unloaded since the status was read
-                lineage = None
+                lineage = trunk = None
             if lineage is not None:
                 entry[LINEAGE_METADATA_KEY] = training_summary(lineage)
+                if trunk is not None:
+                    entry[LINEAGE_METADATA_KEY]["trunk"] = trunk
         return entry
 
     def statistics(self, name: str = "", version: int | None = None,
@@ -731,6 +735,9 @@ class InferenceService:
     def _batcher(self, servable: Servable, sig: SignatureSpec) -> Batcher | None:
         if self._batching is None or not _is_batchable(sig):
             return None
+        shared = servable.member_batcher(sig.name)
+        if shared is not None:  # its trunk group's batcher, shared with other models (serving.trunks)
+            return shared
         key = (servable.name, servable.version, sig.name)
         with self._lock:
             if key not in self._batchers:
@@ -743,6 +750,16 @@ class InferenceService:
                     executions=self._statistics_locked(servable),
                     name=f"{servable.name}/{servable.version}/{sig.name}")
             return self._batchers[key]
+
+
+def _count_trunk_groups(models: list[dict]) -> None:
+    """Give each listed trunk without a ``group_size`` (one loaded standalone) the number of
+    listed versions declaring its fingerprint; a shared trunk's comes from its group."""
+    trunks = [entry[LINEAGE_METADATA_KEY]["trunk"] for model in models for entry in model["model_version_status"]
+              if "trunk" in entry.get(LINEAGE_METADATA_KEY, {})]
+    for trunk in trunks:
+        if trunk.get("group_size") is None:
+            trunk["group_size"] = sum(1 for other in trunks if other["fingerprint"] == trunk["fingerprint"])
 
 
 def version_status_json(status: VersionStatus) -> dict:

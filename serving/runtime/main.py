@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run each signature with its variables folded into constants: faster (see "
                         "docs/benchmarks.md), and a second copy of the weights in memory; a signature "
                         "that writes its variables always keeps them (default true)")
+    boolean("shared_trunks", d("shared_trunks"),
+            help="versions declaring the same frozen trunk load it once and batch through it together; "
+                 "each loads only its head (default true; false: every version loads whole)")
     p.add_argument("--tensorflow_intra_op_parallelism", type=int, default=d("tensorflow_intra_op_parallelism"),
                    help="threads inside one op (default 0: TensorFlow decides)")
     p.add_argument("--tensorflow_inter_op_parallelism", type=int, default=d("tensorflow_inter_op_parallelism"),

@@ -37,6 +37,7 @@ from serving.runtime.tls import grpc_server_credentials
 from serving.servable import servable_loader
 from serving import warmup
 from serving.service import InferenceService
+from serving.trunks import DEFAULT_EDF_DEADLINE_S, TrunkRegistry
 
 log = logging.getLogger("graft-serve")
 
@@ -55,6 +56,8 @@ class GraftServer:
         self.rest_port: int | None = None
         self.manager: ModelManager | None = None
         self.service: InferenceService | None = None
+        # The shared trunks of this server's versions (--shared_trunks; None when off).
+        self.trunks: TrunkRegistry | None = None
         self._stop = threading.Event()
         self._stop_requested = False
         self._grpc = None
@@ -84,9 +87,15 @@ class GraftServer:
         registry = CollectorRegistry() if checked.metrics_paths else None
         metrics = (ServingMetrics(registry, device_memory=devices.memory_reader(gpu_devices))
                    if registry is not None else None)
+        if config.shared_trunks:
+            # Earliest deadline first orders requests without a deadline as if they had the REST one.
+            edf_s = config.rest_api_timeout_in_ms / 1000 if config.rest_api_timeout_in_ms else DEFAULT_EDF_DEADLINE_S
+            self.trunks = TrunkRegistry(gpu_devices, freeze=config.freeze_graph, batching=checked.batching,
+                                        metrics=metrics, edf_default_s=edf_s)
         self.manager = ModelManager(checked.models, poll_seconds=config.file_system_poll_wait_seconds,
                                     listener=metrics,
-                                    servable_loader=servable_loader(gpu_devices, config.freeze_graph),
+                                    servable_loader=(self.trunks.load if self.trunks is not None
+                                                     else servable_loader(gpu_devices, config.freeze_graph)),
                                     warmup=self._warmup if config.enable_model_warmup else None)
         self.service = InferenceService(self.manager, metrics=metrics, batching=checked.batching,
                                         max_image_pixels=config.max_image_pixels,
@@ -175,6 +184,8 @@ class GraftServer:
         drained = True
         if self.service is not None:
             self.service.begin_drain()
+            if self.trunks is not None:
+                self.trunks.flush()
             log.info("draining: readiness is off, new requests get UNAVAILABLE")
             drained = self.service.wait_idle(self.config.drain_seconds)
             if not drained:

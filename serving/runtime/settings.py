@@ -49,6 +49,8 @@ class ServerConfig:
     enable_batching: bool | None = None
     batching_parameters_file: str = ""
     freeze_graph: bool = True
+    # Versions declaring one frozen trunk load it once and batch through it together (serving.trunks).
+    shared_trunks: bool = True
     tensorflow_intra_op_parallelism: int = 0
     tensorflow_inter_op_parallelism: int = 0
     tensorflow_session_parallelism: int = 0

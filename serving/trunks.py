@@ -1,0 +1,367 @@
+"""Shared trunks: versions that declare the same frozen trunk run it once, as a group.
+
+A version that declares a trunk (``graft.contract.trunk_of``) and carries its parts
+(``contract.shared_parts``: ``assets.extra/graft-trunk`` and ``graft-head``) loads,
+with ``--shared_trunks`` on, as a :class:`SharedServable`: its own head SavedModel
+plus a reference to its :class:`TrunkGroup`, the one loaded copy of the trunk for
+every loaded version with that fingerprint, across models and versions. The
+:class:`TrunkRegistry` (one per server, built by ``GraftServer``) is the manager's
+loader: it loads a group's trunk with its first member and unloads it with its last.
+
+Running a member's signature S is ``head[S](trunk[SHARED_SIGNATURES[S]](inputs))``.
+With batching on, every member's requests for S go through the group's one tagged,
+earliest-deadline-first ``Batcher`` of that trunk signature: one trunk run over the
+rows of several models, then each head once on its own rows (``TrunkGroup._run_parts``).
+A version whose signatures are not all shareable, or whose parts are missing, loads
+as a plain ``Servable``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from graft import contract
+from serving.batching import Batcher
+from serving.config import BatchingConfig
+from serving.errors import Internal, NotFound
+from serving.servable import Servable, SignatureSpec, tf_signature_defs
+
+log = logging.getLogger(__name__)
+
+# The deadline earliest-deadline-first gives a request that has none, when
+# --rest_api_timeout_in_ms is 0: TF Serving's default REST timeout.
+DEFAULT_EDF_DEADLINE_S = 30.0
+
+# The metrics' label of a run's part: a whole version, a trunk, a head.
+PART_MODEL, PART_TRUNK, PART_HEAD = "model", "trunk", "head"
+
+
+class TrunkGroup:
+    """One loaded trunk and the loaded versions that share it (thread-safe)."""
+
+    def __init__(self, fingerprint: str, trunk: Servable, *, batching: BatchingConfig | None,
+                 metrics: Any | None, edf_default_s: float) -> None:
+        self.fingerprint = fingerprint
+        self.short = contract.short_fingerprint(fingerprint)
+        self.trunk = trunk
+        self._batching = batching
+        self._metrics = metrics
+        self._edf_default_s = edf_default_s
+        self._lock = threading.Lock()
+        self._members: set[SharedServable] = set()
+        self._batchers: dict[str, Batcher] = {}
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        """The loaded versions in the group."""
+        with self._lock:
+            return len(self._members)
+
+    def members(self) -> list[tuple[str, int]]:
+        """(model, version) of each member, sorted."""
+        with self._lock:
+            return sorted((m.name, m.version) for m in self._members)
+
+    def run_trunk(self, trunk_signature: str, inputs: Mapping[str, np.ndarray], models: int = 1) -> np.ndarray:
+        """The trunk's features for ``inputs`` (one trunk run, timed and counted)."""
+        started = time.perf_counter()
+        try:
+            outputs = self.trunk.run(trunk_signature, inputs)
+        finally:
+            seconds = time.perf_counter() - started
+        if self._metrics is not None:
+            rows = len(next(iter(inputs.values()))) if inputs else 0
+            self._metrics.observe_inference("", "", trunk_signature, seconds, part=PART_TRUNK, trunk=self.short)
+            self._metrics.observe_trunk_batch(self.short, trunk_signature, rows, models)
+        features = outputs.get(contract.FEATURES_KEY)
+        if features is None:
+            raise Internal(f"trunk {self.short} signature {trunk_signature!r} returned no "
+                           f"{contract.FEATURES_KEY!r}")
+        return features
+
+    def batcher(self, trunk_signature: str) -> Batcher | None:
+        """The group's batcher of one trunk signature (None with batching off or once closed)."""
+        if self._batching is None:
+            return None
+        with self._lock:
+            if self._closed:
+                return None
+            batcher = self._batchers.get(trunk_signature)
+            if batcher is None:
+                batcher = self._batchers[trunk_signature] = Batcher(
+                    functools.partial(self._run_parts, trunk_signature), self._batching,
+                    name=f"trunk-{self.short}/{trunk_signature}", tagged=True,
+                    edf_default_s=self._edf_default_s)
+            return batcher
+
+    def _run_parts(self, trunk_signature: str, inputs: dict[str, np.ndarray],
+                   parts: list[tuple[Any, int]]) -> list[dict[str, np.ndarray]]:
+        """A tagged batch: one trunk run over every row, then each member's head once on its own rows.
+
+        ``parts`` are (tag, rows) in row order; a tag is ``(member, version signature)``.
+        Padding rows after the parts run through the trunk and go nowhere.
+        """
+        by_tag: dict[Any, list[int]] = {}
+        for index, (tag, _) in enumerate(parts):
+            by_tag.setdefault(tag, []).append(index)
+        features = self.run_trunk(trunk_signature, inputs, models=len({tag[0] for tag in by_tag}))
+        starts = np.cumsum([0] + [rows for _, rows in parts])
+        results: list[dict[str, np.ndarray] | None] = [None] * len(parts)
+        for (member, signature), indices in by_tag.items():
+            slices = [features[starts[i]:starts[i + 1]] for i in indices]
+            own = slices[0] if len(slices) == 1 else np.concatenate(slices)
+            outputs = member.run_head(signature, own)
+            pos = 0
+            for i in indices:
+                rows = parts[i][1]
+                results[i] = {k: v[pos:pos + rows] for k, v in outputs.items()}
+                pos += rows
+        return results
+
+    def flush(self) -> None:
+        """Run what the group's batchers hold without waiting for batch timeouts (draining)."""
+        with self._lock:
+            batchers = list(self._batchers.values())
+        for batcher in batchers:
+            batcher.flush()
+
+    def _join(self, member: SharedServable) -> int:
+        with self._lock:
+            self._members.add(member)
+            return len(self._members)
+
+    def _leave(self, member: SharedServable) -> int:
+        with self._lock:
+            self._members.discard(member)
+            return len(self._members)
+
+    def close(self) -> None:
+        """Close the batchers (their queues drained) and unload the trunk; the group is empty."""
+        with self._lock:
+            self._closed = True
+            batchers = list(self._batchers.values())
+            self._batchers.clear()
+        for batcher in batchers:
+            batcher.close(drain=True)
+        self.trunk.unload()
+
+
+class SharedServable(Servable):
+    """A version loaded as its head alone, running its signatures through its group's trunk.
+
+    Its signature defs (for metadata and validation) are the version's own, read from
+    its ``saved_model.pb``; ``run`` keeps ``Servable.run``'s contract.
+    """
+
+    def __init__(self, name: str, version: int, path: str, signature_defs: Mapping, head: Servable,
+                 group: TrunkGroup, lineage: dict | None, metrics: Any | None, release) -> None:
+        # Servable's own __init__ builds replicas from loaded graphs: a shared version has none.
+        self.name = name
+        self.version = version
+        self.path = path
+        self.devices = head.devices
+        self.device = head.device
+        self._signature_defs = dict(signature_defs)
+        self.signatures = {k: SignatureSpec.from_signature_def(k, v) for k, v in sorted(self._signature_defs.items())}
+        self._lineage = lineage
+        self._pool = None
+        self.head = head
+        self.group: TrunkGroup | None = group
+        self._metrics = metrics
+        self._release = release
+
+    def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one signature: the group's trunk, then this version's head (errors as ``Servable.run``)."""
+        group = self.group
+        if group is None or signature_name not in self.signatures:
+            raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
+        features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs)
+        return self.run_head(signature_name, features)
+
+    def run_head(self, signature_name: str, features: np.ndarray) -> dict[str, np.ndarray]:
+        """Run this version's head of ``signature_name`` on trunk features (timed as a head run)."""
+        started = time.perf_counter()
+        try:
+            return self.head.run(signature_name, {contract.FEATURES_KEY: features})
+        finally:
+            if self._metrics is not None and self.group is not None:
+                self._metrics.observe_inference(self.name, self.version, signature_name,
+                                                time.perf_counter() - started, part=PART_HEAD,
+                                                trunk=self.group.short)
+
+    def member_batcher(self, signature_name: str):
+        """The group's batcher for ``signature_name``, bound to this version (None: run directly)."""
+        group = self.group
+        trunk_signature = contract.SHARED_SIGNATURES.get(signature_name)
+        if group is None or trunk_signature is None:
+            return None
+        batcher = group.batcher(trunk_signature)
+        return None if batcher is None else MemberBatcher(batcher, (self, signature_name))
+
+    def trunk_info(self) -> dict | None:
+        """The declared trunk, shared, with the loaded versions sharing it."""
+        group = self.group
+        if group is None:
+            return super().trunk_info()
+        return {"fingerprint": group.fingerprint, "shared": True, "group_size": group.size}
+
+    def variable_devices(self) -> dict[str | None, list[str]]:
+        """The head's variable placement (the trunk's is the group's)."""
+        return self.head.variable_devices()
+
+    def in_flight(self) -> list[int]:
+        """The head's runs in flight per replica."""
+        return self.head.in_flight()
+
+    def unload(self) -> None:
+        """Drop the head and leave the group (its last member unloads the trunk)."""
+        group, self.group = self.group, None
+        self.head.unload()
+        if group is not None:
+            self._release(group, self)
+
+    def __repr__(self) -> str:
+        return f"SharedServable({self.name!r}, {self.version}, {self.path!r})"
+
+    # Members are set elements keyed by identity, as Servable is.
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
+class MemberBatcher:
+    """A group batcher seen from one member signature: ``submit`` as ``Batcher``'s, tagged with it."""
+
+    def __init__(self, batcher: Batcher, tag: tuple[SharedServable, str]) -> None:
+        self._batcher = batcher
+        self._tag = tag
+
+    def submit(self, inputs, deadline=None, timing=None):
+        """``Batcher.submit`` with this member's tag."""
+        return self._batcher.submit(inputs, deadline, timing, tag=self._tag)
+
+    async def submit_async(self, inputs, deadline=None, timing=None):
+        """``Batcher.submit_async`` with this member's tag."""
+        return await self._batcher.submit_async(inputs, deadline, timing, tag=self._tag)
+
+    def flush(self) -> None:
+        """The group batcher's ``flush``."""
+        self._batcher.flush()
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Nothing: the group owns its batcher and closes it with its last member."""
+
+
+class TrunkRegistry:
+    """The trunk groups of one server, refcounted by their loaded members; the manager's loader.
+
+    ``devices`` and ``freeze`` are those a plain version loads with (``--freeze_graph``);
+    ``batching`` is the server's batching (None: off); ``metrics`` a ``ServingMetrics``
+    or None; ``edf_default_s`` the deadline a request without one gets for ordering.
+    """
+
+    def __init__(self, devices: Sequence[str] = (), *, freeze: bool = True, batching: BatchingConfig | None = None,
+                 metrics: Any | None = None, edf_default_s: float = DEFAULT_EDF_DEADLINE_S) -> None:
+        self._device = tuple(devices) or None
+        self._freeze = freeze
+        self._batching = batching
+        self._metrics = metrics
+        self._edf_default_s = edf_default_s
+        self._lock = threading.Lock()
+        self._groups: dict[str, TrunkGroup] = {}
+
+    def load(self, name: str, version: int, path: str | os.PathLike) -> Servable:
+        """Load a version: shared when it declares a trunk, carries its parts and every signature can share."""
+        path = os.fspath(path)
+        plan = self._shared_plan(path)
+        if plan is None:
+            return Servable.load(name, version, path, device=self._device, freeze=self._freeze)
+        signature_defs, fingerprint, trunk_path, head_path, lineage = plan
+        group = self._acquire(fingerprint, trunk_path)
+        try:
+            head = Servable.load(name, version, head_path, device=self._device, freeze=self._freeze)
+        except BaseException:
+            self._release_empty(group)
+            raise
+        member = SharedServable(name, version, path, signature_defs, head, group, lineage, self._metrics,
+                                self._release)
+        self._report(group, group._join(member))
+        log.info("model %s version %d joins trunk %s (%d loaded)", name, version, group.short, group.size)
+        return member
+
+    def _shared_plan(self, path: str):
+        """What a shared load needs, or None (logged) when the version must load standalone."""
+        parts = contract.shared_parts(path)
+        if parts is None:
+            return None
+        trunk_path, head_path = parts
+        try:
+            lineage = contract.read_lineage(path)
+            signature_defs = tf_signature_defs(path)
+            trunk_sigs = set(tf_signature_defs(trunk_path))
+            head_sigs = set(tf_signature_defs(head_path))
+        except ValueError as exc:
+            log.warning("%s loads standalone: its shared parts cannot be read: %s", path, exc)
+            return None
+        unshareable = sorted(s for s in signature_defs if s not in contract.SHARED_SIGNATURES
+                             or s not in head_sigs or contract.SHARED_SIGNATURES[s] not in trunk_sigs)
+        if unshareable or not signature_defs:
+            log.info("%s loads standalone: signature(s) %s cannot share its trunk", path, unshareable)
+            return None
+        fingerprint = contract.trunk_of(lineage)["fingerprint"]
+        return signature_defs, fingerprint, trunk_path, head_path, lineage
+
+    def _acquire(self, fingerprint: str, trunk_path) -> TrunkGroup:
+        # Loads run on the manager's one loader thread, so no two loads race for a group.
+        with self._lock:
+            group = self._groups.get(fingerprint)
+        if group is not None:
+            return group
+        short = contract.short_fingerprint(fingerprint)
+        trunk = Servable.load(f"trunk-{short}", 0, trunk_path, device=self._device, freeze=self._freeze)
+        group = TrunkGroup(fingerprint, trunk, batching=self._batching, metrics=self._metrics,
+                           edf_default_s=self._edf_default_s)
+        with self._lock:
+            self._groups[fingerprint] = group
+        log.info("trunk %s loaded from %s", short, trunk_path)
+        return group
+
+    def _release(self, group: TrunkGroup, member: SharedServable) -> None:
+        self._report(group, group._leave(member))
+        self._release_empty(group)
+
+    def _release_empty(self, group: TrunkGroup) -> None:
+        with self._lock:
+            if group.size or self._groups.get(group.fingerprint) is not group:
+                return
+            del self._groups[group.fingerprint]
+        group.close()
+        log.info("trunk %s unloaded: its last version left", group.short)
+        self._report(group, 0)
+
+    def _report(self, group: TrunkGroup, size: int) -> None:
+        if self._metrics is not None:
+            self._metrics.set_trunk_group_size(group.short, size)
+
+    def groups(self) -> dict[str, TrunkGroup]:
+        """The loaded groups by fingerprint (a snapshot)."""
+        with self._lock:
+            return dict(self._groups)
+
+    def group_of(self, fingerprint: str) -> TrunkGroup | None:
+        """The loaded group of ``fingerprint``, if any."""
+        with self._lock:
+            return self._groups.get(fingerprint)
+
+    def flush(self) -> None:
+        """Flush every group's batchers (the server is draining)."""
+        for group in self.groups().values():
+            group.flush()
