@@ -23,7 +23,7 @@ import importlib.metadata
 import json
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import keras
@@ -250,6 +250,7 @@ def export_version(
     lineage: Mapping,
     warmup_images: np.ndarray | None = None,
     shared: tuple[keras.Model, keras.Model] | None = None,
+    before_publish: Callable[[Path], None] | None = None,
 ) -> str:
     """Write ``model`` as the next version of ``<repo>/<model_name>`` and return its path.
 
@@ -259,7 +260,10 @@ def export_version(
     ``signatures``, ``package_versions`` and ``created_at`` added (the version
     is the directory name, known only at publish); ValueError when a field
     breaks the schema. ``warmup_images`` (float32 [K,H,W,3]) feed the warmup
-    records; when None, mid-grey images are used.
+    records; when None, mid-grey images are used. ``before_publish`` runs with
+    the staging directory once the version is complete and still hidden (the
+    pipeline writes the run's report into ``contract.report_path`` there), so
+    what it adds appears with the version, in the same rename.
     ``shared`` is ``(trunk, head)`` with ``model(x) == head(trunk(x))``: given
     exactly when ``lineage`` declares a trunk, it is also written as the two
     SavedModels of graft.contract's shared trunks (:func:`write_shared_parts`),
@@ -309,5 +313,7 @@ def export_version(
             json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
         if shared is not None:
             write_shared_parts(tmp, *shared, class_names, height, width)
+        if before_publish is not None:
+            before_publish(Path(tmp))
         _, path = model_repo.publish_dir(tmp, target_dir)
     return str(path)
