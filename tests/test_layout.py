@@ -13,7 +13,7 @@ import pytest
 from graft import contract
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("graft", "serving", "training")
+PACKAGES = ("graft", "serving", "training", "console")
 
 
 def _modules() -> dict[str, Path]:
