@@ -193,6 +193,9 @@ class Servable:
         None: the version batches alone, in the service's own batcher.
         """
 
+    def shared_trunk(self):
+        """The trunk group this version shares (``serving.trunks.TrunkGroup``), None when it runs alone."""
+
     def trunk_info(self) -> dict | None:
         """The trunk this version declares, ``{"fingerprint", "shared": False}``, or None (a trained trunk).
 

@@ -16,7 +16,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -131,10 +131,40 @@ class RegressResult:
 
 @dataclass
 class InferenceTask:
-    """One task of a MultiInference: a signature and the method it must have."""
+    """One task of a MultiInference: a signature and the method it must have.
+
+    ``model`` (with its ``version`` or ``label``) names another model than the call's:
+    allowed only when every task's version shares one loaded trunk (Graft's fan-out).
+    """
 
     signature_name: str
     method_name: str
+    model: str | None = None
+    version: int | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model, and optionally its version or label (None: the model's latest)."""
+
+    name: str
+    version: int | None = None
+    label: str | None = None
+
+
+@dataclass
+class FanOutCall:
+    """One input set for several models that share one trunk: one trunk pass, then each head.
+
+    ``inputs`` as ``PredictCall``'s, decoded against the first model's signature.
+    """
+
+    models: Sequence[ModelRef]
+    signature_name: str = ""
+    inputs: Inputs | Callable[[SignatureSpec], Inputs] = field(default_factory=dict)
+    deadline: float | None = None
+    protocol: str = "rest"
 
 
 @dataclass
@@ -292,9 +322,11 @@ class InferenceService:
             if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
                 raise InvalidArgument(f"Unsupported signature method_name: {task.method_name}")
             key = task.signature_name or DEFAULT_SIGNATURE
-            if key in seen:
+            if (_task_model(request, task), key) in seen:
                 raise InvalidArgument(f"Duplicate evaluation of signature: {key}")
-            seen.add(key)
+            seen.add((_task_model(request, task), key))
+        if len({_task_model(request, task) for task in request.tasks}) > 1:
+            return self._fan_out_examples(request)
         with self._request(request.protocol, "multi_inference", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sigs = [self._method_signature(servable, t.signature_name, t.method_name)
@@ -313,6 +345,53 @@ class InferenceService:
                         results.append(RegressResult(servable.name, servable.version, sig.name,
                                                      _regressions(outputs, n)))
                 return results
+
+    def _fan_out_examples(self, request: MultiInferenceCall) -> list[ClassifyResult]:
+        """A MultiInference whose tasks name several models (or versions): one pass of the trunk
+        they all share over the examples, then each task's head. InvalidArgument when they do not
+        share one loaded trunk."""
+        n = len(request.examples)
+        with self._request(request.protocol, "multi_inference", request.model, request.deadline) as record, \
+                ExitStack() as held:
+            servables = [held.enter_context(self._manager.acquire(*_task_model(request, task)))
+                         for task in request.tasks]
+            sigs = [self._method_signature(s, t.signature_name, t.method_name)
+                    for s, t in zip(servables, request.tasks)]
+            group = _one_trunk(servables, "MultiInference tasks naming several models")
+            self._check_example_images(request.examples, request.context)
+            record(servables[0].version, ",".join(s.name for s in sigs), n, servable=servables[0])
+            inputs = _examples_tensor(sigs[0], request.examples, request.context)
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise DeadlineExceeded("Deadline exceeded before the request could run")
+            outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs)
+            return [ClassifyResult(s.name, s.version, sig.name, _classifications(o, n))
+                    for s, sig, o in zip(servables, sigs, outputs)]
+
+    def fan_out(self, request: FanOutCall) -> list[PredictResult]:
+        """Answer one input set from several models that share one loaded trunk, with one trunk pass.
+
+        Graft's extension (REST ``POST /v1/trunks:fanout``). InvalidArgument when the
+        models do not share one loaded trunk, or name one model version twice.
+        """
+        if not request.models:
+            raise InvalidArgument("a fan-out needs at least one model")
+        first = request.models[0].name
+        with self._request(request.protocol, "fan_out", first, request.deadline) as record, ExitStack() as held:
+            servables = [held.enter_context(self._manager.acquire(m.name, m.version, m.label))
+                         for m in request.models]
+            if len({(s.name, s.version) for s in servables}) < len(servables):
+                raise InvalidArgument("a fan-out names one model version more than once")
+            sigs = [self._signature(s, request.signature_name) for s in servables]
+            group = _one_trunk(servables, "a fan-out")
+            record(servables[0].version, sigs[0].name, servable=servables[0])
+            raw = request.inputs(sigs[0]) if callable(request.inputs) else request.inputs
+            inputs = self._validate(sigs[0], raw)
+            record(servables[0].version, sigs[0].name, _batch_size(sigs[0], inputs), servable=servables[0],
+                   inferences=_run_rows(sigs[0], inputs) * len(servables))
+            if request.deadline is not None and time.monotonic() >= request.deadline:
+                raise DeadlineExceeded("Deadline exceeded before the request could run")
+            outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs)
+            return [PredictResult(s.name, s.version, sig.name, o) for s, sig, o in zip(servables, sigs, outputs)]
 
     # ------------------------------------------------------------------- metadata
 
@@ -750,6 +829,28 @@ class InferenceService:
                     executions=self._statistics_locked(servable),
                     name=f"{servable.name}/{servable.version}/{sig.name}")
             return self._batchers[key]
+
+
+def _task_model(request: MultiInferenceCall, task: InferenceTask) -> tuple[str, int | None, str | None]:
+    """The (model, version, label) a MultiInference task runs on: its own, else the call's."""
+    if task.model is None:
+        return request.model, request.version, request.label
+    return task.model, task.version, task.label
+
+
+def _one_trunk(servables: Sequence[Servable], what: str):
+    """The one trunk group every servable shares (``serving.trunks``); InvalidArgument naming why not."""
+    groups = [s.shared_trunk() for s in servables]
+    for servable, group in zip(servables, groups):
+        if group is None:
+            raise InvalidArgument(f"{what} need them all to share one loaded trunk: model {servable.name} "
+                                  f"version {servable.version} does not run a shared trunk (TF Serving allows "
+                                  "one model name per MultiInference)")
+        if group is not groups[0]:
+            raise InvalidArgument(f"{what} need them all to share one loaded trunk: model {servable.name} "
+                                  f"version {servable.version} runs trunk {group.short}, model "
+                                  f"{servables[0].name} version {servables[0].version} trunk {groups[0].short}")
+    return groups[0]
 
 
 def _count_trunk_groups(models: list[dict]) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from graft import contract
 from serving.batching import Batcher
 from serving.config import BatchingConfig
-from serving.errors import Internal, NotFound
+from serving.errors import Internal, InvalidArgument, NotFound
 from serving.servable import Servable, SignatureSpec, tf_signature_defs
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,20 @@ class TrunkGroup:
                 pos += rows
         return results
 
+    def fan_out(self, runs: Sequence[tuple[SharedServable, str]], inputs: Mapping[str, np.ndarray]
+                ) -> list[dict[str, np.ndarray]]:
+        """One trunk pass over ``inputs``, then each (member, version signature)'s head on all of it.
+
+        Every signature must take its features from the same trunk signature
+        (InvalidArgument otherwise: float images, image bytes and examples differ).
+        """
+        trunk_signatures = {contract.SHARED_SIGNATURES.get(signature) for _, signature in runs}
+        if len(trunk_signatures) != 1 or None in trunk_signatures:
+            raise InvalidArgument(f"a fan-out's signatures must all read the same input through the trunk; "
+                                  f"got {sorted(signature for _, signature in runs)}")
+        features = self.run_trunk(trunk_signatures.pop(), inputs, models=len({id(m) for m, _ in runs}))
+        return [member.run_head(signature, features) for member, signature in runs]
+
     def flush(self) -> None:
         """Run what the group's batchers hold without waiting for batch timeouts (draining)."""
         with self._lock:
@@ -206,6 +220,10 @@ class SharedServable(Servable):
             return None
         batcher = group.batcher(trunk_signature)
         return None if batcher is None else MemberBatcher(batcher, (self, signature_name))
+
+    def shared_trunk(self) -> TrunkGroup | None:
+        """The version's trunk group (None once unloaded)."""
+        return self.group
 
     def trunk_info(self) -> dict | None:
         """The declared trunk, shared, with the loaded versions sharing it."""

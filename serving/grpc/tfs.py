@@ -145,20 +145,26 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     @inference_rpc("multi_inference", _first_task_model)
     async def MultiInference(self, request, context):
-        """Several classify/regress signatures of one model version over the same examples."""
+        """Several classify/regress signatures of one model version over the same examples.
+
+        Graft's fan-out: tasks may name other models or versions when they all share one
+        loaded trunk (the service refuses any other mix with INVALID_ARGUMENT).
+        """
         if not request.tasks:
             raise InvalidArgument("MultiInferenceRequest has no tasks")
         first = request.tasks[0].model_spec
-        for task in request.tasks[1:]:
-            if task.model_spec.name != first.name:
-                raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same model name")
-            if _version_and_label(task.model_spec) != _version_and_label(first):
-                raise InvalidArgument("All ModelSpecs in a MultiInferenceRequest must access the same version")
         version, label = _version_and_label(first)
+        tasks = []
+        for task in request.tasks:
+            task_version, task_label = _version_and_label(task.model_spec)
+            if task.model_spec.name == first.name and (task_version, task_label) == (version, label):
+                tasks.append(InferenceTask(task.model_spec.signature_name, task.method_name))
+            else:
+                tasks.append(InferenceTask(task.model_spec.signature_name, task.method_name,
+                                           task.model_spec.name, task_version, task_label))
         examples, example_context = tensor_proto.examples_from_input(request.input)
         results = await run_blocking(self._service.multi_inference, MultiInferenceCall(
-            model=first.name, version=version, label=label,
-            tasks=[InferenceTask(t.model_spec.signature_name, t.method_name) for t in request.tasks],
+            model=first.name, version=version, label=label, tasks=tasks,
             examples=examples, context=example_context, deadline=deadline_of(context), protocol="grpc"))
         response = inference_pb2.MultiInferenceResponse()
         for task, result in zip(request.tasks, results):

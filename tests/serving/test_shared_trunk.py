@@ -13,13 +13,14 @@ import base64
 import io
 import threading
 
+import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.grpc as grpcclient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from tensorflow_serving.apis import classification_pb2, input_pb2, predict_pb2
+from tensorflow_serving.apis import classification_pb2, inference_pb2, input_pb2, predict_pb2
 
 from graft import contract
 from tests.models import export_shared_trunk_version, write_model_config
@@ -217,3 +218,79 @@ def test_trunk_and_head_runs_are_measured_under_short_fingerprints(shared):
                          model="a")
     assert trunk_runs and head_runs and all(s.value >= 1 for s in trunk_runs + head_runs)
     assert _samples(families, "graft_trunk_batch_size", "graft_trunk_batch_size_count")
+
+
+def _multi_inference(client, models: list[str], images: np.ndarray):
+    examples = []
+    for image in images:
+        example = tf.train.Example()
+        example.features.feature["image/encoded"].bytes_list.value.append(_png(image))
+        examples.append(example)
+    request = inference_pb2.MultiInferenceRequest(
+        input=input_pb2.Input(example_list=input_pb2.ExampleList(examples=examples)))
+    for model in models:
+        task = request.tasks.add()
+        task.model_spec.name = model
+        task.model_spec.signature_name = "classify"
+        task.method_name = contract.CLASSIFY_METHOD
+    return client.predict.MultiInference(request, timeout=60)
+
+
+def test_multi_inference_fans_out_to_models_sharing_a_trunk_with_one_trunk_pass(shared, standalone):
+    server, client = shared
+    images = _images(2, seed=21)
+    group = next(g for g in server.trunks.groups().values() if g.size == 2)
+    sig = {"trunk": group.short, "signature": "examples"}
+    before = _metrics(client)
+    response = _multi_inference(client, ["a", "b"], images)
+    after = _metrics(client)
+    got = {r.model_spec.name: np.array([[c.score for c in row.classes]
+                                        for row in r.classification_result.classifications]) for r in response.results}
+    assert [r.model_spec.name for r in response.results] == ["a", "b"]
+    for model in ("a", "b"):
+        np.testing.assert_allclose(got[model], _grpc_classify(standalone[1], model, images), atol=TOL)
+    # One trunk run carried both heads' rows.
+    count = "graft_trunk_batch_models_count"
+    assert (sum(s.value for s in _samples(after, "graft_trunk_batch_models", count, **sig))
+            - sum(s.value for s in _samples(before, "graft_trunk_batch_models", count, **sig))) == 1
+
+
+def test_multi_inference_refuses_models_on_different_trunks(shared):
+    _, client = shared
+    with pytest.raises(grpc.RpcError) as caught:
+        _multi_inference(client, ["a", "c"], _images(1, seed=22))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "share one loaded trunk" in caught.value.details()
+
+
+def test_multi_inference_across_models_is_refused_without_sharing(standalone):
+    _, client = standalone
+    with pytest.raises(grpc.RpcError) as caught:
+        _multi_inference(client, ["a", "b"], _images(1, seed=23))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not run a shared trunk" in caught.value.details()
+
+
+def test_the_rest_fan_out_equals_each_models_own_answer(shared, standalone):
+    _, client = shared
+    images = _images(3, seed=24)
+    body = {"models": ["b", {"name": "a", "version": 1}], "instances": images.tolist()}
+    answer = client.http.post(f"{client.rest}/v1/trunks:fanout", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    results = answer.json()["results"]
+    assert [(r["model"], r["version"]) for r in results] == [("b", "1"), ("a", "1")]
+    for result in results:
+        got = np.array([p["scores"] for p in result["predictions"]], dtype=np.float32)
+        np.testing.assert_allclose(got, _rest_predict(standalone[1], result["model"], images), atol=TOL)
+
+
+@pytest.mark.parametrize(("body", "reason"), [
+    ({"models": ["a", "c"], "instances": [[[[0.0] * 3] * SIZE] * SIZE]}, "share one loaded trunk"),
+    ({"models": [], "instances": []}, "'models' must be a non-empty list"),
+    ({"models": [{"name": "a", "version": 1, "label": "x"}], "instances": []}, "cannot both be specified"),
+])
+def test_the_rest_fan_out_refuses_what_it_cannot_answer(shared, body, reason):
+    _, client = shared
+    answer = client.http.post(f"{client.rest}/v1/trunks:fanout", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert reason in answer.json()["error"]
