@@ -21,6 +21,11 @@ graft_model_load_seconds               histogram  model (successful loads, warmu
 graft_model_load_failures_total        counter    model
 graft_build_info                       info       version, tensorflow_version, python_version
 graft_device_memory_bytes              gauge      device (GPU memory in use; no samples without GPUs)
+graft_shadow_mirrored_total            counter    model, stable_version, canary_version (and _compared_,
+                                                  _dropped_, _canary_errors_total; the current window's
+                                                  counts, restarting when a label moves)
+graft_shadow_agreement                 gauge      model, stable_version, canary_version (top-1; absent
+                                                  before a classifier comparison); also _js_divergence
 process_*, python_info, python_gc_*    the prometheus_client process, platform and GC collectors
 =====================================  =========  ==============================================
 
@@ -60,7 +65,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,46 @@ class _DeviceMemoryCollector:
         for device, used in sorted((readings or {}).items()):
             family.add_metric([device], float(used))
         return [family]
+
+
+ShadowReader = Callable[[], Iterable[Mapping]]
+SHADOW_COUNTS: tuple[str, ...] = ("mirrored", "compared", "dropped", "canary_errors")
+SHADOW_LABELS: tuple[str, ...] = ("model", "stable_version", "canary_version")
+
+
+class _ShadowCollector:
+    """Reports the shadow windows (``serving.shadow.ShadowMirror.reports``) at scrape time, so the
+    metrics and ``GET /v1/models/{name}/shadow`` read the same counts."""
+
+    def __init__(self, reader: ShadowReader) -> None:
+        self._reader = reader
+
+    def describe(self) -> Iterable:
+        """The families, declared without reading any window."""
+        return self._families()
+
+    def collect(self) -> Iterable:
+        """One sample per family and current window."""
+        families = self._families()
+        for report in self._reader():
+            labels = [report["model"], str(report["stable"]), str(report["canary"])]
+            for family, name in zip(families, SHADOW_COUNTS):
+                family.add_metric(labels, float(report[name]))
+            for family, name in zip(families[len(SHADOW_COUNTS):], ("agreement", "js_divergence")):
+                if report[name] is not None:
+                    family.add_metric(labels, float(report[name]))
+        return families
+
+    @staticmethod
+    def _families() -> list:
+        counts = [CounterMetricFamily(f"graft_shadow_{name}", f"Shadow evaluation: {name.replace('_', ' ')} "
+                                      "requests in the current window.", labels=SHADOW_LABELS)
+                  for name in SHADOW_COUNTS]
+        return counts + [
+            GaugeMetricFamily("graft_shadow_agreement", "Shadow evaluation: top-1 agreement of canary with "
+                              "stable in the current window.", labels=SHADOW_LABELS),
+            GaugeMetricFamily("graft_shadow_js_divergence", "Shadow evaluation: Jensen-Shannon divergence "
+                              "(bits) of the two predicted-class histograms.", labels=SHADOW_LABELS)]
 
 
 class BatchMetrics:
@@ -306,6 +351,10 @@ class ServingMetrics:
                 pass
 
     # -- exposition -----------------------------------------------------------
+
+    def watch_shadow(self, reader: ShadowReader) -> None:
+        """Expose the shadow windows ``reader`` returns (each a report with its ``model``) at scrape time."""
+        self.registry.register(_ShadowCollector(reader))
 
     def render(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, with its content type (for ``/metrics``)."""

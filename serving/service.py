@@ -43,6 +43,7 @@ from serving.errors import (
     metric_code,
 )
 from serving.limits import DEFAULT_MAX_IMAGE_PIXELS
+from serving.shadow import ShadowMirror, empty_report
 from serving.statistics import StatisticsSnapshot, Timing, VersionStatistics
 
 if TYPE_CHECKING:
@@ -228,8 +229,10 @@ class InferenceService:
 
     def __init__(self, manager: ModelManager, *, metrics: ServingMetrics | None = None,
                  batching: BatchingConfig | None = None,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, allow_reload_requests: bool = True):
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, allow_reload_requests: bool = True,
+                 shadow: ShadowMirror | None = None):
         self._manager = manager
+        self._shadow = shadow   # mirrors a fraction of stable's answers to canary (serving.shadow)
         self._allow_reload_requests = allow_reload_requests
         self._metrics = metrics
         self._batching = batching
@@ -252,6 +255,7 @@ class InferenceService:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
                 outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
+                self._mirror(request, servable, sig.name, inputs, outputs, record)
                 return _predict_result(servable, sig, wanted, outputs)
 
     async def predict_async(self, request: PredictCall) -> PredictResult:
@@ -261,6 +265,7 @@ class InferenceService:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
                 outputs = await self._run_async(servable, sig, inputs, request.deadline, record.timing)
+                self._mirror(request, servable, sig.name, inputs, outputs, record)
                 return _predict_result(servable, sig, wanted, outputs)
 
     def _predict_inputs(self, servable: Servable, request: PredictCall,
@@ -292,7 +297,10 @@ class InferenceService:
                 inputs = _examples_tensor(sig, request.examples, request.context)
                 self._check_example_images(request.examples, request.context)
                 outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
-                return result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
+                result = result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
+                if method == CLASSIFY_METHOD:
+                    self._mirror(request, servable, sig.name, inputs, outputs, record)
+                return result
 
     def warm(self, servable: Servable, call: PredictCall | ExamplesCall, method: str) -> None:
         """Run one warmup call on ``servable`` (loaded, not yet AVAILABLE) with a request's checks.
@@ -392,6 +400,35 @@ class InferenceService:
                 raise DeadlineExceeded("Deadline exceeded before the request could run")
             outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs)
             return [PredictResult(s.name, s.version, sig.name, o) for s, sig, o in zip(servables, sigs, outputs)]
+
+    def _mirror(self, request: PredictCall | ExamplesCall, servable: Servable, signature: str,
+                inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], record: _Served) -> None:
+        """Offer stable's answer to the shadow mirror; whatever happens there, the client's answer stands."""
+        if self._shadow is None or self._shadow.fraction <= 0:
+            return
+        try:
+            self._shadow.offer(request.model, request.version, request.label, servable.version, signature,
+                               inputs, outputs, time.perf_counter() - record.start)
+        except Exception:  # the mirror must never fail a primary request
+            log.exception("shadow mirroring failed for %s", request.model)
+
+    def busy(self) -> bool:
+        """Whether requests are waiting for a model now: rows queued in a batcher, or, without
+        batching, more than one request running (the shadow mirror runs only when this is false)."""
+        with self._lock:
+            batchers = [b for b in self._batchers.values() if b is not None]
+        if batchers:
+            return any(b.queue_depth() for b in batchers)
+        return self._in_flight > 1
+
+    def shadow_report(self, name: str) -> dict:
+        """The live comparison of ``name``'s stable and canary versions (``GET /v1/models/{name}/shadow``).
+
+        NotFound for an unknown model; zero counts when shadow evaluation is off or a label is missing.
+        """
+        if self._shadow is None:
+            return empty_report(0.0, self._manager.labels(name))
+        return self._shadow.report(name)
 
     # ------------------------------------------------------------------- metadata
 
@@ -926,9 +963,10 @@ class _Served:
     request only when its ``servable`` is given; ``inferences`` defaults to ``examples``.
     """
 
-    __slots__ = ("version", "servable", "signature", "examples", "inferences", "timing")
+    __slots__ = ("examples", "inferences", "servable", "signature", "start", "timing", "version")
 
     def __init__(self) -> None:
+        self.start = time.perf_counter()   # the request's admission: stable's side of shadow latency
         self.version: int | None = None
         self.servable: Servable | None = None
         self.signature = ""

@@ -28,6 +28,7 @@ from serving.limits import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_REST_TIMEOUT_MS
 from serving.metrics import DEFAULT_METRICS_PATHS
 from serving.rest.fanout import fanout_route
 from serving.rest.responses import error_response, json_response
+from serving.rest.shadow import shadow_route
 from serving.rest.tfs import v1_route
 from serving.rest.v2 import v2_routes
 from serving.runtime.loop import run_blocking
@@ -81,6 +82,7 @@ def create_app(service: InferenceService, options: RestOptions | None = None,
         routes += [Route(path, metrics) for path in metrics_paths]
     routes += v2_routes(service, options.max_request_bytes, options.timeout_ms)
     routes.append(fanout_route(service, options.max_request_bytes, options.timeout_ms))
+    routes.append(shadow_route(service))
     routes.append(v1_route(service, options.max_request_bytes, options.timeout_ms))
     middleware = [Middleware(CatchUnexpected)]
     if auth is not None:

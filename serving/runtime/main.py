@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PEM certificate chain file: REST over HTTPS (with --rest_tls_key)")
     p.add_argument("--rest_tls_key", default=d("rest_tls_key"), help="PEM private key file of --rest_tls_cert")
     p.add_argument("--log_level", default=d("log_level"), help="logging level (default INFO)")
+    p.add_argument("--shadow_fraction", type=float, default=d("shadow_fraction"), metavar="F",
+                   help="mirror this fraction (0..1) of the requests 'stable' answers to 'canary' and compare "
+                        "the answers at GET /v1/models/{name}/shadow (default 0: off)")
     boolean("version", False, help="print the versions of Graft and TensorFlow, then exit")
     inert = p.add_argument_group(
         "TF Serving flags accepted without effect",

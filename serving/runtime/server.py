@@ -37,6 +37,7 @@ from serving.runtime.tls import grpc_server_credentials
 from serving.servable import servable_loader
 from serving import warmup
 from serving.service import InferenceService
+from serving.shadow import ShadowMirror
 from serving.trunks import DEFAULT_EDF_DEADLINE_S, TrunkRegistry
 
 log = logging.getLogger("graft-serve")
@@ -58,6 +59,7 @@ class GraftServer:
         self.service: InferenceService | None = None
         # The shared trunks of this server's versions (--shared_trunks; None when off).
         self.trunks: TrunkRegistry | None = None
+        self.shadow: ShadowMirror | None = None
         self._stop = threading.Event()
         self._stop_requested = False
         self._grpc = None
@@ -97,9 +99,14 @@ class GraftServer:
                                     servable_loader=(self.trunks.load if self.trunks is not None
                                                      else servable_loader(gpu_devices, config.freeze_graph)),
                                     warmup=self._warmup if config.enable_model_warmup else None)
+        # The mirror runs canary work only while the service is not busy (wired before the service exists).
+        self.shadow = ShadowMirror(self.manager, config.shadow_fraction, busy=lambda: self.service.busy())
+        if metrics is not None:
+            metrics.watch_shadow(self.shadow.reports)
         self.service = InferenceService(self.manager, metrics=metrics, batching=checked.batching,
                                         max_image_pixels=config.max_image_pixels,
-                                        allow_reload_requests=config.enable_reload_config_rpc)
+                                        allow_reload_requests=config.enable_reload_config_rpc,
+                                        shadow=self.shadow)
         # Both ports are bound before the first model loads: a port taken since the
         # preflight check still fails before any work.
         self._grpc = build_server(self.service, config.host, config.port, grpc_threads,
@@ -194,6 +201,8 @@ class GraftServer:
             self._rest.stop()
         if self._grpc is not None:
             self._grpc.stop(grace=1.0)
+        if self.shadow is not None:
+            self.shadow.close()   # before the manager stops: a running canary is released first
         if self.manager is not None:
             self.manager.stop(timeout=max(1.0, self.config.drain_seconds))
         if self.service is not None:

@@ -74,6 +74,8 @@ class ServerConfig:
     rest_tls_cert: str = ""
     rest_tls_key: str = ""
     log_level: str = "INFO"
+    # Mirror this fraction of stable's requests to canary and compare (serving.shadow); 0: off.
+    shadow_fraction: float = 0.0
     # TF Serving flags given that have no effect here, (name, value) sorted by name;
     # serving.runtime.compat says why for each. A mapping is accepted too.
     inert_flags: tuple[tuple[str, object], ...] = ()
@@ -90,6 +92,8 @@ class ServerConfig:
         for name in ("tensorflow_session_parallelism", "num_request_iterations_for_warmup"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must not be negative, got {getattr(self, name)}")
+        if not 0.0 <= self.shadow_fraction <= 1.0:
+            raise ValueError(f"--shadow_fraction must be within 0..1, got {self.shadow_fraction}")
         for name in ("grpc_event_loop", "rest_event_loop"):
             if getattr(self, name) not in EVENT_LOOPS:
                 raise ValueError(f"--{name} must be one of {', '.join(EVENT_LOOPS)}, got {getattr(self, name)!r}")
