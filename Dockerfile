@@ -4,6 +4,7 @@
 #
 #   docker build --target serving  -t graft-serving:0.1.0  .
 #   docker build --target training -t graft-training:0.1.0 .
+#   docker build --target console  -t graft-console:0.1.0  .
 #
 # CPU-only images (no CUDA wheels, a few GB smaller):
 #   docker build --target serving --build-arg GRAFT_SERVING_EXTRAS= -t graft-serving:0.1.0-cpu .
@@ -49,8 +50,10 @@ ENV NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
 FROM os AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md uv.lock ./
+COPY graft ./graft
 COPY serving ./serving
 COPY training ./training
+COPY console ./console
 # The extras each image carries, as uv export flags (empty for a CPU-only serving
 # image). uv turns uv.lock into one pip requirements file per image, every line
 # pinned to its locked version with its hashes.
@@ -126,3 +129,20 @@ WORKDIR /home/graft
 # retrain loop) and the graft-train it runs both receive SIGTERM.
 ENTRYPOINT ["/usr/bin/tini", "-g", "--", "graft-train"]
 CMD ["--help"]
+
+
+# ---- target: console (graft-console) ----
+# The serving image's virtualenv (Flask and waitress are main dependencies): the
+# two images share that layer, and the promote action finds TensorFlow for its gate.
+FROM os AS console
+COPY --from=serving-env /opt/graft /opt/graft
+ENV PATH=/opt/graft/bin:$PATH \
+    HOME=/tmp
+USER 10001:10001
+WORKDIR /home/graft
+EXPOSE 8502
+# /healthz on the console's default port, through the image's Python (no curl there).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+  CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8502/healthz', timeout=4)"]
+ENTRYPOINT ["/usr/bin/tini", "--", "graft-console"]
+CMD ["--repo", "/models"]

@@ -34,10 +34,10 @@ DOCKERFILE = ROOT / "Dockerfile"
 KUSTOMIZATIONS = ("overlays/cpu", "overlays/gpu", "jobs/train", "jobs/multiworker", "examples")
 
 # The programs the images ship, and the module holding each one's parser.
-PROGRAMS = {"graft-serve": "serving.runtime.main", "graft-train": "training.cli"}
+PROGRAMS = {"graft-serve": "serving.runtime.main", "graft-train": "training.cli", "graft-console": "console.main"}
 
 # Image repository name (as in the manifests) -> Dockerfile target.
-IMAGE_TARGETS = {"graft-serving": "serving", "graft-training": "training"}
+IMAGE_TARGETS = {"graft-serving": "serving", "graft-training": "training", "graft-console": "console"}
 
 
 def kubectl() -> str:

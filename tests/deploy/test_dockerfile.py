@@ -34,7 +34,7 @@ from tests.deploy import (
     stage_env,
 )
 
-FINAL_TARGETS = {"serving": "graft-serve", "training": "graft-train"}
+FINAL_TARGETS = {"serving": "graft-serve", "training": "graft-train", "console": "graft-console"}
 
 
 def _hadolint() -> str:
@@ -164,7 +164,8 @@ def test_build_context_holds_what_the_wheel_needs():
         assert (ROOT / source).exists(), f"COPY {source}: no such file"
         assert source.rstrip("/") in allowed, f"COPY {source} is excluded by .dockerignore"
     # The wheel build needs the readme pyproject names and both packages.
-    assert {"pyproject.toml", "README.md", "serving", "training"} <= {s.rstrip("/") for s in sources}
+    assert {"pyproject.toml", "README.md", "graft", "serving", "training", "console"} <= {
+        s.rstrip("/") for s in sources}
 
 
 def _dockerfile_invocations() -> list[Invocation]:

@@ -208,10 +208,14 @@ def test_hpa_pdb_and_servicemonitor_target_the_deployment():
 
 
 def test_gpu_overlay_schedules_on_gpus():
-    """gpu: nodeSelector, tolerations and nvidia.com/gpu limits on every Graft pod; cpu: none of them."""
+    """gpu: nodeSelector, tolerations and nvidia.com/gpu limits on every serving and training pod (the
+    console's promotions evaluate on its CPU); cpu: none of them."""
     gpu = render("overlays/gpu")
     for workload in find(gpu, "Deployment") + find(gpu, "CronJob"):
         pod = pod_spec(workload)
+        if workload["metadata"]["name"] == "graft-console":
+            assert "nodeSelector" not in pod and "tolerations" not in pod
+            continue
         assert pod["nodeSelector"], workload["metadata"]["name"]
         assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
         for spec in pod["containers"]:
@@ -558,3 +562,67 @@ def test_every_queried_metric_is_served_by_a_running_graft_serve(tmp_path, two_i
     for where, expr in queries:
         missing = promql_metric_names(expr) - served - recorded
         assert not missing, f"{where}: {sorted(missing)} not in the /metrics of a running graft-serve"
+
+
+# -- graft-console -------------------------------------------------------------------------------
+
+def _console_with_actions(tmp_path) -> list[dict]:
+    overlay = tmp_path / "console-actions"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(K8S / "overlays/cpu", overlay)],
+        "components": [os.path.relpath(K8S / "components/console-actions", overlay)]}))
+    result = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    return [o for o in yaml.safe_load_all(result.stdout) if o]
+
+
+def _console_mounts(deployment: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in container(deployment, "graft-console")["volumeMounts"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_console_reads_the_repository_read_only_and_reaches_graft_serve(overlay):
+    """The base console: the serving stack's repository PVC, read-only, no token; its Service selects it alone."""
+    from console.main import build_parser
+
+    objects = render(overlay)
+    deployment = one(objects, "Deployment", "graft-console")
+    args = build_parser().parse_args(container(deployment, "graft-console")["args"])
+    assert args.auth_token_file is None and args.repo == "/models" and args.host == "0.0.0.0"
+    assert args.serve_url == [f"http://graft:{one(objects, 'Service', 'graft')['spec']['ports'][1]['port']}"]
+    mount = _console_mounts(deployment)["/models"]
+    assert mount["readOnly"] is True
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    serving_claim = next(v for v in pod_spec(one(objects, "Deployment", "graft"))["volumes"] if v["name"] == "models")
+    assert volumes[mount["name"]]["persistentVolumeClaim"] == serving_claim["persistentVolumeClaim"]
+    service = one(objects, "Service", "graft-console")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["ports"][0]["port"] == args.port
+    # The serving stack's selectors (PDB, ServiceMonitor, serving Service) never pick the console's pod.
+    for kind, name in (("PodDisruptionBudget", None), ("ServiceMonitor", None)):
+        assert not one(objects, kind, name)["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert not one(objects, "Service", "graft")["spec"]["selector"].items() <= labels.items()
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container(deployment, "graft-console")[probe]["httpGet"]["path"] == "/healthz"
+
+
+def test_console_actions_component_mounts_the_token_secret_and_a_writable_repository(tmp_path):
+    """components/console-actions: --auth_token_file from Secret graft-auth-token, held-out data, repository writable."""
+    from console.main import build_parser
+
+    objects = _console_with_actions(tmp_path)
+    deployment = one(objects, "Deployment", "graft-console")
+    args = build_parser().parse_args(container(deployment, "graft-console")["args"])
+    mounts = _console_mounts(deployment)
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert mounts["/models"]["readOnly"] is False
+    token_dir = os.path.dirname(args.auth_token_file)
+    assert volumes[mounts[token_dir]["name"]]["secret"]["secretName"] == "graft-auth-token"
+    assert mounts[token_dir]["readOnly"] is True
+    data = next(path for path in mounts if args.eval_data.startswith(path.rstrip("/") + "/"))
+    assert volumes[mounts[data]["name"]]["persistentVolumeClaim"]["claimName"] == "graft-data"
+    kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
