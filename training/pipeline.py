@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from graft import contract
 from training import (
     bases,
+    cluster,
     data,
     distributed,
     evaluate,
@@ -135,15 +137,18 @@ def run(config: FitConfig) -> str | None:
     declared = contract.trunk_of(lineage)
     _say(f"trunk: {declared['fingerprint']} (frozen: versions with this fingerprint run the same trunk)"
          if declared else "trunk: trained, so this version declares none")
-    path = _export(config, result, train_set, val_set, image_size, lineage,
+    evaluations = []
+
+    def report_into_version(staged: Path) -> None:
+        evaluations.append(_version_report(config, staged, lineage, result, val_set, skipped))
+
+    path = _export(config, result, train_set, val_set, image_size, lineage, report_into_version,
                    shared=(backbone.model, result.head) if declared else None)
     if path is None:
         _say(f"not the chief: the chief exports, evaluates and reports "
              f"(weights digest {result.metrics['distribution']['weights_digest']})")
         return None
-    # Scored through the SavedModel, as the server will run it.
-    evaluation = evaluate.evaluate_savedmodel(path, val_set, batch_size=config.batch_size)
-    _report(config, path, lineage, result, evaluation, skipped)
+    _report(config, path, lineage, result, evaluations[-1], skipped)
     return path
 
 
@@ -329,8 +334,8 @@ def _print_decisions(spec, image_size: int, backbone, plan, options: phases.FitO
         _say(f"  {_describe_phase(phase, plan, options)}")
 
 
-def _export(config: FitConfig, result, train_set, val_set, image_size: int, lineage: Mapping, *,
-            shared=None) -> str | None:
+def _export(config: FitConfig, result, train_set, val_set, image_size: int, lineage: Mapping,
+            before_publish: Callable[[Path], None], *, shared=None) -> str | None:
     """The exported version's path; None on a non-chief worker (only the chief's export lands in the repo).
 
     ``shared`` (the backbone's model, which is everything before the head, and
@@ -338,9 +343,31 @@ def _export(config: FitConfig, result, train_set, val_set, image_size: int, line
     then carries the two apart too, for shared-trunk serving.
     """
     warmup, _ = data.load_arrays(data.sample_per_class(val_set, 1, config.seed), (image_size, image_size))
-    exporter = distributed.export_version if config.strategy == "multiworker" else export.export_version
+    multiworker = config.strategy == "multiworker"
+    exporter = distributed.export_version if multiworker else export.export_version
+    # Only the chief evaluates: the other workers' exports are scratch copies.
+    chief = not multiworker or cluster.read_task().is_chief
     return exporter(result.model, train_set.class_names, config.repo, config.model_name,
-                    image_size=image_size, lineage=lineage, warmup_images=warmup[:WARMUP_IMAGES], shared=shared)
+                    image_size=image_size, lineage=lineage, warmup_images=warmup[:WARMUP_IMAGES],
+                    before_publish=before_publish if chief else None, shared=shared)
+
+
+def _version_report(config: FitConfig, staged: Path, lineage: Mapping, result, val_set, skipped):
+    """Evaluate the staged version and write the run's report inside it; return the evaluation.
+
+    Scored through the SavedModel, as the server will run it, before the rename
+    publishes it, so the report (curves, confusion matrix, report.json) travels
+    with the version from its first visible moment (graft-console shows it).
+    """
+    evaluation = evaluate.evaluate_savedmodel(staged, val_set, batch_size=config.batch_size)
+    summary = {"command": "fit", **lineage, "skipped_files": [{"path": p, "reason": r} for p, r in skipped]}
+    files = report.write_fit_report(contract.report_path(staged), history=result.history, summary=summary,
+                                    evaluation=evaluation)
+    # The staging directory is renamed away: inside the version, files are named relative to the report.
+    written = json.loads(Path(files["report"]).read_text(encoding="utf-8"))
+    written["files"] = {kind: Path(name).name for kind, name in written["files"].items()}
+    report.write_json(files["report"], written)
+    return evaluation
 
 
 def _report(config: FitConfig, path: str, lineage: Mapping, result, evaluation, skipped) -> None:

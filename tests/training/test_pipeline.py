@@ -82,3 +82,11 @@ def test_run_trains_exports_evaluates_and_reports_from_a_config(tmp_path, capsys
     assert lineage["hyper_parameters"]["val_split"] == 0.2 and lineage["dataset"]["val_count"] > 0
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["version_path"] == path and report["base"] == "vgg16"
+    # The same report travels inside the version, its files named relative to it.
+    inside = contract.report_path(path)
+    carried = json.loads((inside / "report.json").read_text())
+    assert carried["evaluation"] == report["evaluation"] and carried["base"] == "vgg16"
+    assert carried["files"]["curves_png"] == "training_curves.png"
+    for name in ("training_curves.png", "confusion_matrix.png", "confusion_matrix.json"):
+        assert (inside / name).stat().st_size > 0
+    assert (inside / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
