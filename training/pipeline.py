@@ -37,6 +37,7 @@ from training import (
     phases,
     preflight,
     probe,
+    reference,
     report,
     scenarios,
     trunk,
@@ -55,7 +56,9 @@ class FitConfig:
 
     ``image_size`` None means the base's own size; ``val_split`` applies only
     without ``val_data``; ``run_dir`` None means ``runs/<model_name>-<UTC time>``;
-    ``head_lr`` None means the head's own rate (scenarios.HEAD_LEARNING_RATES).
+    ``head_lr`` None means the head's own rate (scenarios.HEAD_LEARNING_RATES);
+    ``like`` (a model or version directory) joins that version's frozen trunk
+    (training.reference: its base, weights, cut, size and scenario).
     Values that are wrong whatever the data (a negative epoch count, an unknown
     head or strategy) raise ValueError here; the base, scenario, weights and
     model name are checked by :func:`run` before it reads any image.
@@ -88,6 +91,7 @@ class FitConfig:
     mixed_precision: bool = False
     log_dir: str | os.PathLike | None = None
     run_dir: str | os.PathLike | None = None
+    like: str | os.PathLike | None = None
 
     def __post_init__(self):
         positive = {"head_epochs": self.head_epochs, "finetune_epochs": self.finetune_epochs,
@@ -120,6 +124,11 @@ def run(config: FitConfig) -> str | None:
     for bad settings or data, before any image is read when they can be known
     then.
     """
+    like = reference.read_reference(config.like) if config.like else None
+    if like is not None:
+        # The reference decides base, weights, cut, size and scenario; the version itself, not a moving label.
+        config = dataclasses.replace(config, like=str(like.path), **like.settings_for(config))
+        _say(f"like: {like.describe()}")
     spec, image_size, source = _check(config)
     train_set, val_set, skipped = _load_sets(config)
     options = phases.FitOptions(
@@ -130,6 +139,9 @@ def run(config: FitConfig) -> str | None:
     # The backbone's variables must be created under the strategy and precision that train them.
     with fit.precision_policy(config.mixed_precision), fit.strategy_scope(config.strategy):
         plan, backbone = _decide_plan(config, spec, source, image_size, train_set, val_set)
+        if like is not None:
+            # Before training: a trunk that would not join the reference's group is refused now.
+            like.check_trunk(trunk.declaration(backbone, plan, (image_size, image_size, 3)))
         _print_decisions(spec, image_size, backbone, plan, options)
         result = fit.train(plan, backbone, train_set, val_set, options)
 
@@ -181,7 +193,7 @@ def training_lineage(config: FitConfig, spec, image_size: int, backbone, plan, r
             "augment_copies": config.augment_copies, "patience": config.patience,
             "head_patience": config.head_patience,
             "val_split": None if config.val_data else config.val_split, "strategy": config.strategy,
-            "mixed_precision": config.mixed_precision,
+            "mixed_precision": config.mixed_precision, "like": None if config.like is None else str(config.like),
         },
         metrics=result.metrics,
         dataset={

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from training import catalog, preflight, promote, report, scenarios
+from training import catalog, preflight, promote, reference, report, scenarios
 from training import repo as model_repo
 from training.errors import UsageError
 
@@ -98,6 +98,9 @@ def add_fit_arguments(parser: argparse.ArgumentParser) -> None:
                        help="keep the first N trunk layers frozen while fine-tuning (the article: 5)")
     model.add_argument("--small-threshold", type=_positive_int, default=None, metavar="N",
                        help="auto: fewer images per class (median) than this is 'small' (default 100)")
+    model.add_argument("--like", metavar="MODEL_DIR",
+                       help="join the frozen trunk of MODEL_DIR's stable version (else its latest) or of "
+                            "MODEL_DIR/VERSION: its base, weights, cut, image size and scenario")
 
     train = parser.add_argument_group("training")
     train.add_argument("--head-epochs", type=_positive_int, default=100, metavar="N",
@@ -146,6 +149,9 @@ def _say(text: str = "") -> None:
 
 def run_fit(args: argparse.Namespace) -> int:
     """``graft-train fit``: decide, train, export the next version, evaluate it, write the report."""
+    if args.like:
+        # --like decides the base, weights, cut, size and scenario, so they are checked as it sets them.
+        vars(args).update(reference.read_reference(args.like).settings_for(args))
     # Every flag and file, before TensorFlow loads: a wrong one is refused in a fraction of a second.
     preflight.check_fit(args)
     # Heavy (TensorFlow): imported once the flags are known to be good, so that --help stays instant.
