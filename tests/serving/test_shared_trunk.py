@@ -20,7 +20,12 @@ import tensorflow as tf
 import tritonclient.grpc as grpcclient
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from tensorflow_serving.apis import classification_pb2, inference_pb2, input_pb2, predict_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    inference_pb2,
+    input_pb2,
+    predict_pb2,
+)
 
 from graft import contract
 from tests.models import export_shared_trunk_version, write_model_config
