@@ -37,6 +37,7 @@ from filelock import Timeout
 
 from graft import contract
 from training import repo as model_repo
+from training import shadow as live
 from training.signatures import signature_differences
 
 EXIT_PROMOTED = 0
@@ -62,6 +63,7 @@ class Gate:
     ``min_delta``: candidate metric minus current metric must be at least this.
     ``max_p99_ms``: when set, the candidate's single-image p99 latency limit.
     ``signature``: the exported entry point used for evaluation and latency.
+    ``shadow``: when set, the live comparison a graft-serve shows must pass too (training.shadow).
     """
 
     metric: str = "accuracy"
@@ -71,6 +73,7 @@ class Gate:
     signature: str = "serving_default"
     latency_runs: int = 100
     batch_size: int = 32
+    shadow: live.ShadowGate | None = None
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -170,6 +173,10 @@ def _new_report(repo, model_name, candidate, eval_data, label, gate: Gate) -> di
         "current": {"version": None, "path": None, "value": None, "evaluation": None},
         "delta": None, "chance": None,
         "latency": None, "max_p99_ms": gate.max_p99_ms,
+        "shadow": None if gate.shadow is None else {
+            "url": gate.shadow.url, "min_agreement": gate.shadow.min_agreement,
+            "min_shadow_requests": gate.shadow.min_requests, "max_js": gate.shadow.max_js,
+            "figures": None, "passed": None, "reason": ""},
         "signature_check": {"compatible": None, "differences": [],
                             "allowed": gate.allow_signature_change},
         "labels_before": None, "labels_after": None,
@@ -259,6 +266,21 @@ def promote(repo: str | os.PathLike, model_name: str, candidate: str | int | os.
                                         f"(waited {lock_timeout:g} s)", started)
 
 
+def _read_shadow(report: dict, gate: live.ShadowGate, model_name: str, version: int | None,
+                 say: Callable[[str], None]) -> None:
+    """Read the live comparison into the report before any evaluation, so a server that cannot be read
+    is an error at once (exit 2)."""
+    if version is None:
+        raise PromotionError("--shadow-url needs --candidate to be the version number the server labels "
+                             "canary, not an export directory")
+    say(f"reading the live comparison at {live.route(gate.url, model_name)}"
+        + (f" (waiting up to {gate.wait_s:g} s for {gate.min_requests} compared requests)" if gate.wait_s else ""))
+    try:
+        report["shadow"]["figures"] = live.read(gate, model_name, version)
+    except live.ShadowUnavailable as exc:
+        raise PromotionError(str(exc)) from exc
+
+
 def _promote_locked(report, directory: Path, candidate, eval_data, label: str, gate: Gate,
                     say: Callable[[str], None], started: float) -> dict:
     labels = _read_labels(directory)
@@ -276,6 +298,9 @@ def _promote_locked(report, directory: Path, candidate, eval_data, label: str, g
             raise PromotionError(f"label {label!r} points to version {current}, which does not exist: "
                                  f"{exc}") from exc
         report["current"].update(version=current, path=str(current_path))
+
+    if gate.shadow is not None:
+        _read_shadow(report, gate.shadow, directory.name, version, say)
 
     images = _load_eval_data(eval_data)
     report["eval_data"].update(images=len(images), fingerprint=images.fingerprint())
@@ -322,6 +347,10 @@ def _promote_locked(report, directory: Path, candidate, eval_data, label: str, g
     _pause("evaluated")
 
     passed, reason = _judge(report, gate, candidate_eval, current_eval, label)
+    if passed and gate.shadow is not None:
+        passed, live_reason = live.judge(report["shadow"]["figures"], gate.shadow, version, current)
+        report["shadow"].update(passed=passed, reason=live_reason)
+        reason = f"{reason}; {live_reason}" if passed else f"{live_reason} (held-out: {reason})"
     if not passed:
         report["labels_after"] = dict(labels)
         return _finish(report, "rejected", reason, started)

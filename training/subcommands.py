@@ -19,6 +19,7 @@ from pathlib import Path
 
 from training import catalog, preflight, promote, reference, report, scenarios
 from training import repo as model_repo
+from training import shadow as live
 from training.errors import UsageError
 
 
@@ -243,6 +244,35 @@ def add_promote_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lock-timeout", type=float, default=-1.0, metavar="S",
                         help="seconds to wait for a concurrent promotion (default: wait)")
     parser.add_argument("--report", metavar="FILE", help="also write the JSON report here")
+    shadow = parser.add_argument_group(
+        "live comparison", "with --shadow-url, the candidate must also be the server's canary and pass on the "
+        "traffic graft-serve --shadow_fraction mirrored to it (GET /v1/models/NAME/shadow)")
+    shadow.add_argument("--shadow-url", metavar="URL", help="graft-serve's REST address, e.g. http://host:8501")
+    shadow.add_argument("--min-agreement", type=float, metavar="X",
+                        help="least top-1 agreement of canary with stable on mirrored requests (0..1)")
+    shadow.add_argument("--min-shadow-requests", type=int, metavar="N",
+                        help="least compared requests; fewer is a rejection (exit 1)")
+    shadow.add_argument("--max-js", type=float, metavar="X",
+                        help="largest Jensen-Shannon divergence of the two predicted-class histograms (bits, 0..1)")
+    shadow.add_argument("--shadow-wait", type=float, default=0.0, metavar="S",
+                        help="wait up to S seconds for --min-shadow-requests compared requests (default 0: read once)")
+
+
+def _shadow_gate(args: argparse.Namespace) -> live.ShadowGate | None:
+    """The live half of the gate from the flags; ValueError when they do not go together."""
+    given = [flag for flag, value in (("--min-agreement", args.min_agreement),
+                                      ("--min-shadow-requests", args.min_shadow_requests),
+                                      ("--max-js", args.max_js)) if value is not None]
+    if args.shadow_url is None:
+        if given:
+            raise ValueError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --shadow-url")
+        return None
+    missing = [flag for flag, value in (("--min-agreement", args.min_agreement),
+                                        ("--min-shadow-requests", args.min_shadow_requests)) if value is None]
+    if missing:
+        raise ValueError(f"--shadow-url needs {' and '.join(missing)}")
+    return live.ShadowGate(args.shadow_url, args.min_agreement, args.min_shadow_requests, args.max_js,
+                           args.shadow_wait)
 
 
 def run_promote(args: argparse.Namespace) -> int:
@@ -250,7 +280,8 @@ def run_promote(args: argparse.Namespace) -> int:
     try:
         gate = promote.Gate(metric=args.metric, min_delta=args.min_delta, max_p99_ms=args.max_p99_ms,
                             allow_signature_change=args.allow_signature_change, signature=args.signature,
-                            latency_runs=args.latency_runs, batch_size=args.batch_size)
+                            latency_runs=args.latency_runs, batch_size=args.batch_size,
+                            shadow=_shadow_gate(args))
     except ValueError as exc:
         return _finish_command(promote.error_report(args.repo, args.model_name, args.candidate, args.eval_data,
                                                     args.label, str(exc)), args.report)
