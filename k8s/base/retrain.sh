@@ -14,6 +14,16 @@
 # next version and moves the label. Exit codes follow promote: 0 promoted,
 # 1 rejected by the gate, 2 error.
 #
+# With GRAFT_SHADOW_URL set (graft-serve's REST address, e.g. http://graft:8501,
+# serving with --shadow_fraction > 0), the candidate first becomes the canary:
+# promote publishes it under the label canary (gated against the previous canary,
+# or against chance), graft-serve mirrors part of stable's traffic to it, and a
+# second promote waits up to GRAFT_SHADOW_WAIT_SECONDS for
+# GRAFT_MIN_SHADOW_REQUESTS compared requests, then moves GRAFT_LABEL to it only
+# if the held-out gate and the live one (GRAFT_MIN_AGREEMENT, GRAFT_MAX_JS) both
+# pass. Rejected, the canary label rolls back (or stays, when it has no earlier
+# version: a rejected canary only receives mirrored copies).
+#
 # Settings come from the environment (ConfigMap graft-train-env, see train.env).
 set -u
 
@@ -55,6 +65,10 @@ promote() {
         return 2
     fi
     report="$work/reports/$(basename "$stage").json"
+    if [ -n "${GRAFT_SHADOW_URL:-}" ]; then
+        shadow_promote "$stage" "$candidate" "$report"
+        return $?
+    fi
     graft-train promote \
         --repo "$repo" \
         --model-name "$model" \
@@ -69,6 +83,49 @@ promote() {
         *) log "promotion failed with code $code" ;;
     esac
     rm -rf "$stage"
+    return "$code"
+}
+
+# shadow_promote STAGE CANDIDATE REPORT: canary first, then the live gate (see the top).
+shadow_promote() {
+    stage="$1"
+    canary_report="$work/reports/$(basename "$stage")-canary.json"
+    graft-train promote \
+        --repo "$repo" \
+        --model-name "$model" \
+        --candidate "$2" \
+        --eval-data "$GRAFT_EVAL_DATA" \
+        --label canary \
+        --report "$canary_report"
+    code=$?
+    rm -rf "$stage"
+    if [ "$code" -ne 0 ]; then
+        log "the candidate did not become the canary (code $code, report $canary_report)"
+        return "$code"
+    fi
+    version=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["candidate"]["version"])' \
+        "$canary_report") || return 2
+    log "version $version is the canary; waiting for ${GRAFT_MIN_SHADOW_REQUESTS} compared requests"
+    graft-train promote \
+        --repo "$repo" \
+        --model-name "$model" \
+        --candidate "$version" \
+        --eval-data "$GRAFT_EVAL_DATA" \
+        --label "$GRAFT_LABEL" \
+        --shadow-url "$GRAFT_SHADOW_URL" \
+        --min-agreement "$GRAFT_MIN_AGREEMENT" \
+        --min-shadow-requests "$GRAFT_MIN_SHADOW_REQUESTS" \
+        ${GRAFT_MAX_JS:+--max-js "$GRAFT_MAX_JS"} \
+        --shadow-wait "${GRAFT_SHADOW_WAIT_SECONDS:-3600}" \
+        --report "$3"
+    code=$?
+    case "$code" in
+        0) log "promoted version $version to label $GRAFT_LABEL on live traffic (report $3)" ;;
+        1) log "version $version rejected by the gate (report $3)"
+           graft-train rollback --repo "$repo" --model-name "$model" --label canary >/dev/null \
+               || log "the canary label stays on version $version (no earlier canary)" ;;
+        *) log "promotion failed with code $code" ;;
+    esac
     return "$code"
 }
 
