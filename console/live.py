@@ -122,10 +122,18 @@ class Servers:
         return [self.read(url) for url in self.urls]
 
     def shadow(self, url: str, model: str) -> dict | None:
-        """The shadow comparison a server reports for ``model``; None when it has none or cannot answer."""
+        """The shadow comparison a server reports for ``model``; None when it has none or cannot answer.
+
+        A server without the route (404), with shadow evaluation off (fraction 0) or without
+        both a stable and a canary version has no comparison to show.
+        """
         try:
             status, body = self._get(f"{url}/v1/models/{urllib.parse.quote(model, safe='')}/shadow")
             data = json.loads(body) if status == 200 else None
         except (OSError, ValueError):
             return None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict) or not data.get("fraction") or data.get("canary") is None:
+            return None
+        if data.get("stable") == data.get("canary"):
+            return None
+        return data

@@ -50,6 +50,11 @@ def stack(trained, tmp_path_factory):
     repo = copy_repo(trained, tmp_path_factory.mktemp("browser") / "repo")
     down = f"http://127.0.0.1:{free_port()}"
     with serving(model_name=MODEL, model_base_path=str(repo / MODEL), file_system_poll_wait_seconds=0.2) as (_, client):
+        deadline = time.monotonic() + 60
+        # Ready means a version is AVAILABLE; the label applies once its own version is.
+        while client.http.get(f"{client.rest}/v1/models/{MODEL}/labels/stable", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "graft-serve never applied the stable label"
+            time.sleep(0.1)
         app = make_app(trained, repo, serve_urls=[client.rest, down])
         with console_server(app) as url:
             yield {"repo": repo, "console": url, "serve": client.rest, "down": down, "http": client.http}
@@ -77,6 +82,10 @@ def test_the_models_page_shows_labels_live_state_and_request_counts(browser, sta
     assert "(1 total, 25.0 %)" in rows[stack["serve"]]
     assert rows[stack["down"]].split()[1] == "down"
     assert "read-only" not in browser.find_element(By.ID, "mode").text
+    browser.get(f"{stack['console']}/models/{MODEL}")
+    shadows = browser.find_elements(By.CSS_SELECTOR, "section.shadow")
+    assert [s.find_element(By.TAG_NAME, "h3").text for s in shadows] == [stack["serve"], stack["down"]]
+    assert all("no shadow comparison" in s.text for s in shadows)
 
 
 def test_the_version_page_shows_the_lineage_and_its_images_load(browser, stack):

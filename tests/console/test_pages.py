@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 
@@ -11,6 +12,8 @@ from console.app import CONTENT_SECURITY_POLICY
 from graft import contract
 from tests.console.conftest import MODEL, TOKEN, copy_repo, make_app
 from tests.ports import free_port
+from tests.serving.server import serving
+from training import promote as promotion
 from training import repo as model_repo
 
 
@@ -245,3 +248,43 @@ def test_a_server_that_is_down_shows_as_down(trained):
         answer = client.get(path)
         assert answer.status_code == 200
         assert f"{url}" in answer.get_data(as_text=True) and ">down<" in answer.get_data(as_text=True)
+
+
+def test_the_model_page_shows_graft_serves_shadow_comparison(trained, tmp_path):
+    repo = copy_repo(trained, tmp_path / "repo")
+    report = promotion.promote(repo, MODEL, 1, trained["eval_data"], label="canary",
+                               gate=promotion.Gate(min_delta=-1.0))
+    assert report["decision"] == "promoted", report["reason"]
+    image = [[[float(i % 255)] * 3 for i in range(32)]] * 32
+    with serving(model_name=MODEL, model_base_path=str(repo / MODEL), shadow_fraction=1.0,
+                 file_system_poll_wait_seconds=0.2) as (_, client):
+        deadline = time.monotonic() + 60
+        # Ready means a version is AVAILABLE; the labels apply once both of theirs are.
+        for label in ("stable", "canary"):
+            while client.http.get(f"{client.rest}/v1/models/{MODEL}/labels/{label}", timeout=5).status_code != 200:
+                assert time.monotonic() < deadline, f"graft-serve never applied the {label} label"
+                time.sleep(0.1)
+        for _ in range(4):
+            answer = client.http.post(f"{client.rest}/v1/models/{MODEL}/labels/stable:predict",
+                                      json={"instances": [image]}, timeout=30)
+            assert answer.status_code == 200, answer.text
+        deadline = time.monotonic() + 30
+        while (shadow := client.http.get(f"{client.rest}/v1/models/{MODEL}/shadow", timeout=5).json())["compared"] < 4:
+            assert time.monotonic() < deadline, shadow
+            time.sleep(0.1)
+        page = make_app(trained, repo, serve_urls=[client.rest]).test_client().get(f"/models/{MODEL}")
+    text = page.get_data(as_text=True)
+    section = text[text.index("<h2>Shadow</h2>"):text.index("<h2>Actions</h2>")]
+    assert "no shadow comparison" not in section
+    assert re.search(r"<th>stable</th><td>2</td>", section) and re.search(r"<th>canary</th><td>1</td>", section)
+    assert re.search(r"<th>compared</th><td>4</td>", section)
+    assert re.search(r"<th>agreement</th><td>[01](\.\d+)?</td>", section)
+
+
+def test_a_server_without_a_shadow_comparison_says_so(trained):
+    with serving(model_name=MODEL, model_base_path=str(trained["repo"] / MODEL)) as (_, client):
+        page = make_app(trained, serve_urls=[client.rest]).test_client().get(f"/models/{MODEL}")
+    text = page.get_data(as_text=True)
+    section = text[text.index("<h2>Shadow</h2>"):text.index("<h2>Actions</h2>")]
+    assert client.rest in section and "no shadow comparison" in section
+    assert "AVAILABLE" in text
