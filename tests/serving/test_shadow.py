@@ -25,7 +25,7 @@ from tensorflow_serving.apis import classification_pb2, predict_pb2
 
 from graft import contract
 from serving.runtime.settings import ServerConfig
-from serving.shadow import js_divergence
+from serving.shadow import ShadowMirror, js_divergence
 from tests import models
 from tests.serving.server import serving
 
@@ -327,3 +327,35 @@ def test_the_fraction_is_checked():
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="--shadow_fraction must be within 0..1"):
             ServerConfig(model_base_path="/m", shadow_fraction=bad)
+
+
+def test_mirrored_work_waits_for_a_quiet_moment_and_is_shed_otherwise(tmp_path, tiny_cnn_savedmodel):
+    make_repo(tmp_path, {1: tiny_cnn_savedmodel, 2: tiny_cnn_savedmodel}, {"stable": 1, "canary": 2})
+    with serving(model_base_path=str(tmp_path / "m"), model_name="m") as (graft, _):
+        wait_labels(graft, {"stable": 1, "canary": 2})
+        batch = images(500)
+        outputs = {"output_0": offline(tiny_cnn_savedmodel, batch)}
+        busy = threading.Event()
+        busy.set()
+        mirror = ShadowMirror(graft.manager, 1.0, busy=busy.is_set)
+        try:
+            mirror.offer("m", None, "stable", 1, "serving_default", {"images": batch}, outputs, 0.01)
+            end = time.monotonic() + 30
+            while mirror.report("m")["dropped"] < 1:
+                assert time.monotonic() < end, mirror.report("m")
+                time.sleep(0.02)
+            busy.clear()   # the primary traffic leaves room: the next one runs
+            mirror.offer("m", None, "stable", 1, "serving_default", {"images": batch}, outputs, 0.01)
+            while mirror.report("m")["compared"] < 1:
+                assert time.monotonic() < end, mirror.report("m")
+                time.sleep(0.02)
+            shown = mirror.report("m")
+            assert (shown["mirrored"], shown["dropped"], shown["compared"], shown["agreement"]) == (2, 1, 1, 1.0)
+            # Neither a version addressed by number nor one that is not stable's is mirrored.
+            mirror.offer("m", 1, None, 1, "serving_default", {"images": batch}, outputs, 0.01)
+            mirror.offer("m", None, None, 2, "serving_default", {"images": batch}, outputs, 0.01)
+            assert mirror.report("m")["mirrored"] == 2
+        finally:
+            mirror.close()
+        # The server's own mirror (fraction 0) has no thread; this one's ended with close().
+        assert not [t for t in threading.enumerate() if t.name.startswith("graft-shadow")]
