@@ -9,6 +9,7 @@ import time
 import pytest
 
 from console.app import CONTENT_SECURITY_POLICY
+from console.live import Servers, rates
 from graft import contract
 from tests.console.conftest import MODEL, TOKEN, copy_repo, make_app
 from tests.ports import free_port
@@ -281,10 +282,29 @@ def test_the_model_page_shows_graft_serves_shadow_comparison(trained, tmp_path):
     assert re.search(r"<th>agreement</th><td>[01](\.\d+)?</td>", section)
 
 
-def test_a_server_without_a_shadow_comparison_says_so(trained):
+def test_a_server_without_a_shadow_comparison_says_so_and_its_rates_are_read_from_metrics(trained):
+    image = [[[128.0] * 3] * 32] * 32
     with serving(model_name=MODEL, model_base_path=str(trained["repo"] / MODEL)) as (_, client):
+        servers = Servers([client.rest], timeout_s=2.0)
+        first = servers.read(client.rest)
+        assert first["up"] and MODEL in first["models"] and first["rates"] == {}
+        for body in ({"instances": [image]}, {"instances": [image]}, {"signature_name": "nope", "instances": [image]}):
+            client.http.post(f"{client.rest}/v1/models/{MODEL}:predict", json=body, timeout=30)
+        time.sleep(0.05)
+        second = servers.read(client.rest)
+        before = first["counts"].get(MODEL, {"requests": 0.0, "errors": 0.0})
+        assert second["counts"][MODEL]["requests"] - before["requests"] == 3
+        assert second["counts"][MODEL]["errors"] - before["errors"] == 1
+        assert second["rates"][MODEL]["requests_per_s"] > second["rates"][MODEL]["errors_per_s"] > 0
         page = make_app(trained, serve_urls=[client.rest]).test_client().get(f"/models/{MODEL}")
     text = page.get_data(as_text=True)
     section = text[text.index("<h2>Shadow</h2>"):text.index("<h2>Actions</h2>")]
     assert client.rest in section and "no shadow comparison" in section
     assert "AVAILABLE" in text
+
+
+def test_rates_survive_a_server_restart():
+    before = {"m": {"requests": 100.0, "errors": 10.0}}
+    after = {"m": {"requests": 4.0, "errors": 1.0}, "new": {"requests": 2.0, "errors": 0.0}}
+    assert rates(before, after, 2.0) == {"m": {"requests_per_s": 2.0, "errors_per_s": 0.5},
+                                         "new": {"requests_per_s": 1.0, "errors_per_s": 0.0}}
