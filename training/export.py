@@ -191,10 +191,11 @@ def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head:
 def _drop_default_alias(saved_model_dir: Path) -> None:
     # Keras' ExportArchive adds "serving_default" as an alias of the first endpoint;
     # the trunk's signatures are exactly contract.SHARED_SIGNATURES' names.
+    if "serving_default" in contract.SHARED_SIGNATURES.values():
+        return
     saved = contract.read_saved_model(saved_model_dir)
     for meta_graph in saved.meta_graphs:
-        if "serving_default" not in contract.SHARED_SIGNATURES.values():
-            meta_graph.signature_def.pop("serving_default", None)
+        meta_graph.signature_def.pop("serving_default", None)
     (saved_model_dir / contract.SAVED_MODEL_FILE).write_bytes(saved.SerializeToString())
 
 
