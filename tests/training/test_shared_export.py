@@ -20,7 +20,7 @@ from graft import contract
 from serving import servable as servable_module
 from tests.models import export_shared_trunk_version
 from tests.training.test_fit import write_image_folder
-from training import export, pipeline
+from training import export, pipeline, repo
 
 SIZE = 32
 
@@ -186,3 +186,13 @@ def test_a_frozen_trunk_fit_exports_the_parts_and_a_fine_tuned_one_does_not(tmp_
     tuned = _fit(tmp_path, fit_data, "2")
     assert contract.trunk_of(contract.read_lineage(tuned)) is None
     assert not contract.trunk_model_path(tuned).exists() and not contract.head_model_path(tuned).exists()
+
+
+def test_publishing_an_export_directory_keeps_the_split(shared_repo):
+    # promote publishes a candidate export directory by copying it: the copy must stay whole and split.
+    root, paths = shared_repo
+    version = repo.publish_export(root / "promoted", paths["b"])
+    published = root / "promoted" / str(version)
+    assert contract.shared_parts(published) is not None
+    assert contract.read_lineage(published)["trunk"] == contract.read_lineage(paths["b"])["trunk"]
+    _assert_composes(published, seed=8)
