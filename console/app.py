@@ -198,7 +198,7 @@ def model(name: str):
         shadows.append({"url": state["url"], "shadow": shadow})
     return render_template("model.html", name=name, labels=labels, labels_problem=problem, versions=versions,
                            served=_served(servers, name), shadows=shadows, shadow_fields=SHADOW_FIELDS,
-                           history=repository.history(name)[-5:])
+                           history=list(reversed(repository.history(name)[-5:])))
 
 
 def version(name: str, version: str):
