@@ -196,3 +196,10 @@ def test_publishing_an_export_directory_keeps_the_split(shared_repo):
     assert contract.shared_parts(published) is not None
     assert contract.read_lineage(published)["trunk"] == contract.read_lineage(paths["b"])["trunk"]
     _assert_composes(published, seed=8)
+
+
+def test_a_mixed_precision_frozen_trunk_export_composes_too(tmp_path, fit_data):
+    # The trunk computes in float16 there; its features leave the trunk SavedModel as float32.
+    version = _fit(tmp_path, fit_data, "1", mixed_precision=True)
+    assert contract.shared_parts(version) is not None
+    _assert_composes(version, seed=9)
