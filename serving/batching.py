@@ -552,10 +552,13 @@ class Batcher:
         candidates.sort(key=lambda t: (t.deadline if t.deadline is not None else t.enqueued + default_s,
                                        t.enqueued))
         chosen = _Batch(head.key, head.created)
+        live_rows = 0  # expired rows leave with the batch but never run: they take no room
         for task in candidates:
             expired = task.deadline is not None and task.deadline <= now
-            if not expired and chosen.rows + task.rows > self._cap:
-                continue
+            if not expired:
+                if live_rows + task.rows > self._cap:
+                    continue
+                live_rows += task.rows
             task.batch.tasks.remove(task)
             task.batch.rows -= task.rows
             chosen.tasks.append(task)

@@ -163,3 +163,32 @@ def test_edf_drops_an_expired_request_when_its_batch_is_taken():
         assert run.batches == [["blocker"], ["ok"]]
     finally:
         batcher.close()
+
+
+def test_expired_requests_taken_with_a_batch_leave_its_room_to_live_ones():
+    run = Recorder()
+    batcher = Batcher(run, _config(), tagged=True, edf_default_s=20.0)
+    one = {"x": np.ones((1, 1), np.float32)}
+
+    async def scenario():
+        blocker = asyncio.ensure_future(asyncio.to_thread(batcher.submit, one, None, None, "blocker"))
+        while not run.running.is_set():
+            await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(batcher.submit_async(one, time.monotonic() + 0.2, tag="late"))
+        others = [asyncio.ensure_future(batcher.submit_async(one, tag=tag)) for tag in ("x", "y")]
+        while batcher.queue_depth() != 3:
+            await asyncio.sleep(0.01)
+        # The loop is held, so the late request cannot withdraw itself: the batch thread
+        # finds it expired when it takes the next batch.
+        time.sleep(0.4)
+        run.gate.set()
+        time.sleep(0.3)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        await asyncio.gather(*others, blocker)
+
+    try:
+        asyncio.run(scenario())
+        assert run.batches == [["blocker"], ["x", "y"]]
+    finally:
+        batcher.close()
