@@ -16,6 +16,8 @@ import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
 
 from graft import contract
 from tests.console.conftest import MODEL, TOKEN, console_server, copy_repo, make_app
@@ -58,6 +60,14 @@ def stack(trained, tmp_path_factory):
         app = make_app(trained, repo, serve_urls=[client.rest, down])
         with console_server(app) as url:
             yield {"repo": repo, "console": url, "serve": client.rest, "down": down, "http": client.http}
+
+
+def _submit(browser, form) -> None:
+    """Submit ``form`` and wait until the browser has left its page (the answer is then loaded)."""
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(expected_conditions.staleness_of(form))
+    WebDriverWait(browser, PAGE_TIMEOUT_S).until(
+        lambda driver: driver.execute_script("return document.readyState") == "complete")
 
 
 def _served_version(http, rest: str, label: str) -> str:
@@ -115,7 +125,7 @@ def test_a_rollback_in_the_browser_moves_the_label_and_graft_serve_follows(brows
     browser.get(f"{stack['console']}/models/{MODEL}")
     form = browser.find_element(By.ID, "rollback-form")
     form.find_element(By.NAME, "token").send_keys(TOKEN)
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _submit(browser, form)
     assert browser.find_element(By.ID, "decision").text.startswith("rolled_back: label 'stable' moved back from version 2 to 1")
     assert contract.read_labels(stack["repo"] / MODEL) == {"stable": 1}
     assert model_repo.read_history(stack["repo"] / MODEL)[-1]["action"] == "rollback"
@@ -133,7 +143,7 @@ def test_an_action_without_the_token_is_refused_in_the_browser(browser, stack):
     form = browser.find_element(By.ID, "rollback-form")
     # The field is required; a client that strips that still meets the server's refusal.
     browser.execute_script("arguments[0].removeAttribute('required')", form.find_element(By.NAME, "token"))
-    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _submit(browser, form)
     assert browser.find_element(By.TAG_NAME, "h1").text == "403 Refused"
     assert "needs the bearer token" in browser.find_element(By.ID, "error").text
     assert contract.read_labels(stack["repo"] / MODEL) == labels
