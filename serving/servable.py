@@ -187,10 +187,11 @@ class Servable:
         except Exception as exc:
             raise Internal(f"model {self.name} version {self.version} failed: {tf_error_message(exc)}") from exc
 
-    def member_batcher(self, signature_name: str):
+    def member_batcher(self, signature_name: str, features: bool = False):
         """The batcher this version shares with others for ``signature_name`` (``serving.trunks``), else None.
 
-        None: the version batches alone, in the service's own batcher.
+        None: the version batches alone, in the service's own batcher. ``features``: answers
+        also carry the shared trunk's features (``serving.shadow.TRUNK_FEATURES``).
         """
 
     def shared_trunk(self):

@@ -1,8 +1,8 @@
 """Shadow evaluation: a fraction of the requests ``stable`` answers also runs on ``canary``.
 
-:class:`ShadowMirror` is protocol-free: the service offers it each answer that
-``stable`` gave (the request's inputs, stable's outputs and latency), and it
-decides, counts and compares. The rules (issue 24, docs/internals.md):
+:class:`ShadowMirror` is protocol-free: the service asks it before a run whether the
+request is to be mirrored (``claim``), then hands it stable's answer (``submit``:
+the request's inputs, stable's outputs and latency), and it counts and compares. The rules (issue 24, docs/internals.md):
 
 - **Which requests.** Those addressed to the label ``stable``, or to the model with
   no version when stable is the version that answered, of a model that has both a
@@ -27,10 +27,11 @@ decides, counts and compares. The rules (issue 24, docs/internals.md):
   samples, and each side's predicted-class histogram with their Jensen-Shannon
   divergence in bits (log base 2, so it lies in [0, 1]). Moving either label
   starts a new window.
-
-The canary runs through a ``runner`` (by default the canary's own signature on the
-request's inputs). It is the hook for shared-trunk serving: a runner given the
-stable side's trunk features would run only the canary's head.
+- **Shared trunks.** When stable runs a shared trunk (serving.trunks), the service
+  claims the request before the run (:meth:`ShadowMirror.claim`), so that a sampled
+  run keeps its trunk features; a canary in the same trunk group then runs only its
+  head on them (``canary_head_only`` counts those comparisons). Any other canary runs
+  its whole signature on the request's inputs. Both are the default ``runner``.
 """
 
 from __future__ import annotations
@@ -64,20 +65,30 @@ DEFAULT_QUEUE_SIZE = 64
 DEFAULT_WORKERS = 1
 # Each side's latency percentiles are over its latest this many samples (a sliding reservoir).
 LATENCY_SAMPLES = 4096
+# The output under which a run that was asked for its trunk features (serving.trunks) gets them,
+# beside the signature's outputs; not a name a signature output can have.
+TRUNK_FEATURES = "graft:trunk_features"
 # A worker runs an item only while the primary traffic leaves room (``busy`` false): it waits
 # this long for such a moment, looking this often, and drops the item otherwise.
 QUIET_PATIENCE_S = 0.1
 QUIET_POLL_S = 0.002
 
 Outputs = Mapping[str, np.ndarray]
-# (canary servable, signature name, inputs, stable's outputs) -> canary's outputs.
-CanaryRunner = Callable[["Servable", str, Mapping[str, np.ndarray], Outputs], Outputs]
+# (canary servable, signature name, inputs, stable's trunk features or None) -> (canary's outputs,
+# whether only its head ran).
+CanaryRunner = Callable[["Servable", str, Mapping[str, np.ndarray], "tuple[str, np.ndarray] | None"],
+                        "tuple[Outputs, bool]"]
 
 
 def run_signature(canary: Servable, signature: str, inputs: Mapping[str, np.ndarray],
-                  stable_outputs: Outputs) -> Outputs:
-    """The default canary runner: the canary's signature of the same name on the same inputs."""
-    return canary.run(signature, dict(inputs))
+                  features: tuple[str, np.ndarray] | None) -> tuple[Outputs, bool]:
+    """The default canary runner: only the canary's head on stable's trunk features when the canary
+    shares that trunk (serving.trunks), else the canary's signature of the same name on the inputs."""
+    if features is not None:
+        group = canary.shared_trunk()
+        if group is not None and group.fingerprint == features[0]:
+            return canary.run_head(signature, features[1]), True
+    return canary.run(signature, dict(inputs)), False
 
 
 def rfc3339(moment: float) -> str:
@@ -140,6 +151,7 @@ class Window:
     compared: int = 0
     dropped: int = 0
     canary_errors: int = 0
+    head_only: int = 0        # compared with only the canary's head run, on stable's trunk features
     rows: int = 0             # classifier rows compared
     agreed_rows: int = 0
     abs_sum: float = 0.0      # other outputs: sum of |stable - canary| over abs_count values
@@ -164,6 +176,7 @@ class Window:
             # Beyond the issue's shape: the counts behind agreement, and the figure for non-classifiers.
             "rows": self.rows, "agreed_rows": self.agreed_rows,
             "mean_abs_diff": self.abs_sum / self.abs_count if self.abs_count else None,
+            "canary_head_only": self.head_only,
         }
 
 
@@ -175,7 +188,7 @@ def empty_report(fraction: float, labels: Mapping[str, int]) -> dict:
         "agreement": None, "js_divergence": None,
         "latency_ms": {"stable": None, "canary": None},
         "class_histogram": {"stable": {}, "canary": {}},
-        "since": None, "rows": 0, "agreed_rows": 0, "mean_abs_diff": None,
+        "since": None, "rows": 0, "agreed_rows": 0, "mean_abs_diff": None, "canary_head_only": 0,
     }
 
 
@@ -199,6 +212,7 @@ class _Item:
     inputs: dict[str, np.ndarray]
     stable_outputs: dict[str, np.ndarray]
     stable_seconds: float
+    features: tuple[str, np.ndarray] | None = None   # (trunk fingerprint, stable's trunk features)
 
 
 class ShadowMirror:
@@ -236,27 +250,44 @@ class ShadowMirror:
               inputs: Mapping[str, np.ndarray], outputs: Outputs, seconds: float) -> None:
         """Stable's answer to one request (``version``/``label`` as the client addressed it, ``served``
         the version that answered, ``seconds`` its latency): queue it for the canary when it is
-        sampled. Never blocks and never raises for the canary's sake."""
+        sampled. Never blocks and never raises for the canary's sake. (:meth:`claim`, then
+        :meth:`submit`.)"""
+        window = self.claim(model, version, label, served)
+        if window is not None:
+            self.submit(window, signature, inputs, outputs, seconds)
+
+    def claim(self, model: str, version: int | None, label: str | None, served: int) -> Window | None:
+        """Before stable runs: the window when this request is to be mirrored (eligible and sampled), else
+        None. Deciding first lets the run keep what the canary can reuse (its trunk features)."""
         if self._fraction <= 0 or self._closed:
-            return
+            return None
         if label != STABLE and not (label is None and version is None):
-            return
+            return None
         labels = self._manager.labels(model)
         stable, canary = labels.get(STABLE), labels.get(CANARY)
         if stable is None or canary is None or stable == canary or served != stable:
-            return
+            return None
         with self._lock:
             window = self._window(model, stable, canary)
             window.seen += 1
             if math.floor(window.seen * self._fraction) == math.floor((window.seen - 1) * self._fraction):
-                return
+                return None
+            return window
+
+    def submit(self, window: Window, signature: str, inputs: Mapping[str, np.ndarray], outputs: Outputs,
+               seconds: float, features: tuple[str, np.ndarray] | None = None) -> None:
+        """Stable's answer to a claimed request, queued for the canary (or dropped, counted, when the queue
+        is full). ``features``: (trunk fingerprint, the trunk features stable's run computed), which a
+        canary on the same trunk runs its head on instead of running whole."""
+        with self._lock:
             window.mirrored += 1
             if self._queue.full():  # checked first, so a dropped request costs no copy
                 window.dropped += 1
                 return
         # Copies: the request's buffers may be reused once it is answered.
         item = _Item(window, signature, {k: np.array(v, copy=True) for k, v in inputs.items()},
-                     {k: np.array(v, copy=True) for k, v in outputs.items()}, seconds)
+                     {k: np.array(v, copy=True) for k, v in outputs.items()}, seconds,
+                     None if features is None else (features[0], np.array(features[1], copy=True)))
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -345,14 +376,14 @@ class ShadowMirror:
                         window.dropped += 1
                     return
                 start = time.perf_counter()
-                outputs = self._runner(canary, item.signature, item.inputs, item.stable_outputs)
+                outputs, head_only = self._runner(canary, item.signature, item.inputs, item.features)
                 seconds = time.perf_counter() - start
         except Exception as exc:  # noqa: BLE001 (any canary failure is counted, never raised)
             log.debug("canary %s/%d failed: %s", window.model, window.canary, exc)
             with self._lock:
                 window.canary_errors += 1
             return
-        self._compare(item, dict(outputs), seconds)
+        self._compare(item, dict(outputs), seconds, head_only)
 
     @contextmanager
     def _hold(self, model: str, version: int) -> Iterator[Servable | None]:
@@ -368,7 +399,7 @@ class ShadowMirror:
         finally:
             hold.__exit__(None, None, None)
 
-    def _compare(self, item: _Item, canary: dict[str, np.ndarray], seconds: float) -> None:
+    def _compare(self, item: _Item, canary: dict[str, np.ndarray], seconds: float, head_only: bool) -> None:
         stable = item.stable_outputs
         a, b = top1(stable), top1(canary)
         classifier = a is not None and b is not None and a.shape == b.shape
@@ -387,6 +418,7 @@ class ShadowMirror:
         with self._lock:
             window = item.window
             window.compared += 1
+            window.head_only += head_only
             window.latency_stable.append(item.stable_seconds)
             window.latency_canary.append(seconds)
             if classifier:

@@ -33,6 +33,7 @@ from serving.batching import Batcher
 from serving.config import BatchingConfig
 from serving.errors import Internal, InvalidArgument, NotFound
 from serving.servable import Servable, SignatureSpec, tf_signature_defs
+from serving.shadow import TRUNK_FEATURES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,13 @@ DEFAULT_EDF_DEADLINE_S = 30.0
 
 # The metrics' label of a run's part: a whole version, a trunk, a head.
 PART_MODEL, PART_TRUNK, PART_HEAD = "model", "trunk", "head"
+
+
+class FeaturesTag(tuple):
+    """A member's tag ``(version, signature)`` whose part also gets its trunk features back, under
+    ``TRUNK_FEATURES``. Equal to the plain tag, so the part joins the same head run."""
+
+    __slots__ = ()
 
 
 class TrunkGroup:
@@ -125,6 +133,9 @@ class TrunkGroup:
                 rows = parts[i][1]
                 results[i] = {k: v[pos:pos + rows] for k, v in outputs.items()}
                 pos += rows
+        for i, (tag, _) in enumerate(parts):
+            if isinstance(tag, FeaturesTag):
+                results[i][TRUNK_FEATURES] = features[starts[i]:starts[i + 1]]
         return results
 
     def fan_out(self, runs: Sequence[tuple[SharedServable, str]], inputs: Mapping[str, np.ndarray]
@@ -201,6 +212,14 @@ class SharedServable(Servable):
         features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs)
         return self.run_head(signature_name, features)
 
+    def run_with_features(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``run``, with the trunk features it computed under ``TRUNK_FEATURES`` beside the outputs."""
+        group = self.group
+        if group is None or signature_name not in self.signatures:
+            raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
+        features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs)
+        return {**self.run_head(signature_name, features), TRUNK_FEATURES: features}
+
     def run_head(self, signature_name: str, features: np.ndarray) -> dict[str, np.ndarray]:
         """Run this version's head of ``signature_name`` on trunk features (timed as a head run)."""
         started = time.perf_counter()
@@ -212,14 +231,16 @@ class SharedServable(Servable):
                                                 time.perf_counter() - started, part=PART_HEAD,
                                                 trunk=self.group.short)
 
-    def member_batcher(self, signature_name: str):
-        """The group's batcher for ``signature_name``, bound to this version (None: run directly)."""
+    def member_batcher(self, signature_name: str, features: bool = False):
+        """The group's batcher for ``signature_name``, bound to this version (None: run directly);
+        with ``features``, each answer also carries its trunk features (``TRUNK_FEATURES``)."""
         group = self.group
         trunk_signature = contract.SHARED_SIGNATURES.get(signature_name)
         if group is None or trunk_signature is None:
             return None
         batcher = group.batcher(trunk_signature)
-        return None if batcher is None else MemberBatcher(batcher, (self, signature_name))
+        tag = FeaturesTag((self, signature_name)) if features else (self, signature_name)
+        return None if batcher is None else MemberBatcher(batcher, tag)
 
     def shared_trunk(self) -> TrunkGroup | None:
         """The version's trunk group (None once unloaded)."""
