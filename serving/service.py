@@ -43,7 +43,7 @@ from serving.errors import (
     metric_code,
 )
 from serving.limits import DEFAULT_MAX_IMAGE_PIXELS
-from serving.shadow import ShadowMirror, empty_report
+from serving.shadow import TRUNK_FEATURES, ShadowMirror, Window, empty_report
 from serving.statistics import StatisticsSnapshot, Timing, VersionStatistics
 
 if TYPE_CHECKING:
@@ -254,8 +254,9 @@ class InferenceService:
         with self._request(request.protocol, "predict", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
-                outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
-                self._mirror(request, servable, sig.name, inputs, outputs, record)
+                claim = self._claim(request, servable)
+                outputs = self._run(servable, sig, inputs, request.deadline, record.timing, claim is not None)
+                self._mirror(claim, servable, sig.name, inputs, outputs, record)
                 return _predict_result(servable, sig, wanted, outputs)
 
     async def predict_async(self, request: PredictCall) -> PredictResult:
@@ -264,8 +265,10 @@ class InferenceService:
         with self._request(request.protocol, "predict", request.model, request.deadline) as record:
             with self._manager.acquire(request.model, request.version, request.label) as servable:
                 sig, wanted, inputs = self._predict_inputs(servable, request, record)
-                outputs = await self._run_async(servable, sig, inputs, request.deadline, record.timing)
-                self._mirror(request, servable, sig.name, inputs, outputs, record)
+                claim = self._claim(request, servable)
+                outputs = await self._run_async(servable, sig, inputs, request.deadline, record.timing,
+                                                claim is not None)
+                self._mirror(claim, servable, sig.name, inputs, outputs, record)
                 return _predict_result(servable, sig, wanted, outputs)
 
     def _predict_inputs(self, servable: Servable, request: PredictCall,
@@ -296,11 +299,10 @@ class InferenceService:
                 record(servable.version, sig.name, len(request.examples), servable=servable)
                 inputs = _examples_tensor(sig, request.examples, request.context)
                 self._check_example_images(request.examples, request.context)
-                outputs = self._run(servable, sig, inputs, request.deadline, record.timing)
-                result = result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
-                if method == CLASSIFY_METHOD:
-                    self._mirror(request, servable, sig.name, inputs, outputs, record)
-                return result
+                claim = self._claim(request, servable) if method == CLASSIFY_METHOD else None
+                outputs = self._run(servable, sig, inputs, request.deadline, record.timing, claim is not None)
+                self._mirror(claim, servable, sig.name, inputs, outputs, record)
+                return result_type(servable.name, servable.version, sig.name, read(outputs, len(request.examples)))
 
     def warm(self, servable: Servable, call: PredictCall | ExamplesCall, method: str) -> None:
         """Run one warmup call on ``servable`` (loaded, not yet AVAILABLE) with a request's checks.
@@ -401,16 +403,30 @@ class InferenceService:
             outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs)
             return [PredictResult(s.name, s.version, sig.name, o) for s, sig, o in zip(servables, sigs, outputs)]
 
-    def _mirror(self, request: PredictCall | ExamplesCall, servable: Servable, signature: str,
-                inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray], record: _Served) -> None:
-        """Offer stable's answer to the shadow mirror; whatever happens there, the client's answer stands."""
+    def _claim(self, request: PredictCall | ExamplesCall, servable: Servable) -> Window | None:
+        """Whether the shadow mirror wants this request's stable answer (asked before the run, so that a
+        run on a shared trunk keeps its features for the canary's head)."""
         if self._shadow is None or self._shadow.fraction <= 0:
-            return
+            return None
         try:
-            self._shadow.offer(request.model, request.version, request.label, servable.version, signature,
-                               inputs, outputs, time.perf_counter() - record.start)
+            return self._shadow.claim(request.model, request.version, request.label, servable.version)
         except Exception:  # the mirror must never fail a primary request
             log.exception("shadow mirroring failed for %s", request.model)
+            return None
+
+    def _mirror(self, claim: Window | None, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+                outputs: dict[str, np.ndarray], record: _Served) -> None:
+        """Hand a claimed request's stable answer to the shadow mirror; whatever happens there, the
+        client's answer stands (and never carries the trunk features kept for the canary)."""
+        if claim is None:
+            return
+        features = outputs.pop(TRUNK_FEATURES, None)
+        try:
+            group = servable.shared_trunk()
+            kept = None if features is None or group is None else (group.fingerprint, features)
+            self._shadow.submit(claim, signature, inputs, outputs, time.perf_counter() - record.start, kept)
+        except Exception:  # the mirror must never fail a primary request
+            log.exception("shadow mirroring failed for %s", servable.name)
 
     def busy(self) -> bool:
         """Whether requests are waiting for a model now: rows queued in a batcher, or, without
@@ -805,31 +821,36 @@ class InferenceService:
         return np.stack(images).astype(spec.dtype, copy=False)
 
     def _run(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
-             deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
+             deadline: float | None, timing: Timing, features: bool = False) -> dict[str, np.ndarray]:
+        # features: a run on a shared trunk also returns its trunk features (TRUNK_FEATURES).
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("Deadline exceeded before the request could run")
-        batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
+        batcher = self._batcher(servable, sig, features) if _batch_size(sig, inputs) else None
         if batcher is None:
-            return self._run_direct(servable, sig, inputs, timing, None)
+            return self._run_direct(servable, sig, inputs, timing, None, features)
         return batcher.submit(inputs, deadline, timing)
 
     async def _run_async(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
-                         deadline: float | None, timing: Timing) -> dict[str, np.ndarray]:
+                         deadline: float | None, timing: Timing, features: bool = False) -> dict[str, np.ndarray]:
         if deadline is not None and time.monotonic() >= deadline:
             raise DeadlineExceeded("Deadline exceeded before the request could run")
-        batcher = self._batcher(servable, sig) if _batch_size(sig, inputs) else None
+        batcher = self._batcher(servable, sig, features) if _batch_size(sig, inputs) else None
         if batcher is None:
-            return await asyncio.to_thread(self._run_direct, servable, sig, inputs, timing, time.perf_counter())
+            return await asyncio.to_thread(self._run_direct, servable, sig, inputs, timing, time.perf_counter(),
+                                           features)
         return await batcher.submit_async(inputs, deadline, timing)
 
     def _run_direct(self, servable: Servable, sig: SignatureSpec, inputs: dict[str, np.ndarray],
-                    timing: Timing, queued: float | None) -> dict[str, np.ndarray]:
+                    timing: Timing, queued: float | None, features: bool = False) -> dict[str, np.ndarray]:
         """One model run without a batcher, timed as a batch's run is: for the inference
         histogram, and as one execution in the version's statistics. ``queued`` is when
         the run was handed to this worker thread (its wait counts as queueing)."""
         start = time.perf_counter()
         try:
-            outputs = servable.run(sig.name, inputs)
+            if features and servable.shared_trunk() is not None:
+                outputs = servable.run_with_features(sig.name, inputs)
+            else:
+                outputs = servable.run(sig.name, inputs)
         finally:
             seconds = time.perf_counter() - start
             if self._metrics is not None:
@@ -848,10 +869,10 @@ class InferenceService:
             stats = self._statistics[servable] = VersionStatistics(servable.name, servable.version)
         return stats
 
-    def _batcher(self, servable: Servable, sig: SignatureSpec) -> Batcher | None:
+    def _batcher(self, servable: Servable, sig: SignatureSpec, features: bool = False) -> Batcher | None:
         if self._batching is None or not _is_batchable(sig):
             return None
-        shared = servable.member_batcher(sig.name)
+        shared = servable.member_batcher(sig.name, features)
         if shared is not None:  # its trunk group's batcher, shared with other models (serving.trunks)
             return shared
         key = (servable.name, servable.version, sig.name)
