@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -59,3 +61,12 @@ def test_the_script_serves_the_console(trained, tmp_path):
         process.terminate()
         process.wait(timeout=30)
     assert "read-only" in log.read_text()
+
+
+def test_the_readme_command_line_names_only_real_flags():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL) if "graft-console --repo" in b)
+    shown = set(re.findall(r"--[a-z_]+", block))
+    known = {option for action in build_parser()._actions for option in action.option_strings}
+    assert shown and shown <= known, shown - known
+    assert {"--repo", "--serve_url", "--host", "--port", "--auth_token_file"} <= shown
