@@ -28,7 +28,12 @@ from tensorflow_serving.apis import (
 )
 
 from graft import contract
-from tests.models import export_shared_trunk_version, write_model_config
+from serving.servable import Servable
+from tests.models import (
+    export_shared_trunk_version,
+    export_tiny_cnn,
+    write_model_config,
+)
 from tests.serving.server import serving
 
 SIZE = 32
@@ -42,10 +47,11 @@ def repo(tmp_path_factory):
     export_shared_trunk_version(root, "a", trunk_seed=1, head_seed=1, size=SIZE, num_classes=3)
     export_shared_trunk_version(root, "b", trunk_seed=1, head_seed=2, size=SIZE, num_classes=4)
     export_shared_trunk_version(root, "c", trunk_seed=2, head_seed=3, size=SIZE, num_classes=3)
+    export_tiny_cnn(root / "plain" / "1", size=SIZE)  # declares no trunk: loads whole
     params = root / "batching.pbtxt"
     params.write_text("max_batch_size { value: 16 }\nbatch_timeout_micros { value: 30000 }\n"
                       "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 100 }\n")
-    config = write_model_config(root / "models.config", {m: root / m for m in MODELS})
+    config = write_model_config(root / "models.config", {m: root / m for m in (*MODELS, "plain")})
     return root, config, params
 
 
@@ -200,7 +206,9 @@ def test_rows_of_different_models_share_trunk_runs_and_come_back_right(shared, s
 def test_the_model_list_shows_each_versions_trunk(shared, standalone):
     def trunks(client) -> dict:
         listing = client.http.get(f"{client.rest}/v1/models", timeout=30).json()
-        return {m["name"]: m["model_version_status"][0]["graft"]["trunk"] for m in listing["models"]}
+        versions = {m["name"]: m["model_version_status"][0] for m in listing["models"]}
+        assert "trunk" not in versions.pop("plain").get("graft", {})
+        return {name: version["graft"]["trunk"] for name, version in versions.items()}
 
     on, off = trunks(shared[1]), trunks(standalone[1])
     assert on["a"]["fingerprint"] == on["b"]["fingerprint"] != on["c"]["fingerprint"]
@@ -299,3 +307,15 @@ def test_the_rest_fan_out_refuses_what_it_cannot_answer(shared, body, reason):
     answer = client.http.post(f"{client.rest}/v1/trunks:fanout", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert reason in answer.json()["error"]
+
+
+def test_a_version_without_a_declared_trunk_loads_whole_beside_the_groups(shared, standalone):
+    server, client = shared
+    with server.manager.acquire("plain") as plain:
+        assert type(plain) is Servable
+    assert standalone[0].trunks is None
+    images = _images(2, seed=25)
+    body = {"instances": images.tolist()}
+    got = client.http.post(f"{client.rest}/v1/models/plain:predict", json=body, timeout=60).json()
+    want = standalone[1].http.post(f"{standalone[1].rest}/v1/models/plain:predict", json=body, timeout=60).json()
+    np.testing.assert_allclose(got["predictions"], want["predictions"], atol=TOL)
