@@ -187,11 +187,12 @@ class Servable:
         except Exception as exc:
             raise Internal(f"model {self.name} version {self.version} failed: {tf_error_message(exc)}") from exc
 
-    def member_batcher(self, signature_name: str, features: bool = False):
+    def member_batcher(self, signature_name: str, features: bool = False, executions=None):
         """The batcher this version shares with others for ``signature_name`` (``serving.trunks``), else None.
 
         None: the version batches alone, in the service's own batcher. ``features``: answers
-        also carry the shared trunk's features (``serving.shadow.TRUNK_FEATURES``).
+        also carry the shared trunk's features (``serving.shadow.TRUNK_FEATURES``). ``executions``
+        (a ``batching.ExecutionObserver``) hears this version's share of each shared run.
         """
 
     def shared_trunk(self):

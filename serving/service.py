@@ -872,7 +872,7 @@ class InferenceService:
     def _batcher(self, servable: Servable, sig: SignatureSpec, features: bool = False) -> Batcher | None:
         if self._batching is None or not _is_batchable(sig):
             return None
-        shared = servable.member_batcher(sig.name, features)
+        shared = servable.member_batcher(sig.name, features, executions=self._statistics_of(servable))
         if shared is not None:  # its trunk group's batcher, shared with other models (serving.trunks)
             return shared
         key = (servable.name, servable.version, sig.name)

@@ -121,13 +121,19 @@ class TrunkGroup:
         by_tag: dict[Any, list[int]] = {}
         for index, (tag, _) in enumerate(parts):
             by_tag.setdefault(tag, []).append(index)
+        started = time.perf_counter()
         features = self.run_trunk(trunk_signature, inputs, models=len({tag[0] for tag in by_tag}))
+        trunk_s = time.perf_counter() - started
         starts = np.cumsum([0] + [rows for _, rows in parts])
         results: list[dict[str, np.ndarray] | None] = [None] * len(parts)
         for (member, signature), indices in by_tag.items():
             slices = [features[starts[i]:starts[i + 1]] for i in indices]
             own = slices[0] if len(slices) == 1 else np.concatenate(slices)
+            head_started = time.perf_counter()
             outputs = member.run_head(signature, own)
+            if member.executions is not None:
+                # One execution of this version: its rows, with the trunk run they rode in.
+                member.executions.on_execution(len(own), 0.0, trunk_s + time.perf_counter() - head_started, 0.0)
             pos = 0
             for i in indices:
                 rows = parts[i][1]
@@ -201,6 +207,8 @@ class SharedServable(Servable):
         self._pool = None
         self.head = head
         self.group: TrunkGroup | None = group
+        # This version's statistics (an ExecutionObserver), given by the service with its batcher.
+        self.executions = None
         self._metrics = metrics
         self._release = release
 
@@ -231,9 +239,12 @@ class SharedServable(Servable):
                                                 time.perf_counter() - started, part=PART_HEAD,
                                                 trunk=self.group.short)
 
-    def member_batcher(self, signature_name: str, features: bool = False):
+    def member_batcher(self, signature_name: str, features: bool = False, executions=None):
         """The group's batcher for ``signature_name``, bound to this version (None: run directly);
-        with ``features``, each answer also carries its trunk features (``TRUNK_FEATURES``)."""
+        with ``features``, each answer also carries its trunk features (``TRUNK_FEATURES``).
+        ``executions`` (this version's statistics) hears each run of its rows."""
+        if executions is not None:
+            self.executions = executions
         group = self.group
         trunk_signature = contract.SHARED_SIGNATURES.get(signature_name)
         if group is None or trunk_signature is None:

@@ -319,3 +319,17 @@ def test_a_version_without_a_declared_trunk_loads_whole_beside_the_groups(shared
     got = client.http.post(f"{client.rest}/v1/models/plain:predict", json=body, timeout=60).json()
     want = standalone[1].http.post(f"{standalone[1].rest}/v1/models/plain:predict", json=body, timeout=60).json()
     np.testing.assert_allclose(got["predictions"], want["predictions"], atol=TOL)
+
+
+def test_each_member_counts_its_executions_in_its_statistics(shared):
+    _, client = shared
+    def executions(model: str) -> int:
+        stats = client.http.get(f"{client.rest}/v2/models/{model}/stats", timeout=30).json()
+        return stats["model_stats"][0]["execution_count"]
+
+    before = {model: executions(model) for model in ("a", "b")}
+    _grpc_predict(client, "a", _images(2, seed=26))
+    _grpc_predict(client, "b", _images(1, seed=27))
+    _grpc_predict(client, "b", _images(1, seed=28))
+    assert executions("a") - before["a"] == 1
+    assert executions("b") - before["b"] == 2
