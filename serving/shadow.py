@@ -17,8 +17,8 @@ the request's inputs, stable's outputs and latency), and it counts and compares.
   mirrored work to unload.
 - **Shed first under load.** A worker runs an item only once ``busy()`` (the
   service's view: primary rows queued for a batch, or more than one primary
-  request running without batching) is false, waiting up to
-  :data:`QUIET_PATIENCE_S`; otherwise the item is dropped and counted. At
+  request running without batching) has been false for :data:`QUIET_SPAN_S`,
+  waiting up to :data:`QUIET_PATIENCE_S`; otherwise the item is dropped and counted. At
   capacity the canary gets nothing, so the primary keeps its throughput.
 - **What is compared**, per window (model, stable version, canary version): counts
   (mirrored = compared + dropped + canary errors + those still queued or running),
@@ -68,9 +68,12 @@ LATENCY_SAMPLES = 4096
 # The output under which a run that was asked for its trunk features (serving.trunks) gets them,
 # beside the signature's outputs; not a name a signature output can have.
 TRUNK_FEATURES = "graft:trunk_features"
-# A worker runs an item only while the primary traffic leaves room (``busy`` false): it waits
-# this long for such a moment, looking this often, and drops the item otherwise.
+# A worker runs an item only once the primary traffic has left room (``busy`` false) for
+# QUIET_SPAN_S on end: at capacity the batch queue empties only for instants between batches,
+# which must not count. It waits up to QUIET_PATIENCE_S, looking every QUIET_POLL_S, and drops
+# the item otherwise.
 QUIET_PATIENCE_S = 0.1
+QUIET_SPAN_S = 0.006
 QUIET_POLL_S = 0.002
 
 Outputs = Mapping[str, np.ndarray]
@@ -353,15 +356,23 @@ class ShadowMirror:
                 log.exception("shadow comparison failed")
 
     def _quiet(self) -> bool:
-        """Whether the primary traffic leaves room for a canary run within QUIET_PATIENCE_S."""
+        """Whether the primary traffic leaves room for a canary run (for QUIET_SPAN_S on end) within
+        QUIET_PATIENCE_S."""
         if self._busy is None:
             return True
-        end = time.monotonic() + QUIET_PATIENCE_S
-        while self._busy():
-            if time.monotonic() >= end:
+        now = time.monotonic()
+        end, quiet_since = now + QUIET_PATIENCE_S, None
+        while True:
+            if self._busy():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= QUIET_SPAN_S:
+                return True
+            if now >= end:
                 return False
             time.sleep(QUIET_POLL_S)
-        return True
+            now = time.monotonic()
 
     def _run(self, item: _Item) -> None:
         window = item.window
