@@ -17,9 +17,14 @@ One run:
    servers alternate, so all see the same machine load), and reads the shadow
    route before and after each run for the requests mirrored, compared and
    dropped in it;
-5. prints and writes (``--out``, docs/benchmarks.md) the primary throughput and
-   p50/p99 of each fraction with their ratios to fraction 0, the mirrored work's
-   fate, and the agreement check.
+5. the shared-trunk case (unless ``--no-shared``): two scenario-1 fits on one
+   random trunk (bench/shared_trunk.py's training on digits) become versions 1
+   (stable) and 2 (canary) of one model, and three servers take the same load:
+   fraction 0, fraction 1.0 with ``--shared_trunks`` (a mirrored request runs only
+   the canary's head, on stable's trunk features) and fraction 1.0 without it;
+6. prints and writes (``--out``, docs/benchmarks.md) the primary throughput and
+   p50/p99 of each server with their ratios to fraction 0, the mirrored work's
+   fate (compared, of which head only, dropped), and the agreement check.
 
 The load generator is bench/common.py's (h2load when installed, else Python
 processes), on the same machine as the servers. ``--quick`` is a short end-to-end
@@ -55,6 +60,10 @@ FRACTIONS = (0.0, 0.1, 1.0)
 P99_RATIO_TARGET = 1.15
 THROUGHPUT_RATIO_TARGET = 0.95
 SETTLE_TIMEOUT_S = 120.0
+# The shared-trunk case's servers: (name, extra graft-serve flags).
+SHARED_SERVERS = ("0, shared trunks", "1.0, shared trunks", "1.0, --shared_trunks=false")
+SHARED_FLAGS = (["--shadow_fraction", "0"], ["--shadow_fraction", "1.0"],
+                ["--shadow_fraction", "1.0", "--shared_trunks=false"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="distinct images of the agreement check (default 64)")
     p.add_argument("--client", choices=("auto", "python"), default="auto",
                    help="load generator: h2load when installed (auto), or the Python client")
+    p.add_argument("--shared-base", default="mobilenet_v2", help="base of the shared-trunk case (default mobilenet_v2)")
+    p.add_argument("--shared-size", type=int, default=96, help="image size of the shared-trunk case (default 96)")
+    p.add_argument("--no-shared", action="store_true", help="skip the shared-trunk case")
     p.add_argument("--quick", action="store_true",
                    help="a short end-to-end check: 32 px models, 2 s runs, 8 images, nothing written")
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"), help="markdown file to write ('' = none)")
@@ -76,29 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def grpc_body(input_name: str, image: np.ndarray) -> bytes:
+def grpc_body(input_name: str, image: np.ndarray, model: str = MODEL) -> bytes:
     """A serialised PredictRequest for ``/labels/stable`` carrying one image."""
     from tensorflow_serving.apis import predict_pb2
 
     from serving.codecs.tensor_proto import numpy_to_tensor_proto
 
     request = predict_pb2.PredictRequest()
-    request.model_spec.name = MODEL
+    request.model_spec.name = model
     request.model_spec.version_label = "stable"
     request.inputs[input_name].CopyFrom(numpy_to_tensor_proto(image[None]))
     return request.SerializeToString()
 
 
-def shadow(server: common.ServerProcess) -> dict:
-    """The server's shadow report of the bench model."""
-    with urllib.request.urlopen(f"{server.rest}/v1/models/{MODEL}/shadow", timeout=30) as answer:
+def shadow(server: common.ServerProcess, model: str = MODEL) -> dict:
+    """The server's shadow report of ``model``."""
+    with urllib.request.urlopen(f"{server.rest}/v1/models/{model}/shadow", timeout=30) as answer:
         return json.loads(answer.read())
 
 
-def wait_for(server: common.ServerProcess, test, what: str) -> dict:
+def wait_for(server: common.ServerProcess, test, what: str, model: str = MODEL) -> dict:
     """The shadow report once ``test`` accepts it (SystemExit after SETTLE_TIMEOUT_S)."""
     end = time.monotonic() + SETTLE_TIMEOUT_S
-    while not test(report := shadow(server)):
+    while not test(report := shadow(server, model)):
         if time.monotonic() > end:
             raise SystemExit(f"{what}: not reached in {SETTLE_TIMEOUT_S:g} s: {report}")
         time.sleep(0.1)
@@ -136,7 +148,60 @@ def agreement_check(server: common.ServerProcess, versions: list[Path], input_na
             "offline_agreed": int(np.count_nonzero(classes[0] == classes[1])), "offline_rows": len(images)}
 
 
-def report_text(args, device: str, runs: dict, check: dict, tool: str, loads: tuple[float, float]) -> str:
+def drive(servers: dict, model: str, bodies: dict, concurrencies: list[int], args, tools, work: Path) -> dict:
+    """Each server at each concurrency (servers alternating): primary figures and the mirrored work's fate."""
+    runs = {}
+    for c in concurrencies:
+        for server in servers.values():
+            serve.run_load(server, "grpc", c, args.warmup, bodies, tools, work)
+        for key, server in servers.items():
+            before = wait_for(server, settled, "mirrored work before the run", model)
+            r = serve.run_load(server, "grpc", c, args.duration, bodies, tools, work)
+            after = wait_for(server, settled, "mirrored work after the run", model)
+            runs[(c, key)] = {
+                "images_per_s": r.images_per_s, "p50_ms": r.latency_ms(50), "p99_ms": r.latency_ms(99),
+                "errors": r.errors, "tool": r.tool,
+                **{k: after[k] - before[k] for k in ("mirrored", "compared", "dropped", "canary_head_only")}}
+            run = runs[(c, key)]
+            print(f"{model} C={c:<3d} {key!s:<22} {r.images_per_s:8.0f} img/s  p50 {r.latency_ms(50):7.2f} ms  "
+                  f"p99 {r.latency_ms(99):7.2f} ms  errors {r.errors}  mirrored {run['mirrored']} compared "
+                  f"{run['compared']} (head only {run['canary_head_only']}) dropped {run['dropped']}  [{r.tool}]",
+                  flush=True)
+    return runs
+
+
+def shared_trunk_model(args, work: Path) -> Path:
+    """Versions 1 and 2 of one model on one trunk: bench/shared_trunk.py's two scenario-1 fits, the
+    second copied in as version 2; labels stable=1, canary=2. Returns the model's base path."""
+    import shutil
+    import types
+
+    import shared_trunk  # bench/shared_trunk.py: its digits fits on one random trunk
+
+    settings = types.SimpleNamespace(per_class=3 if args.quick else 10, head_epochs=2 if args.quick else 20)
+    repo, _ = shared_trunk.train_models(args.shared_base, args.shared_size, "none", 2, settings, work)
+    base = repo / "m0"
+    shutil.copytree(repo / "m1" / "1", base / "2")
+    (base / "labels.json").write_text(json.dumps({"stable": 1, "canary": 2}))
+    return base
+
+
+def shared_text(args, runs: dict) -> list[str]:
+    """The shared-trunk case's table."""
+    lines = ["", (f"Shared trunk: {args.shared_base} {args.shared_size}x{args.shared_size} (random trunk, "
+                  "scenario-1 heads on digits), versions 1 (stable) and 2 (canary) of one model on one trunk."), "",
+             "| C | server | img/s | x off | p99 ms | p99 x off | mirrored | compared | head only | dropped |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (c, key), run in sorted(runs.items()):
+        off = runs[(c, SHARED_SERVERS[0])]
+        lines.append(f"| {c} | {key} | {run['images_per_s']:.0f} | {run['images_per_s'] / off['images_per_s']:.2f} | "
+                     f"{run['p99_ms']:.2f} | {run['p99_ms'] / off['p99_ms']:.2f} | {run['mirrored']} | "
+                     f"{run['compared']} | {run['canary_head_only']} | {run['dropped']} |")
+    return lines
+
+
+def report_text(args, device: str, runs: dict, check: dict, tool: str, loads: tuple[float, float],
+                shared: dict | None = None) -> str:
     """The markdown section."""
     lines = [(f"Run {time.strftime('%Y-%m-%d %H:%M')} on {device}: `bench/shadow.py --duration {args.duration:g} "
              f"--concurrency {args.concurrency}{' --quick' if args.quick else ''}`; {args.base} {args.size}x{args.size} "
@@ -169,7 +234,39 @@ def report_text(args, device: str, runs: dict, check: dict, tool: str, loads: tu
                    f"{'met' if rate >= THROUGHPUT_RATIO_TARGET else 'missed'} |"),
                   (f"| reported agreement = offline, exactly | {check['reported_agreed']}/{check['reported_rows']} "
                    f"vs {check['offline_agreed']}/{check['offline_rows']} | {'met' if exact else 'missed'} |")]
+    if shared:
+        lines += shared_text(args, shared)
     return "\n".join(lines)
+
+
+def stop(servers: dict) -> None:
+    """Stop every server; print the log of one that did not exit 0."""
+    for key, server in servers.items():
+        code = server.stop()
+        if code != 0:
+            print(f"server {key} exited with {code}:\n{server.log()[-3000:]}", file=sys.stderr)
+
+
+def shared_case(args, concurrencies: list[int], tools, work: Path) -> dict:
+    """The shared-trunk case: its model, its three servers, the same load."""
+    base = shared_trunk_model(args, work)
+    input_name, height, width = serve.image_input(base / "1")
+    bodies = {"grpc": grpc_body(input_name, serve.sample_image(height, width), base.name)}
+    params = work / "batching.txt"
+    flags = ["--model_name", base.name, "--model_base_path", str(base), "--file_system_poll_wait_seconds", "0",
+             "--batching_parameters_file", str(params), *serve.thread_flags(serve.SERVED_THREADS)]
+    servers = {}
+    try:
+        ports = iter(common.free_ports(2 * len(SHARED_SERVERS)))
+        for index, (key, extra) in enumerate(zip(SHARED_SERVERS, SHARED_FLAGS)):
+            servers[key] = common.ServerProcess([*flags, *extra], work / f"shared-{index}.log", next(ports),
+                                                next(ports), sys.executable)
+        for server in servers.values():
+            server.wait_ready()
+            wait_for(server, lambda r: (r["stable"], r["canary"]) == (1, 2), "labels stable=1, canary=2", base.name)
+        return drive(servers, base.name, bodies, concurrencies, args, tools, work)
+    finally:
+        stop(servers)
 
 
 def main(argv=None) -> int:
@@ -177,6 +274,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.size, args.duration, args.warmup, args.agreement_images, args.out = 32, 2.0, 0.5, 8, ""
+        args.shared_size = 32
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))
     concurrencies = [int(c) for c in args.concurrency.split(",") if c]
@@ -201,8 +299,6 @@ def main(argv=None) -> int:
         flags = ["--model_name", MODEL, "--model_base_path", str(base_path), "--file_system_poll_wait_seconds", "0",
                  "--batching_parameters_file", str(params), *serve.thread_flags(serve.SERVED_THREADS)]
         servers: dict[float, common.ServerProcess] = {}
-        runs: dict[tuple[int, float], dict] = {}
-        tool = "python"
         try:
             ports = iter(common.free_ports(2 * len(FRACTIONS)))
             for fraction in FRACTIONS:
@@ -214,27 +310,12 @@ def main(argv=None) -> int:
                 wait_for(server, lambda r: (r["stable"], r["canary"]) == (1, 2), "labels stable=1, canary=2")
             check = agreement_check(servers[1.0], versions, input_name, images)
             print("agreement check:", check, flush=True)
-            for c in concurrencies:
-                for server in servers.values():
-                    serve.run_load(server, "grpc", c, args.warmup, bodies, tools, work)
-                for fraction, server in servers.items():
-                    before = wait_for(server, settled, "mirrored work before the run")
-                    r = serve.run_load(server, "grpc", c, args.duration, bodies, tools, work)
-                    after = wait_for(server, settled, "mirrored work after the run")
-                    tool = r.tool
-                    runs[(c, fraction)] = {
-                        "images_per_s": r.images_per_s, "p50_ms": r.latency_ms(50), "p99_ms": r.latency_ms(99),
-                        "errors": r.errors, **{k: after[k] - before[k] for k in ("mirrored", "compared", "dropped")}}
-                    print(f"C={c:<3d} fraction {fraction:<4g} {r.images_per_s:8.0f} img/s  p50 {r.latency_ms(50):7.2f} "
-                          f"ms  p99 {r.latency_ms(99):7.2f} ms  errors {r.errors}  mirrored "
-                          f"{runs[(c, fraction)]['mirrored']} compared {runs[(c, fraction)]['compared']} dropped "
-                          f"{runs[(c, fraction)]['dropped']}  [{r.tool}]", flush=True)
+            runs = drive(servers, MODEL, bodies, concurrencies, args, tools, work)
+            tool = next(iter(runs.values()))["tool"]
         finally:
-            for fraction, server in servers.items():
-                code = server.stop()
-                if code != 0:
-                    print(f"server {fraction} exited with {code}:\n{server.log()[-3000:]}", file=sys.stderr)
-    text = report_text(args, serve.device_name(), runs, check, tool, (loadavg0, os.getloadavg()[0]))
+            stop(servers)
+        shared = None if args.no_shared else shared_case(args, concurrencies, tools, work)
+    text = report_text(args, serve.device_name(), runs, check, tool, (loadavg0, os.getloadavg()[0]), shared)
     print()
     print(text)
     if args.out:
@@ -242,7 +323,9 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}")
     if args.json:
         Path(args.json).write_text(json.dumps({"agreement": check, "runs": [
-            {"concurrency": c, "fraction": f, **run} for (c, f), run in sorted(runs.items())]}, indent=2))
+            {"concurrency": c, "fraction": f, **run} for (c, f), run in sorted(runs.items())],
+            "shared": [{"concurrency": c, "server": k, **run} for (c, k), run in sorted((shared or {}).items())]},
+            indent=2))
     exact = check["reported_agreed"] == check["offline_agreed"] and check["reported_rows"] == check["offline_rows"]
     return 0 if exact else 1
 
