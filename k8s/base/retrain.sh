@@ -21,7 +21,7 @@
 # second promote waits up to GRAFT_SHADOW_WAIT_SECONDS for
 # GRAFT_MIN_SHADOW_REQUESTS compared requests, then moves GRAFT_LABEL to it only
 # if the held-out gate and the live one (GRAFT_MIN_AGREEMENT, GRAFT_MAX_JS) both
-# pass. Rejected, the canary label rolls back (or stays, when it has no earlier
+# pass (an unset GRAFT_MAX_JS is 1, the divergence's ceiling in bits: no limit). Rejected, the canary label rolls back (or stays, when it has no earlier
 # version: a rejected canary only receives mirrored copies).
 #
 # Settings come from the environment (ConfigMap graft-train-env, see train.env).
@@ -115,7 +115,7 @@ shadow_promote() {
         --shadow-url "$GRAFT_SHADOW_URL" \
         --min-agreement "$GRAFT_MIN_AGREEMENT" \
         --min-shadow-requests "$GRAFT_MIN_SHADOW_REQUESTS" \
-        ${GRAFT_MAX_JS:+--max-js "$GRAFT_MAX_JS"} \
+        --max-js "${GRAFT_MAX_JS:-1}" \
         --shadow-wait "${GRAFT_SHADOW_WAIT_SECONDS:-3600}" \
         --report "$3"
     code=$?
