@@ -28,8 +28,10 @@ UNSAFE_MODULES = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib
 # self._config.load: uvicorn's Config.load (TLS context, protocol class), no model or data.
 # service.load_model and the manager's load are the V2 repository extension's "load this
 # configured model": they schedule the manager's own lifecycle, which ends in tf.saved_model.load.
+# Servable.load: the shared-trunk registry loading a whole version, a trunk or a head, each a
+# SavedModel directory through tf.saved_model.load.
 ALLOWED_LOADERS = {"tf.saved_model.load", "json.load", "json.loads", "orjson.loads", "self._config.load",
-                   "service.load_model", "self._manager.load"}
+                   "service.load_model", "self._manager.load", "Servable.load"}
 LOADER_NAMES = {"load", "loads", "load_model", "TFSMLayer", "load_weights", "from_config",
                 "deserialize", "model_from_json"}
 
