@@ -230,9 +230,12 @@ class InferenceService:
     def __init__(self, manager: ModelManager, *, metrics: ServingMetrics | None = None,
                  batching: BatchingConfig | None = None,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, allow_reload_requests: bool = True,
-                 shadow: ShadowMirror | None = None):
+                 shadow: ShadowMirror | None = None, shared_queue: Callable[[], int] | None = None):
         self._manager = manager
         self._shadow = shadow   # mirrors a fraction of stable's answers to canary (serving.shadow)
+        # Rows queued in batchers this service does not own: the shared trunks' groups
+        # (serving.trunks.TrunkRegistry.queued_rows), where shared versions' requests wait.
+        self._shared_queue = shared_queue
         self._allow_reload_requests = allow_reload_requests
         self._metrics = metrics
         self._batching = batching
@@ -429,8 +432,11 @@ class InferenceService:
             log.exception("shadow mirroring failed for %s", servable.name)
 
     def busy(self) -> bool:
-        """Whether requests are waiting for a model now: rows queued in a batcher, or, without
-        batching, more than one request running (the shadow mirror runs only when this is false)."""
+        """Whether requests are waiting for a model now: rows queued in a batcher (the service's own
+        or a shared trunk's), or, without batching, more than one request running (the shadow
+        mirror runs only when this is false)."""
+        if self._shared_queue is not None and self._shared_queue():
+            return True
         with self._lock:
             batchers = [b for b in self._batchers.values() if b is not None]
         if batchers:

@@ -158,6 +158,12 @@ class TrunkGroup:
         features = self.run_trunk(trunk_signatures.pop(), inputs, models=len({id(m) for m, _ in runs}))
         return [member.run_head(signature, features) for member, signature in runs]
 
+    def queued_rows(self) -> int:
+        """Rows waiting in the group's batchers, every member's requests together."""
+        with self._lock:
+            batchers = list(self._batchers.values())
+        return sum(batcher.queue_depth() for batcher in batchers)
+
     def flush(self) -> None:
         """Run what the group's batchers hold without waiting for batch timeouts (draining)."""
         with self._lock:
@@ -410,6 +416,10 @@ class TrunkRegistry:
         """The loaded group of ``fingerprint``, if any."""
         with self._lock:
             return self._groups.get(fingerprint)
+
+    def queued_rows(self) -> int:
+        """Rows waiting in every group's batchers (the service's ``busy`` counts them with its own)."""
+        return sum(group.queued_rows() for group in self.groups().values())
 
     def flush(self) -> None:
         """Flush every group's batchers (the server is draining)."""

@@ -106,7 +106,8 @@ class GraftServer:
         self.service = InferenceService(self.manager, metrics=metrics, batching=checked.batching,
                                         max_image_pixels=config.max_image_pixels,
                                         allow_reload_requests=config.enable_reload_config_rpc,
-                                        shadow=self.shadow)
+                                        shadow=self.shadow,
+                                        shared_queue=self.trunks.queued_rows if self.trunks is not None else None)
         # Both ports are bound before the first model loads: a port taken since the
         # preflight check still fails before any work.
         self._grpc = build_server(self.service, config.host, config.port, grpc_threads,

@@ -6,12 +6,15 @@ version 3 of ``x`` has a trunk of its own. With ``--shared_trunks`` a mirrored
 request runs the trunk once, for stable, and the canary's head on those features:
 ``canary_head_only`` counts it, the trunk runs only as often as the primary
 requests need, and agreement equals the figure computed offline with the whole
-SavedModels. A canary on another trunk runs whole.
+SavedModels. A canary on another trunk runs whole. The service's ``busy`` (the
+mirror runs canary work only while it is false) counts rows waiting in a trunk
+group's batcher, not only in its own.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 
 import numpy as np
@@ -21,7 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2
 
 from graft import contract
-from tests.models import export_shared_trunk_version
+from tests.models import (
+    export_shared_trunk_version,
+    export_tiny_cnn,
+    write_model_config,
+)
 from tests.serving.server import serving
 
 SIZE = 32
@@ -37,9 +44,11 @@ def repo(tmp_path_factory):
     return root
 
 
-def _predict(client, batch: np.ndarray) -> dict[str, np.ndarray]:
+def _predict(client, batch: np.ndarray, model: str = "m", label: str = "stable") -> dict[str, np.ndarray]:
     request = predict_pb2.PredictRequest()
-    request.model_spec.name, request.model_spec.version_label = "m", "stable"
+    request.model_spec.name = model
+    if label:
+        request.model_spec.version_label = label
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(batch))
     response = client.predict.Predict(request, timeout=60)
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
@@ -107,3 +116,31 @@ def test_a_canary_on_another_trunk_runs_whole(repo):
             _predict(client, np.random.default_rng(50 + i).uniform(0, 255, (1, SIZE, SIZE, 3)).astype(np.float32))
         shown = _settled(client, 3)
     assert (shown["compared"], shown["canary_head_only"], shown["canary_errors"]) == (3, 0, 0)
+
+
+def test_rows_queued_in_a_trunk_batcher_make_the_service_busy(tmp_path):
+    # A long batch timeout holds a lone row in its batcher, waiting for company: queued,
+    # deterministically, for that long.
+    export_shared_trunk_version(tmp_path, "s", trunk_seed=1, head_seed=1, size=SIZE)
+    export_tiny_cnn(tmp_path / "plain" / "1", size=SIZE)  # declares no trunk: the service's own batcher
+    config = write_model_config(tmp_path / "models.config", {"s": tmp_path / "s", "plain": tmp_path / "plain"})
+    params = tmp_path / "batching.pbtxt"
+    params.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 3000000 }\n"
+                      "num_batch_threads { value: 1 }\nmax_enqueued_batches { value: 10 }\n")
+    image = np.random.default_rng(7).uniform(0, 255, (1, SIZE, SIZE, 3)).astype(np.float32)
+    with serving(model_config_file=str(config), batching_parameters_file=str(params)) as (graft, client):
+        assert graft.trunks is not None and len(graft.trunks.groups()) == 1
+        _predict(client, image, "plain", "")   # the service's own batcher exists, and is empty again
+        assert not graft.service.busy()
+        answers = []
+        sender = threading.Thread(target=lambda: answers.append(_predict(client, image, "s", "")))
+        sender.start()
+        seen = []
+        while sender.is_alive() and not seen:
+            if graft.service.busy():
+                seen.append(graft.trunks.queued_rows())
+            time.sleep(0.01)
+        sender.join(30)
+        assert seen == [1], "busy() never saw the row queued in the trunk group's batcher"
+        assert answers and answers[0]["scores"].shape == (1, 3)
+        assert graft.trunks.queued_rows() == 0 and not graft.service.busy()
