@@ -145,6 +145,25 @@ def two_input_expected(x: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float32) @ TWO_INPUT_W + TWO_INPUT_B
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """An RGB image array (0..255) encoded as PNG."""
+    # Pillow: only tests that encode images need it.
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(image).astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def image_example(data: bytes) -> tf.train.Example:
+    """A tf.Example carrying encoded image bytes under ``image/encoded`` (the exported classify signature's feature)."""
+    example = tf.train.Example()
+    example.features.feature["image/encoded"].bytes_list.value.append(data)
+    return example
+
+
 def make_example(x: Iterable[float]) -> tf.train.Example:
     """A tf.Example with the float feature ``x`` the classify/regress signatures parse."""
     return tf.train.Example(features=tf.train.Features(feature={

@@ -10,7 +10,6 @@ no batching; every protocol's answer from the first must equal the second's with
 from __future__ import annotations
 
 import base64
-import io
 import threading
 
 import grpc
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tritonclient.grpc as grpcclient
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import (
     classification_pb2,
@@ -32,6 +30,8 @@ from serving.servable import Servable
 from tests.models import (
     export_shared_trunk_version,
     export_tiny_cnn,
+    image_example,
+    png_bytes,
     write_model_config,
 )
 from tests.serving.server import serving
@@ -73,12 +73,6 @@ def _images(n: int, seed: int) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, 256, (n, SIZE, SIZE, 3)).astype(np.float32)
 
 
-def _png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image.astype(np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
 def _grpc_predict(client, model: str, images: np.ndarray) -> np.ndarray:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
@@ -96,18 +90,14 @@ def _rest_predict(client, model: str, images: np.ndarray) -> np.ndarray:
 
 def _rest_predict_bytes(client, model: str, images: np.ndarray) -> np.ndarray:
     body = {"signature_name": "predict_images",
-            "instances": [{"image_bytes": {"b64": base64.b64encode(_png(i)).decode()}} for i in images]}
+            "instances": [{"image_bytes": {"b64": base64.b64encode(png_bytes(i)).decode()}} for i in images]}
     answer = client.http.post(f"{client.rest}/v1/models/{model}:predict", json=body, timeout=60)
     assert answer.status_code == 200, answer.text
     return np.array([p["scores"] for p in answer.json()["predictions"]], dtype=np.float32)
 
 
 def _grpc_classify(client, model: str, images: np.ndarray) -> np.ndarray:
-    examples = []
-    for image in images:
-        example = tf.train.Example()
-        example.features.feature["image/encoded"].bytes_list.value.append(_png(image))
-        examples.append(example)
+    examples = [image_example(png_bytes(image)) for image in images]
     request = classification_pb2.ClassificationRequest(
         input=input_pb2.Input(example_list=input_pb2.ExampleList(examples=examples)))
     request.model_spec.name = model
@@ -234,11 +224,7 @@ def test_trunk_and_head_runs_are_measured_under_short_fingerprints(shared):
 
 
 def _multi_inference(client, models: list[str], images: np.ndarray):
-    examples = []
-    for image in images:
-        example = tf.train.Example()
-        example.features.feature["image/encoded"].bytes_list.value.append(_png(image))
-        examples.append(example)
+    examples = [image_example(png_bytes(image)) for image in images]
     request = inference_pb2.MultiInferenceRequest(
         input=input_pb2.Input(example_list=input_pb2.ExampleList(examples=examples)))
     for model in models:

@@ -14,8 +14,9 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import prediction_log_pb2
 
 from graft import contract
-from training import export, repo
 from serving import servable as servable_module
+from tests.models import image_example, png_bytes
+from training import export, repo
 
 SIZE = 32
 CLASSES = ["circle", "square", "stripe"]
@@ -31,18 +32,6 @@ def _tiny_model(seed=0):
     x = keras.layers.Flatten()(x)
     outputs = keras.layers.Dense(len(CLASSES), activation="softmax", kernel_initializer=init[2])(x)
     return keras.Model(inputs, outputs)
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _example(data: bytes) -> bytes:
-    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
-    return tf.train.Example(features=tf.train.Features(
-        feature={"image/encoded": feature})).SerializeToString()
 
 
 @pytest.fixture(scope="module")
@@ -119,20 +108,20 @@ def test_serving_default_matches_keras(exported, loaded, images):
 
 def test_predict_images_decodes_png_like_numpy(exported, loaded, images):
     model = exported[0]
-    pngs = [_png(img) for img in images]
+    pngs = [png_bytes(img) for img in images]
     decoded = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), np.float32) for p in pngs])
     out = loaded.signatures["predict_images"](image_bytes=tf.constant(pngs))
     np.testing.assert_allclose(out["scores"].numpy(), model(decoded, training=False).numpy(), atol=1e-5)
     # A larger image is resized in the graph: same as bilinear resizing before the model.
     big = np.random.default_rng(1).integers(0, 256, (48, 40, 3)).astype(np.uint8)
-    out = loaded.signatures["predict_images"](image_bytes=tf.constant([_png(big)]))
+    out = loaded.signatures["predict_images"](image_bytes=tf.constant([png_bytes(big)]))
     resized = tf.image.resize(big.astype(np.float32)[None], [SIZE, SIZE]).numpy()
     np.testing.assert_allclose(out["scores"].numpy(), model(resized, training=False).numpy(), atol=1e-5)
 
 
 def test_classify_matches_keras(exported, loaded, images):
     model = exported[0]
-    examples = [_example(_png(img)) for img in images[:3]]
+    examples = [image_example(png_bytes(img)).SerializeToString() for img in images[:3]]
     out = loaded.signatures["classify"](inputs=tf.constant(examples))
     expected = model(images[:3].astype(np.float32), training=False).numpy()
     np.testing.assert_allclose(out["scores"].numpy(), expected, atol=1e-5)
@@ -178,7 +167,7 @@ def test_serving_loads_the_version(exported, images):
         assert servable.signatures["classify"].method_name == "tensorflow/serving/classify"
         out = servable.run("serving_default", {"images": images[:2].astype(np.float32)})
         np.testing.assert_allclose(out["scores"], model(images[:2].astype(np.float32)).numpy(), atol=1e-5)
-        out = servable.run("predict_images", {"image_bytes": np.array([_png(images[0])], dtype=object)})
+        out = servable.run("predict_images", {"image_bytes": np.array([png_bytes(images[0])], dtype=object)})
         assert out["scores"].shape == (1, 3)
         assert servable.lineage()["base"] == "tiny"
     finally:

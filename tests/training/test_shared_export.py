@@ -7,34 +7,20 @@ carry neither part.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
 
 from graft import contract
 from serving import servable as servable_module
-from tests.models import export_shared_trunk_version
+from tests.models import export_shared_trunk_version, image_example, png_bytes
 from tests.training.test_fit import write_image_folder
 from training import export, pipeline, repo
 
 SIZE = 32
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array.astype(np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _example(data: bytes) -> bytes:
-    feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
-    return tf.train.Example(features=tf.train.Features(
-        feature={export.IMAGE_FEATURE: feature})).SerializeToString()
 
 
 def _inputs(seed: int, size: int = SIZE) -> dict[str, dict[str, tf.Tensor]]:
@@ -44,10 +30,10 @@ def _inputs(seed: int, size: int = SIZE) -> dict[str, dict[str, tf.Tensor]]:
               np.full((size, size, 3), 128, np.uint8),
               np.broadcast_to(np.linspace(0, 255, size, dtype=np.uint8)[None, :, None], (size, size, 3)),
               rng.integers(0, 256, (size, size, 3)).astype(np.uint8)]
-    encoded = [_png(image) for image in images] + [_png(rng.integers(0, 256, (size + 9, size + 4, 3)))]
+    encoded = [png_bytes(image) for image in images] + [png_bytes(rng.integers(0, 256, (size + 9, size + 4, 3)))]
     return {"serving_default": {"images": tf.constant(np.stack(images).astype(np.float32))},
             "predict_images": {"image_bytes": tf.constant(encoded)},
-            "classify": {"inputs": tf.constant([_example(data) for data in encoded])}}
+            "classify": {"inputs": tf.constant([image_example(data).SerializeToString() for data in encoded])}}
 
 
 def _assert_composes(version_dir, seed: int = 0, size: int = SIZE) -> None:
