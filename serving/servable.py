@@ -156,6 +156,47 @@ class Servable:
         pool = self._pool
         if pool is None or signature_name not in pool.replicas[0].functions:
             raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
+        tensors = self._tensors(signature_name, inputs)
+        with self._tf_errors(signature_name), pool.acquire() as replica:
+            return _numpy(_call(replica.calls[signature_name], replica.device, tensors))
+
+    def then(self, signature_name: str, head: "Servable", head_signature: str,
+             key: str) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None:
+        """This version's ``signature_name`` followed by ``head``'s ``head_signature`` on its output
+        ``key``, as one traced function: one TensorFlow call where running them in turn makes two.
+
+        Returns a callable taking ``run``'s inputs and giving the head's outputs, with
+        ``run``'s errors; None when either side is placed on several devices, has no such
+        signature, or the two cannot be traced together (logged).
+        """
+        pool, head_pool = self._pool, head._pool
+        if pool is None or head_pool is None or len(pool.replicas) != 1 or len(head_pool.replicas) != 1:
+            return None
+        replica, head_replica = pool.replicas[0], head_pool.replicas[0]
+        if signature_name not in replica.functions or head_signature not in head_replica.functions \
+                or replica.device != head_replica.device:
+            return None
+        first, second = replica.calls[signature_name], head_replica.calls[head_signature]
+        _, input_specs = replica.functions[signature_name].structured_input_signature
+        try:
+            with _placement(replica.device):
+                composed = tf.function(lambda **inputs: second(**{key: first(**inputs)[key]})
+                                       ).get_concrete_function(**input_specs)
+        except Exception as exc:
+            log.warning("%s %s then %s %s run as two calls: tracing them as one failed: %s", self.name,
+                        signature_name, head.name, head_signature, tf_error_message(exc))
+            return None
+        # Two frozen calls compose without captures; unfrozen ones capture their variables.
+        call = composed if composed.captured_inputs else _FlatCall(composed)
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            tensors = self._tensors(signature_name, inputs)
+            with self._tf_errors(signature_name):
+                return _numpy(_call(call, replica.device, tensors))
+        return run
+
+    def _tensors(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, tf.Tensor]:
+        """The signature's inputs as tensors of its dtypes (InvalidArgument for what does not fit)."""
         specs = self.signatures[signature_name].inputs
         tensors = {}
         for key, value in inputs.items():
@@ -170,20 +211,20 @@ class Servable:
         if len(tensors) != len(specs):
             missing = sorted(set(specs) - set(tensors))
             raise InvalidArgument(f"signature {signature_name!r} is missing input(s) {missing}")
+        return tensors
+
+    @contextlib.contextmanager
+    def _tf_errors(self, signature_name: str):
+        """Map a failed run's TensorFlow errors to the serving errors ``run`` documents."""
         try:
-            with pool.acquire() as replica:
-                fn = replica.calls[signature_name]
-                if replica.device:
-                    with tf.device(replica.device):
-                        outputs = fn(**tensors)
-                else:
-                    outputs = fn(**tensors)
-                return {k: v.numpy() for k, v in outputs.items()}
+            yield
         except tf.errors.InvalidArgumentError as exc:
             raise InvalidArgument(tf_error_message(exc)) from exc
         except TypeError as exc:
             # A missing or extra keyword reaches the concrete function as a TypeError.
             raise InvalidArgument(f"inputs do not match signature {signature_name!r}: {exc}") from exc
+        except ServingError:
+            raise
         except Exception as exc:
             raise Internal(f"model {self.name} version {self.version} failed: {tf_error_message(exc)}") from exc
 
@@ -262,6 +303,18 @@ def _placement(device: str | None):
     return tf.device(device) if device else contextlib.nullcontext()
 
 
+def _call(fn: Callable, device: str | None, tensors: Mapping[str, tf.Tensor]) -> Mapping[str, tf.Tensor]:
+    """``fn(**tensors)``, on ``device`` when the replica has one."""
+    if device:
+        with tf.device(device):
+            return fn(**tensors)
+    return fn(**tensors)
+
+
+def _numpy(outputs: Mapping[str, tf.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in outputs.items()}
+
+
 def _traced_call(signature, device: str | None) -> Callable:
     """``signature`` wrapped in one traced concrete function (the signature itself if it cannot be)."""
     _, input_specs = signature.structured_input_signature
@@ -280,44 +333,33 @@ _VARIABLE_WRITER = re.compile(r"Assign\w*VariableOp|ResourceApply\w+|ResourceSpa
                               r"|ResourceStridedSliceAssign")
 
 
-class _FrozenCall:
-    """A traced signature with its variables folded into constants, called on its flat inputs.
+class _FlatCall:
+    """A concrete function without captured inputs, called on its flat inputs: no Python
+    argument binding per call. ``structure`` (default: the function itself) gives the
+    keyword inputs and the output structure.
 
-    Why: a traced signature passes every variable to every call as captured
-    inputs (CPU of the calling thread per call, in TensorFlow's eager op set-up),
-    and its graph reads them at run time, so Grappler and oneDNN cannot fold batch
-    norms into the convolutions or keep the filters in their prepared layout.
-    Frozen calls are faster and cheaper for the caller (docs/benchmarks.md,
-    seventh pass, has the figures). The cost is a second copy of the weights in
-    memory (``--freeze_graph=false`` keeps one).
-
-    Called like the traced function: keyword tensors in, the signature's output
-    dict out; a missing, extra or mismatched input raises ``TypeError``.
+    Called like a traced signature: keyword tensors in, the signature's output dict
+    out; a missing, extra or mismatched input raises ``TypeError``.
     """
 
-    def __init__(self, traced) -> None:
-        # TensorFlow's private graph freezer: loaded only where --freeze_graph is on.
-        from tensorflow.python.framework.convert_to_constants import (
-            convert_variables_to_constants_v2,
-        )
-
-        frozen = convert_variables_to_constants_v2(traced)
-        _, input_specs = traced.structured_input_signature
+    def __init__(self, function, structure=None) -> None:
+        structure = function if structure is None else structure
+        _, input_specs = structure.structured_input_signature
         # The flat inputs follow tf.nest's order of the keyword dict: its sorted keys.
         self._names = sorted(input_specs)
-        self._specs = [(t.dtype, t.shape) for t in frozen.inputs]
-        if len(self._specs) != len(self._names) or frozen.captured_inputs:
-            raise ValueError(f"frozen graph has {len(self._specs)} inputs and {len(frozen.captured_inputs)} "
+        self._specs = [(t.dtype, t.shape) for t in function.inputs]
+        if len(self._specs) != len(self._names) or function.captured_inputs:
+            raise ValueError(f"graph has {len(self._specs)} inputs and {len(function.captured_inputs)} "
                              f"captures for the signature's {len(self._names)} inputs")
-        self._outputs = traced.structured_outputs
+        self._outputs = structure.structured_outputs
         # A signature's outputs are a flat dict: its flat order is the sorted keys.
         self._output_names = (sorted(self._outputs) if isinstance(self._outputs, dict)
                               and all(isinstance(v, tf.Tensor) for v in self._outputs.values()) else None)
-        # The graph's own function, called on a flat list: no Python argument binding.
-        self._function = frozen._inference_function
+        # The graph's own function, called on a flat list.
+        self._function = function._inference_function
 
     def __call__(self, **tensors: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Run the frozen graph on the signature's keyword inputs; returns its output tensors by name."""
+        """Run the graph on the signature's keyword inputs; returns its output tensors by name."""
         if len(tensors) != len(self._names):
             raise TypeError(f"expected inputs {self._names}, got {sorted(tensors)}")
         flat = []
@@ -333,6 +375,27 @@ class _FrozenCall:
         if self._output_names is not None:
             return dict(zip(self._output_names, results))
         return tf.nest.pack_sequence_as(self._outputs, results)
+
+
+class _FrozenCall(_FlatCall):
+    """A traced signature with its variables folded into constants, called on its flat inputs.
+
+    Why: a traced signature passes every variable to every call as captured
+    inputs (CPU of the calling thread per call, in TensorFlow's eager op set-up),
+    and its graph reads them at run time, so Grappler and oneDNN cannot fold batch
+    norms into the convolutions or keep the filters in their prepared layout.
+    Frozen calls are faster and cheaper for the caller (docs/benchmarks.md,
+    seventh pass, has the figures). The cost is a second copy of the weights in
+    memory (``--freeze_graph=false`` keeps one).
+    """
+
+    def __init__(self, traced) -> None:
+        # TensorFlow's private graph freezer: loaded only where --freeze_graph is on.
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2,
+        )
+
+        super().__init__(convert_variables_to_constants_v2(traced), traced)
 
 
 def _frozen_call(traced, name: str, device: str | None) -> Callable:

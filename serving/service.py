@@ -376,7 +376,8 @@ class InferenceService:
             inputs = _examples_tensor(sigs[0], request.examples, request.context)
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 raise DeadlineExceeded("Deadline exceeded before the request could run")
-            outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs)
+            outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs,
+                                    request.deadline, record.timing)
             return [ClassifyResult(s.name, s.version, sig.name, _classifications(o, n))
                     for s, sig, o in zip(servables, sigs, outputs)]
 
@@ -403,7 +404,8 @@ class InferenceService:
                    inferences=_run_rows(sigs[0], inputs) * len(servables))
             if request.deadline is not None and time.monotonic() >= request.deadline:
                 raise DeadlineExceeded("Deadline exceeded before the request could run")
-            outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs)
+            outputs = group.fan_out([(s, sig.name) for s, sig in zip(servables, sigs)], inputs,
+                                    request.deadline, record.timing)
             return [PredictResult(s.name, s.version, sig.name, o) for s, sig, o in zip(servables, sigs, outputs)]
 
     def _claim(self, request: PredictCall | ExamplesCall, servable: Servable) -> Window | None:

@@ -52,6 +52,13 @@ class FeaturesTag(tuple):
     __slots__ = ()
 
 
+class FanOutTag(tuple):
+    """A fan-out's tag: the ``(member, version signature)`` runs whose heads all answer each of
+    its rows. Its part's outputs come back keyed ``(run index, output name)``."""
+
+    __slots__ = ()
+
+
 class TrunkGroup:
     """One loaded trunk and the loaded versions that share it (thread-safe)."""
 
@@ -112,21 +119,33 @@ class TrunkGroup:
             return batcher
 
     def _run_parts(self, trunk_signature: str, inputs: dict[str, np.ndarray],
-                   parts: list[tuple[Any, int]]) -> list[dict[str, np.ndarray]]:
+                   parts: list[tuple[Any, int]]) -> list[dict]:
         """A tagged batch: one trunk run over every row, then each member's head once on its own rows.
 
-        ``parts`` are (tag, rows) in row order; a tag is ``(member, version signature)``.
-        Padding rows after the parts run through the trunk and go nowhere.
+        ``parts`` are (tag, rows) in row order; a tag is ``(member, version signature)``,
+        or a :class:`FanOutTag` of several, whose rows every one of its heads answers.
+        Padding rows after the parts run through the trunk and go nowhere. A batch of
+        the one member of a group runs trunk and head as one composed call.
         """
-        by_tag: dict[Any, list[int]] = {}
+        runs: dict[Any, list[int]] = {}
         for index, (tag, _) in enumerate(parts):
-            by_tag.setdefault(tag, []).append(index)
+            for run in (tag if isinstance(tag, FanOutTag) else (tag,)):
+                runs.setdefault(run, []).append(index)
+        if len(runs) == 1 and not any(isinstance(tag, (FeaturesTag, FanOutTag)) for tag, _ in parts):
+            (member, signature), = runs
+            started = time.perf_counter()
+            outputs = member.run_alone(signature, inputs)
+            if outputs is not None:
+                if member.executions is not None:
+                    member.executions.on_execution(sum(rows for _, rows in parts), 0.0,
+                                                   time.perf_counter() - started, 0.0)
+                return _split(outputs, [rows for _, rows in parts])
         started = time.perf_counter()
-        features = self.run_trunk(trunk_signature, inputs, models=len({tag[0] for tag in by_tag}))
+        features = self.run_trunk(trunk_signature, inputs, models=len({run[0] for run in runs}))
         trunk_s = time.perf_counter() - started
         starts = np.cumsum([0] + [rows for _, rows in parts])
-        results: list[dict[str, np.ndarray] | None] = [None] * len(parts)
-        for (member, signature), indices in by_tag.items():
+        results: list[dict] = [{} for _ in parts]
+        for (member, signature), indices in runs.items():
             slices = [features[starts[i]:starts[i + 1]] for i in indices]
             own = slices[0] if len(slices) == 1 else np.concatenate(slices)
             head_started = time.perf_counter()
@@ -136,26 +155,42 @@ class TrunkGroup:
                 member.executions.on_execution(len(own), 0.0, trunk_s + time.perf_counter() - head_started, 0.0)
             pos = 0
             for i in indices:
-                rows = parts[i][1]
-                results[i] = {k: v[pos:pos + rows] for k, v in outputs.items()}
+                tag, rows = parts[i]
+                mine = {k: v[pos:pos + rows] for k, v in outputs.items()}
+                if isinstance(tag, FanOutTag):
+                    index = tag.index((member, signature))
+                    results[i].update({(index, k): v for k, v in mine.items()})
+                else:
+                    results[i].update(mine)
                 pos += rows
         for i, (tag, _) in enumerate(parts):
             if isinstance(tag, FeaturesTag):
                 results[i][TRUNK_FEATURES] = features[starts[i]:starts[i + 1]]
         return results
 
-    def fan_out(self, runs: Sequence[tuple[SharedServable, str]], inputs: Mapping[str, np.ndarray]
-                ) -> list[dict[str, np.ndarray]]:
+    def fan_out(self, runs: Sequence[tuple[SharedServable, str]], inputs: Mapping[str, np.ndarray],
+                deadline: float | None = None, timing: Any = None) -> list[dict[str, np.ndarray]]:
         """One trunk pass over ``inputs``, then each (member, version signature)'s head on all of it.
 
-        Every signature must take its features from the same trunk signature
-        (InvalidArgument otherwise: float images, image bytes and examples differ).
+        With batching on, the pass goes through the group's batcher like any member's
+        request (``deadline`` and ``timing`` as ``Batcher.submit``'s), so concurrent
+        fan-outs and single-model requests share trunk runs. Every signature must take
+        its features from the same trunk signature (InvalidArgument otherwise: float
+        images, image bytes and examples differ).
         """
         trunk_signatures = {contract.SHARED_SIGNATURES.get(signature) for _, signature in runs}
         if len(trunk_signatures) != 1 or None in trunk_signatures:
             raise InvalidArgument(f"a fan-out's signatures must all read the same input through the trunk; "
                                   f"got {sorted(signature for _, signature in runs)}")
-        features = self.run_trunk(trunk_signatures.pop(), inputs, models=len({id(m) for m, _ in runs}))
+        trunk_signature = trunk_signatures.pop()
+        batcher = self.batcher(trunk_signature)
+        if batcher is not None:
+            merged = batcher.submit(inputs, deadline, timing, tag=FanOutTag(runs))
+            answers: list[dict[str, np.ndarray]] = [{} for _ in runs]
+            for (index, name), value in merged.items():
+                answers[index][name] = value
+            return answers
+        features = self.run_trunk(trunk_signature, inputs, models=len({id(m) for m, _ in runs}))
         return [member.run_head(signature, features) for member, signature in runs]
 
     def queued_rows(self) -> int:
@@ -217,14 +252,49 @@ class SharedServable(Servable):
         self.executions = None
         self._metrics = metrics
         self._release = release
+        # Trunk-then-head calls traced as one, per signature, built the first time the
+        # version runs as its group's only member (None: they do not compose).
+        self._composed: dict[str, Any] = {}
+        self._compose_lock = threading.Lock()
 
     def run(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one signature: the group's trunk, then this version's head (errors as ``Servable.run``)."""
         group = self.group
         if group is None or signature_name not in self.signatures:
             raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
+        outputs = self.run_alone(signature_name, inputs)
+        if outputs is not None:
+            return outputs
         features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs)
         return self.run_head(signature_name, features)
+
+    def run_alone(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """While this version is its group's only member: trunk and head as one composed call
+        (``Servable.then``), timed as a whole run (part "model") under the trunk's label. None
+        when the group has other members or the two cannot be composed: run them in turn."""
+        group = self.group
+        if group is None or group.size != 1:
+            return None
+        composed = self._composed_call(group, signature_name)
+        if composed is None:
+            return None
+        rows = len(next(iter(inputs.values()))) if inputs else 0
+        started = time.perf_counter()
+        try:
+            return composed(inputs)
+        finally:
+            seconds = time.perf_counter() - started
+            if self._metrics is not None:
+                self._metrics.observe_inference(self.name, self.version, signature_name, seconds,
+                                                part=PART_MODEL, trunk=group.short)
+                self._metrics.observe_trunk_batch(group.short, contract.SHARED_SIGNATURES[signature_name], rows, 1)
+
+    def _composed_call(self, group: TrunkGroup, signature_name: str):
+        with self._compose_lock:
+            if signature_name not in self._composed:
+                self._composed[signature_name] = group.trunk.then(
+                    contract.SHARED_SIGNATURES[signature_name], self.head, signature_name, contract.FEATURES_KEY)
+            return self._composed[signature_name]
 
     def run_with_features(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``run``, with the trunk features it computed under ``TRUNK_FEATURES`` beside the outputs."""
@@ -281,6 +351,8 @@ class SharedServable(Servable):
     def unload(self) -> None:
         """Drop the head and leave the group (its last member unloads the trunk)."""
         group, self.group = self.group, None
+        with self._compose_lock:
+            self._composed.clear()
         self.head.unload()
         if group is not None:
             self._release(group, self)
@@ -291,6 +363,15 @@ class SharedServable(Servable):
     # Members are set elements keyed by identity, as Servable is.
     __hash__ = object.__hash__
     __eq__ = object.__eq__
+
+
+def _split(outputs: Mapping[str, np.ndarray], sizes: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Outputs of a batch cut into its parts' rows, in order (padding rows after them dropped)."""
+    parts, pos = [], 0
+    for rows in sizes:
+        parts.append({k: v[pos:pos + rows] for k, v in outputs.items()})
+        pos += rows
+    return parts
 
 
 class MemberBatcher:

@@ -319,3 +319,66 @@ def test_each_member_counts_its_executions_in_its_statistics(shared):
     _grpc_predict(client, "b", _images(1, seed=28))
     assert executions("a") - before["a"] == 1
     assert executions("b") - before["b"] == 2
+
+
+def test_concurrent_fan_outs_and_single_model_requests_share_trunk_runs(shared, standalone):
+    server, client = shared
+    group = next(g for g in server.trunks.groups().values() if g.size == 2)
+    sig = {"trunk": group.short, "signature": "examples"}
+    images = {i: _images(1, seed=40 + i) for i in range(6)}
+    count = "graft_trunk_batch_models_count"
+    before = sum(s.value for s in _samples(_metrics(client), "graft_trunk_batch_models", count, **sig))
+    failures: list[BaseException] = []
+    fanned: dict[int, dict] = {}
+    alone: dict[int, np.ndarray] = {}
+    start = threading.Barrier(6)
+
+    def fan(index: int) -> None:
+        try:
+            start.wait(30)
+            response = _multi_inference(client, ["a", "b"], images[index])
+            fanned[index] = {r.model_spec.name: np.array([[c.score for c in row.classes]
+                                                          for row in r.classification_result.classifications])
+                             for r in response.results}
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    def single(index: int) -> None:
+        try:
+            start.wait(30)
+            alone[index] = _grpc_classify(client, "b", images[index])
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=fan, args=(i,)) for i in range(4)]
+    threads += [threading.Thread(target=single, args=(i,)) for i in (4, 5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures
+    for index, answers in fanned.items():
+        for model in ("a", "b"):
+            np.testing.assert_allclose(answers[model], _grpc_classify(standalone[1], model, images[index]), atol=TOL)
+    for index, scores in alone.items():
+        np.testing.assert_allclose(scores, _grpc_classify(standalone[1], "b", images[index]), atol=TOL)
+    runs = sum(s.value for s in _samples(_metrics(client), "graft_trunk_batch_models", count, **sig)) - before
+    # Six requests arrived together within one batch timeout. Fan-outs that ran the trunk
+    # alone would make at least five runs (four fan-outs, the two single requests together).
+    assert 1 <= runs <= 4, runs
+
+
+def test_a_group_of_one_runs_trunk_and_head_as_one_call(shared, standalone):
+    server, client = shared
+    group = next(g for g in server.trunks.groups().values() if g.members() == [("c", 1)])
+    labels = {"model": "c", "part": "model", "trunk": group.short, "signature": "serving_default"}
+    sample = "graft_inference_seconds_count"
+    before = _metrics(client)
+    composed = sum(s.value for s in _samples(before, "graft_inference_seconds", sample, **labels))
+    split = sum(s.value for s in _samples(before, "graft_inference_seconds", sample, part="head", model="c"))
+    images = _images(3, seed=50)
+    np.testing.assert_allclose(_grpc_predict(client, "c", images), _grpc_predict(standalone[1], "c", images),
+                               atol=TOL)
+    after = _metrics(client)
+    assert sum(s.value for s in _samples(after, "graft_inference_seconds", sample, **labels)) - composed == 1
+    assert sum(s.value for s in _samples(after, "graft_inference_seconds", sample, part="head", model="c")) == split
