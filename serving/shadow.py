@@ -70,11 +70,13 @@ LATENCY_SAMPLES = 4096
 TRUNK_FEATURES = "graft:trunk_features"
 # A worker runs an item only once the primary traffic has left room (``busy`` false) for
 # QUIET_SPAN_S on end: at capacity the batch queue empties only for instants between batches,
-# which must not count. It waits up to QUIET_PATIENCE_S, looking every QUIET_POLL_S, and drops
-# the item otherwise.
+# which must not count. It waits up to QUIET_PATIENCE_S and drops the item otherwise. It looks
+# every QUIET_POLL_S while the traffic is quiet, and backs off to QUIET_POLL_MAX_S while it is
+# busy: at capacity every look is a wake-up that takes the GIL from the primary's threads.
 QUIET_PATIENCE_S = 0.1
 QUIET_SPAN_S = 0.006
 QUIET_POLL_S = 0.002
+QUIET_POLL_MAX_S = 0.016
 
 Outputs = Mapping[str, np.ndarray]
 # (canary servable, signature name, inputs, stable's trunk features or None) -> (canary's outputs,
@@ -361,17 +363,20 @@ class ShadowMirror:
         if self._busy is None:
             return True
         now = time.monotonic()
-        end, quiet_since = now + QUIET_PATIENCE_S, None
+        end, quiet_since, pause = now + QUIET_PATIENCE_S, None, QUIET_POLL_S
         while True:
             if self._busy():
                 quiet_since = None
-            elif quiet_since is None:
-                quiet_since = now
-            elif now - quiet_since >= QUIET_SPAN_S:
-                return True
+                pause = min(pause * 2, QUIET_POLL_MAX_S)
+            else:
+                pause = QUIET_POLL_S
+                if quiet_since is None:
+                    quiet_since = now
+                elif now - quiet_since >= QUIET_SPAN_S:
+                    return True
             if now >= end:
                 return False
-            time.sleep(QUIET_POLL_S)
+            time.sleep(min(pause, max(end - now, 0.0) + 1e-4))
             now = time.monotonic()
 
     def _run(self, item: _Item) -> None:
