@@ -21,8 +21,9 @@ One run:
 2. starts one graft-serve per shadow fraction (0, 0.1 and 1.0) with the bench pair,
    on 127.0.0.1, all with bench/serve.py's CPU batching parameters and threads;
 3. drives each of them with gRPC Predict to ``/labels/stable``, one image per
-   request, at each ``--concurrency`` (default 32) for ``--duration`` seconds (the
-   servers alternate, so all see the same machine load), and reads the shadow
+   request, at each ``--concurrency`` (default 32) for ``--duration`` seconds,
+   ``--rounds`` times (default 3; the servers alternate, so all see the same
+   machine load, and the tables give each server's medians), and reads the shadow
    route before and after each run for the requests mirrored, compared and
    dropped in it;
 4. the shared-trunk case: three servers with the digits pair: fraction 0, fraction
@@ -87,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=96, help="image size of the exported models (default 96)")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per measured load (default 8)")
     p.add_argument("--warmup", type=float, default=1.5, help="seconds of unrecorded load per server")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measured runs per server, alternating; the tables give their medians (default 3)")
     p.add_argument("--concurrency", default="32", help="comma-separated gRPC client concurrencies (default 32)")
     p.add_argument("--agreement-images", type=int, default=64,
                    help="distinct digits images of the agreement check (default 64)")
@@ -209,24 +212,33 @@ def agreement_check(server: common.ServerProcess, model: str, input_name: str, i
 
 
 def drive(servers: dict, model: str, bodies: dict, concurrencies: list[int], args, tools, work: Path) -> dict:
-    """Each server at each concurrency (servers alternating): primary figures and the mirrored work's fate."""
+    """Each server at each concurrency, ``--rounds`` times with the servers alternating: the medians of
+    the primary figures over the rounds (noise on a shared machine moves one run by several
+    per cent) and the mirrored work's fate, summed."""
     runs = {}
     for c in concurrencies:
         for server in servers.values():
             serve.run_load(server, "grpc", c, args.warmup, bodies, tools, work)
-        for key, server in servers.items():
-            before = wait_for(server, settled, "mirrored work before the run", model)
-            r = serve.run_load(server, "grpc", c, args.duration, bodies, tools, work)
-            after = wait_for(server, settled, "mirrored work after the run", model)
+        rounds: dict = {key: [] for key in servers}
+        for index in range(args.rounds):
+            for key, server in servers.items():
+                before = wait_for(server, settled, "mirrored work before the run", model)
+                r = serve.run_load(server, "grpc", c, args.duration, bodies, tools, work)
+                after = wait_for(server, settled, "mirrored work after the run", model)
+                run = {"images_per_s": r.images_per_s, "p50_ms": r.latency_ms(50), "p99_ms": r.latency_ms(99),
+                       "errors": r.errors, "tool": r.tool,
+                       **{k: after[k] - before[k] for k in ("mirrored", "compared", "dropped", "canary_head_only")}}
+                rounds[key].append(run)
+                print(f"{model} C={c:<3d} {key!s:<22} round {index + 1}: {r.images_per_s:8.0f} img/s  "
+                      f"p50 {r.latency_ms(50):7.2f} ms  p99 {r.latency_ms(99):7.2f} ms  errors {r.errors}  "
+                      f"mirrored {run['mirrored']} compared {run['compared']} (head only {run['canary_head_only']}) "
+                      f"dropped {run['dropped']}  [{r.tool}]", flush=True)
+        for key, done in rounds.items():
             runs[(c, key)] = {
-                "images_per_s": r.images_per_s, "p50_ms": r.latency_ms(50), "p99_ms": r.latency_ms(99),
-                "errors": r.errors, "tool": r.tool,
-                **{k: after[k] - before[k] for k in ("mirrored", "compared", "dropped", "canary_head_only")}}
-            run = runs[(c, key)]
-            print(f"{model} C={c:<3d} {key!s:<22} {r.images_per_s:8.0f} img/s  p50 {r.latency_ms(50):7.2f} ms  "
-                  f"p99 {r.latency_ms(99):7.2f} ms  errors {r.errors}  mirrored {run['mirrored']} compared "
-                  f"{run['compared']} (head only {run['canary_head_only']}) dropped {run['dropped']}  [{r.tool}]",
-                  flush=True)
+                **{k: float(np.median([run[k] for run in done])) for k in ("images_per_s", "p50_ms", "p99_ms")},
+                **{k: sum(run[k] for run in done)
+                   for k in ("errors", "mirrored", "compared", "dropped", "canary_head_only")},
+                "tool": done[0]["tool"], "rounds": [run["images_per_s"] for run in done]}
     return runs
 
 
@@ -288,18 +300,21 @@ def report_text(args, device: str, runs: dict, checks: dict, tool: str, loads: t
                 shared: dict | None = None) -> str:
     """The markdown section."""
     lines = [(f"Run {time.strftime('%Y-%m-%d %H:%M')} on {device}: `bench/shadow.py --duration {args.duration:g} "
-             f"--concurrency {args.concurrency}{' --quick' if args.quick else ''}`; the bench pair, {args.base} "
+             f"--rounds {args.rounds} --concurrency {args.concurrency}{' --quick' if args.quick else ''}`; "
+             f"img/s, p50 and p99 are each server's medians over the {args.rounds} alternating rounds, the mirrored "
+             f"work's counts their sums; the bench pair, {args.base} "
              f"{args.size}x{args.size} (random weights), as stable and canary, CPU batching of bench/serve.py, one image per gRPC "
              f"Predict to /labels/stable, load generator {tool} on the same machine; 1-min load average "
              f"{loads[0]:.1f} before, {loads[1]:.1f} after."), "",
-             "| C | --shadow_fraction | img/s | x off | p50 ms | p99 ms | p99 x off | mirrored | compared | dropped |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| C | --shadow_fraction | img/s | x off | p50 ms | p99 ms | p99 x off | mirrored | compared | dropped "
+             "| img/s per round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (c, fraction), run in sorted(runs.items()):
         off = runs[(c, 0.0)]
         lines.append(f"| {c} | {fraction:g} | {run['images_per_s']:.0f} | "
                      f"{run['images_per_s'] / off['images_per_s']:.2f} | {run['p50_ms']:.2f} | {run['p99_ms']:.2f} | "
                      f"{run['p99_ms'] / off['p99_ms']:.2f} | {run['mirrored']} | {run['compared']} | "
-                     f"{run['dropped']} |")
+                     f"{run['dropped']} | {', '.join(f'{x:.0f}' for x in run.get('rounds', []))} |")
     lines += agreement_text(args, checks)
     exact = all(c["exact"] for c in checks.values())
     top = max(int(c) for c in args.concurrency.split(","))
@@ -364,6 +379,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.quick:
         args.size, args.duration, args.warmup, args.agreement_images, args.out = 32, 2.0, 0.5, 8, ""
+        args.rounds = 1
         args.shared_size = 32
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, str(ROOT))

@@ -13,7 +13,10 @@ children, ``--shared_trunks=true`` and ``=false``, each with batching on, take:
 - fan-out (at the largest N): MultiInference with N classify tasks over one image
   (sharing on) against N separate Classify calls per image (sharing off): answers/s;
 - memory: the server's RSS with the models loaded and warm;
-- one model alone (N = 1): C=1 and C=32, images/s and p50 / p99.
+- one model alone (N = 1): C=1 and C=32, images/s and p50 / p99;
+- the ceiling (at the largest N, in the bench's own process, no server): N whole
+  models each on C/N rows in turn against one trunk run over C rows and N heads,
+  images/s: what merging streams can give on this machine, whatever the server does.
 
 Every figure and the issue's targets (each with its measurement) are printed and,
 with ``--out``, written to docs/benchmarks.md under "Shared trunks". ``--quick``
@@ -296,6 +299,52 @@ def measure(base: str, repo: Path, names: list[str], args, work: Path) -> dict:
     return results
 
 
+def ceiling(repo: Path, names: list[str], args) -> dict:
+    """In this process, no server: what merging thin streams into one trunk batch can give here.
+
+    Off: each of the models runs its whole graph on its share of the clients' rows
+    (C / N), in turn. On: one trunk run over all C rows, then each head on its own.
+    Both loop on one thread for ``--duration`` seconds each, twice, alternating; the
+    best of each is kept.
+    """
+    # Heavy: TensorFlow and the serving modules, parent process only.
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT))
+    from serving.servable import Servable
+    from serving.trunks import TrunkRegistry
+
+    size = int(repo.name.rsplit("-", 1)[1])
+    share = max(1, args.concurrency // len(names))
+    rng = np.random.default_rng(0)
+    whole = [Servable.load(name, 1, repo / name / "1") for name in names]
+    registry = TrunkRegistry()
+    members = [registry.load(name, 1, repo / name / "1") for name in names]
+    group = members[0].shared_trunk()
+    rows = rng.integers(0, 256, (share * len(names), size, size, 3)).astype(np.float32)
+    parts = [((member, "serving_default"), share) for member in members]
+
+    def off() -> None:
+        for i, model in enumerate(whole):
+            model.run("serving_default", {"images": rows[i * share:(i + 1) * share]})
+
+    def on() -> None:
+        group._run_parts("images", {"images": rows}, parts)
+
+    best = {"off": 0.0, "on": 0.0}
+    for _ in range(2):
+        for key, step in (("off", off), ("on", on)):
+            step()
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.duration / 2:
+                step()
+                done += len(rows)
+            best[key] = max(best[key], done / (time.perf_counter() - start))
+    for model in (*whole, *members):
+        model.unload()
+    return {"share": share, **best}
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -319,6 +368,12 @@ def report(by_base: dict, args, command: str) -> tuple[str, str]:
         fan_on, fan_off = results[("fanout", top, "on")], results[("fanout", top, "off")]
         rows.append((f"{base} {top} heads per image: MultiInference fan-out (on) / {top} Classify calls (off)",
                      f"{fan_on['answers_s']:.1f} / {fan_off['answers_s']:.1f} answers/s"))
+        limit = results.get(("ceiling", top, ""))
+        if limit is not None:
+            rows.append((f"{base} in-process, no server: {top} whole models at {limit['share']} rows each in turn / "
+                         f"one trunk run of {limit['share'] * top} rows and {top} heads",
+                         f"{limit['off']:.1f} / {limit['on']:.1f} images/s ({limit['on'] / max(limit['off'], 1e-9):.2f}x: "
+                         "the most merging can give on this machine)"))
         on, off = results[("mixed", top, "on")], results[("mixed", top, "off")]
         speedup, p99 = on["per_s"] / max(off["per_s"], 1e-9), on["p99_ms"] / max(off["p99_ms"], 1e-9)
         targets.append((f"{base} mixed at {top} models: images/s on/off >= 2x, p99 on/off <= 0.6x",
@@ -361,6 +416,7 @@ def main(argv=None) -> int:
             repo, fingerprint = train_models(base, int(size), weights, top, args, work)
             print(f"{base} at {size} px: {top} models on trunk {fingerprint[:12]}", flush=True)
             by_base[f"{base} {size} px"] = measure(base, repo, [f"m{i}" for i in range(top)], args, work)
+            by_base[f"{base} {size} px"][("ceiling", top, "")] = ceiling(repo, [f"m{i}" for i in range(top)], args)
         text, markdown = report(by_base, args, command)
     print(text)
     if args.out:
