@@ -7,7 +7,7 @@ UV := $(VENV)/bin/uv
 # The uv that bootstraps the install; the lock then pins the one the venv keeps.
 UV_VERSION := 0.13.9
 STAMP := $(VENV)/.graft-installed
-EXTRAS := --extra dev --extra demo
+EXTRAS := --extra dev --extra demo --extra bench
 
 # uv works on this venv (not one of its own choosing) and never fetches a Python.
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
