@@ -73,11 +73,17 @@ def make_app(trained: dict, repo: Path | None = None, *, actions: bool = True, s
 @contextlib.contextmanager
 def console_server(app) -> Iterator[str]:
     """Serve ``app`` with waitress (what graft-console runs) on 127.0.0.1; yields its base URL."""
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=4)
+    sockets: dict = {}
+    server = waitress.create_server(app, map=sockets, host="127.0.0.1", port=0, threads=4)
     thread = threading.Thread(target=server.run, name="graft-console-test", daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
         server.close()
+        # The serving loop runs while any socket is in its map, and a browser keeps its
+        # connections alive: close them too, or the join waits out its timeout.
+        for channel in list(sockets.values()):
+            channel.close()
         thread.join(timeout=10)
+        assert not thread.is_alive(), "the console's serving loop did not stop"
