@@ -310,7 +310,6 @@ def ceiling(repo: Path, names: list[str], args) -> dict:
     # Heavy: TensorFlow and the serving modules, parent process only.
     import numpy as np
 
-    sys.path.insert(0, str(ROOT))
     from serving.servable import Servable
     from serving.trunks import TrunkRegistry
 
