@@ -15,6 +15,7 @@ Layout (TF Serving's, plus Graft's own files)::
         assets.extra/tf_serving_warmup_requests
         assets.extra/graft-trunk/          a frozen-trunk version's trunk alone (a SavedModel)
         assets.extra/graft-head/           and its head alone, on the trunk's features
+        assets.extra/graft-segments/<i>/   and its trunk cut at each block end, segment i (i = 0, 1, ...)
         assets.extra/graft-report/         the training run's report: curves and confusion PNGs, JSON
       labels.json                          {"stable": 3, "canary": 4}
       labels.history.jsonl                 one JSON line per label move
@@ -45,6 +46,7 @@ LINEAGE_FILE = "graft.json"              # in ASSETS_EXTRA_DIR
 WARMUP_FILE = "tf_serving_warmup_requests"  # in ASSETS_EXTRA_DIR (TF Serving's name)
 TRUNK_MODEL_DIR = "graft-trunk"          # in ASSETS_EXTRA_DIR
 HEAD_MODEL_DIR = "graft-head"            # in ASSETS_EXTRA_DIR
+SEGMENTS_DIR = "graft-segments"          # in ASSETS_EXTRA_DIR
 REPORT_DIR = "graft-report"              # in ASSETS_EXTRA_DIR
 LABELS_FILE = "labels.json"              # in the model's base path
 HISTORY_FILE = "labels.history.jsonl"    # in the model's base path
@@ -92,6 +94,11 @@ def trunk_model_path(version_dir: str | os.PathLike) -> Path:
 def head_model_path(version_dir: str | os.PathLike) -> Path:
     """``<version>/assets.extra/graft-head``: the version's head as a SavedModel, on ``FEATURES_KEY``."""
     return Path(version_dir) / ASSETS_EXTRA_DIR / HEAD_MODEL_DIR
+
+
+def segment_model_path(version_dir: str | os.PathLike, index: int) -> Path:
+    """``<version>/assets.extra/graft-segments/<index>``: segment ``index`` of the version's trunk (see SEGMENT_SIGNATURE)."""
+    return Path(version_dir) / ASSETS_EXTRA_DIR / SEGMENTS_DIR / str(index)
 
 
 def report_path(version_dir: str | os.PathLike) -> Path:
@@ -166,6 +173,10 @@ LINEAGE_SCHEMA_VERSION = 1
 # A version whose exported model keeps its whole trunk frozen declares that trunk:
 # versions with equal fingerprints run the same trunk on the same input.
 TRUNK_KEYS = ("fingerprint", "base", "cut_layer", "input_shape")
+# A declaration may also list the trunk's segments: [{"cut_layer", "fingerprint"}, ...],
+# shallowest first, segment i ending at its cut_layer and fingerprinted as the trunk
+# cut there would be. The last is the trunk itself (its fingerprint, its cut_layer).
+SEGMENT_KEYS = ("cut_layer", "fingerprint")
 # The key under which graft-serve's metadata and status answers carry a version's lineage
 # (REST metadata, gRPC GetModelMetadata's metadata map, V2 model parameters).
 LINEAGE_METADATA_KEY = "graft"
@@ -188,12 +199,25 @@ def _is_object(value: Any) -> bool:
     return isinstance(value, dict)
 
 
+def _is_fingerprint(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _is_segments(value: Any, fingerprint: Any, cut_layer: Any) -> bool:
+    return (isinstance(value, list) and len(value) > 0
+            and all(isinstance(s, dict) and set(s) == set(SEGMENT_KEYS) and _is_fingerprint(s["fingerprint"])
+                    and (s["cut_layer"] is None or isinstance(s["cut_layer"], str)) for s in value)
+            and len({s["fingerprint"] for s in value}) == len(value)
+            and value[-1]["fingerprint"] == fingerprint and value[-1]["cut_layer"] == cut_layer)
+
+
 def _is_trunk(value: Any) -> bool:
-    if not isinstance(value, dict) or set(value) != set(TRUNK_KEYS):
+    if not isinstance(value, dict) or not set(TRUNK_KEYS) <= set(value) <= {*TRUNK_KEYS, "segments"}:
+        return False
+    if "segments" in value and not _is_segments(value["segments"], value["fingerprint"], value["cut_layer"]):
         return False
     shape = value["input_shape"]
-    return (isinstance(value["fingerprint"], str) and len(value["fingerprint"]) == 64
-            and all(c in "0123456789abcdef" for c in value["fingerprint"])
+    return (_is_fingerprint(value["fingerprint"])
             and isinstance(value["base"], str) and value["base"] != ""
             and (value["cut_layer"] is None or isinstance(value["cut_layer"], str))
             and isinstance(shape, list) and len(shape) == 3
@@ -228,7 +252,8 @@ LINEAGE_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": (_is_object, "an object"),
     "signatures": (_is_object, "an object of signature name -> method name"),
     "package_versions": (_is_object, "an object"),
-    "trunk": (lambda v: _is_trunk(v), "a trunk declaration {fingerprint, base, cut_layer, input_shape}"),
+    "trunk": (lambda v: _is_trunk(v), "a trunk declaration {fingerprint, base, cut_layer, input_shape[, segments]}: segments "
+              "[{cut_layer, fingerprint}, ...] of distinct fingerprints, the last one the trunk's own"),
 }
 # Exports from before the schema was versioned carry no schema_version; they are read as 0.
 LEGACY_SCHEMA_VERSION = 0
@@ -318,6 +343,26 @@ def trunk_of(lineage: Mapping[str, Any] | None) -> dict | None:
 FEATURES_KEY = "features"
 # Version signature -> the trunk signature that computes its features.
 SHARED_SIGNATURES = {"serving_default": "images", "predict_images": "image_bytes", "classify": "examples"}
+
+
+# A declaration with segments also carries the trunk cut into them (SEGMENTS_DIR):
+# segment 0 has the trunk SavedModel's signatures (SHARED_SIGNATURES' values); every
+# later one has the one signature SEGMENT_SIGNATURE, FEATURES_KEY in (the segment
+# before's features) and FEATURES_KEY out. So trunk[T](x) == segment_k[SEGMENT_SIGNATURE](
+# ... segment_1[SEGMENT_SIGNATURE](segment_0[T](x))). Two versions whose segment i has
+# the same fingerprint compute the same features up to there (the fingerprint covers
+# every layer before it), whatever their cuts: a server may run that prefix once for both.
+SEGMENT_SIGNATURE = "features"
+
+
+def trunk_segments(version_dir: str | os.PathLike, lineage: Mapping[str, Any] | None) -> list[tuple[str, Path]]:
+    """(fingerprint, SavedModel directory) of each segment a version declares and carries, shallowest first;
+    empty when it declares none or lacks any of their SavedModels."""
+    declared = (trunk_of(lineage) or {}).get("segments") or []
+    paths = [segment_model_path(version_dir, index) for index in range(len(declared))]
+    if not declared or not all((path / SAVED_MODEL_FILE).is_file() for path in paths):
+        return []
+    return [(segment["fingerprint"], path) for segment, path in zip(declared, paths)]
 
 
 def shared_parts(version_dir: str | os.PathLike) -> tuple[Path, Path] | None:

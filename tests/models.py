@@ -238,7 +238,8 @@ def write_model_config(path: Path, models: dict[str, Path], extra: dict[str, str
 
 
 def export_shared_trunk_version(repo: str | os.PathLike, model_name: str, *, trunk_seed: int, head_seed: int,
-                                size: int = 32, num_classes: int = 3) -> str:
+                                size: int = 32, num_classes: int = 3, cut_layer: str | None = None,
+                                segments: bool = True) -> str:
     """Export the next version of ``<repo>/<model_name>``: a tiny frozen trunk and a head, split for sharing.
 
     Goes through training.export with the trunk declaration training.trunk
@@ -249,12 +250,16 @@ def export_shared_trunk_version(repo: str | os.PathLike, model_name: str, *, tru
     another trunk. Inputs are raw 0..255 RGB [N, size, size, 3]; classes are
     ``c0``..``c<num_classes - 1>``; scores vary with the input. Returns the
     version's path.
+
+    The trunk is conv, ``tiny_pool`` (its one block end), conv; ``cut_layer="tiny_pool"``
+    cuts it there, so that its one segment is the first of the whole trunk's two.
+    ``segments=False`` exports as Graft did before trunks were cut into segments.
     """
     # Late imports: Keras and training's exporter are heavy, and most serving tests need neither.
     import keras
 
     from training import export, scenarios, trunk
-    from training.bases import Backbone, preprocess_layer
+    from training.bases import Backbone, preprocess_layer, truncate
     from training.catalog import BaseSpec
     from training.weights import WeightsReport
 
@@ -267,6 +272,8 @@ def export_shared_trunk_version(repo: str | os.PathLike, model_name: str, *, tru
     x = keras.layers.MaxPooling2D(name="tiny_pool")(x)
     x = keras.layers.Conv2D(8, 3, activation="relu", kernel_initializer=init[1], bias_initializer=bias[1])(x)
     trunk_model = keras.Model(trunk_inputs, x, name="tiny_trunk")
+    if cut_layer is not None:
+        trunk_model = truncate(trunk_model, cut_layer)
     images = keras.Input((size, size, 3), name="images")
     backbone = Backbone(keras.Model(images, trunk_model(preprocess_layer(spec)(images)), name="tiny_backbone"),
                         trunk_model, spec, WeightsReport())
@@ -285,5 +292,8 @@ def export_shared_trunk_version(repo: str | os.PathLike, model_name: str, *, tru
                "weights": {"kind": "none", "path": None, "sha256": None},
                "scenario": plan.describe(), "decision": scenarios.decision_record(plan),
                "trunk": trunk.declaration(backbone, plan, (size, size, 3))}
+    if not segments:
+        del lineage["trunk"]["segments"]
+    parts = (backbone.model, head, trunk.segments(backbone)) if segments else (backbone.model, head)
     return export.export_version(model, [f"c{i}" for i in range(num_classes)], repo, model_name,
-                                 image_size=size, lineage=lineage, shared=(backbone.model, head))
+                                 image_size=size, lineage=lineage, shared=parts)

@@ -160,22 +160,49 @@ class _Signatures:
 
         return {"serving_default": serving_default, "predict_images": predict_images, "classify": classify}
 
+    def segment_functions(self, feature_shape: Sequence[int]) -> dict[str, tf.types.experimental.GenericFunction]:
+        """A later trunk segment's one endpoint (``contract.SEGMENT_SIGNATURE``): the features before it -> its own.
+
+        ``self.model`` is the segment here; ``feature_shape`` is its input without the batch axis.
+        """
+        @tf.function(input_signature=[tf.TensorSpec([None, *feature_shape], tf.float32,
+                                                     name=contract.FEATURES_KEY)])
+        def segment(features):
+            return {contract.FEATURES_KEY: self._scores(features)}
+
+        return {contract.SEGMENT_SIGNATURE: segment}
+
+
+def _output_shape(model: keras.Model, inputs: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(v) for v in model(inputs, training=False).shape[1:])
+
 
 def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head: keras.Model,
-                       class_names: Sequence[str], height: int, width: int) -> tuple[Path, Path]:
+                       class_names: Sequence[str], height: int, width: int,
+                       segments: Sequence[keras.Model] = ()) -> tuple[Path, Path]:
     """Write a frozen-trunk version's trunk and head as the two SavedModels graft.contract names; their paths.
 
     ``trunk`` maps raw 0..255 RGB float32 [N,H,W,3] to features and ``head``
     features to class probabilities, so that the version's model is
     ``head(trunk(x))``. A server may load the trunk once for every version with
-    the same fingerprint and each version's head alone.
+    the same fingerprint and each version's head alone. ``segments`` (from
+    ``training.trunk.segments``) chain to ``trunk``; each is written as
+    graft.contract's segment of its index.
     """
-    feature_shape = tuple(int(v) for v in trunk(np.zeros((1, height, width, 3), np.float32),
-                                                training=False).shape[1:])
+    images = np.zeros((1, height, width, 3), np.float32)
+    feature_shape = _output_shape(trunk, images)
     paths = (contract.trunk_model_path(version_dir), contract.head_model_path(version_dir))
-    parts = ((trunk, _Signatures(trunk, class_names, height, width).trunk_functions()),
-             (head, _Signatures(head, class_names, height, width).head_functions(feature_shape)))
-    for path, (model, functions) in zip(paths, parts):
+    parts = [(paths[0], trunk, _Signatures(trunk, class_names, height, width).trunk_functions()),
+             (paths[1], head, _Signatures(head, class_names, height, width).head_functions(feature_shape))]
+    features = images
+    for index, segment in enumerate(segments):
+        signatures = _Signatures(segment, class_names, height, width)
+        parts.append((contract.segment_model_path(version_dir, index), segment,
+                      signatures.trunk_functions() if index == 0 else signatures.segment_functions(features.shape[1:])))
+        features = np.asarray(segment(features, training=False), np.float32)
+    if segments and features.shape[1:] != feature_shape:
+        raise ValueError(f"the segments end in features {features.shape[1:]}, the trunk in {feature_shape}")
+    for path, model, functions in parts:
         archive = keras.export.ExportArchive()
         archive.track(model)
         for name, fn in functions.items():
@@ -183,6 +210,8 @@ def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head:
         path.parent.mkdir(parents=True, exist_ok=True)
         archive.write_out(str(path), verbose=False)
     _drop_default_alias(paths[0])
+    for index in range(len(segments)):
+        _drop_default_alias(contract.segment_model_path(version_dir, index))
     contract.set_method_names(paths[1], {name: method for name, method in SIGNATURE_METHODS.items()
                                          if method != contract.PREDICT_METHOD})
     return paths
@@ -250,7 +279,7 @@ def export_version(
     image_size: int | Sequence[int],
     lineage: Mapping,
     warmup_images: np.ndarray | None = None,
-    shared: tuple[keras.Model, keras.Model] | None = None,
+    shared: tuple[keras.Model, ...] | None = None,
     before_publish: Callable[[Path], None] | None = None,
 ) -> str:
     """Write ``model`` as the next version of ``<repo>/<model_name>`` and return its path.
@@ -265,7 +294,8 @@ def export_version(
     the staging directory once the version is complete and still hidden (the
     pipeline writes the run's report into ``contract.report_path`` there), so
     what it adds appears with the version, in the same rename.
-    ``shared`` is ``(trunk, head)`` with ``model(x) == head(trunk(x))``: given
+    ``shared`` is ``(trunk, head)`` or ``(trunk, head, segments)`` with
+    ``model(x) == head(trunk(x))``, ``segments`` as many as the declaration lists: given
     exactly when ``lineage`` declares a trunk, it is also written as the two
     SavedModels of graft.contract's shared trunks (:func:`write_shared_parts`),
     inside the same staging directory.
@@ -276,6 +306,10 @@ def export_version(
     if (shared is None) != (contract.trunk_of(lineage) is None):
         # graft.contract: a version declares its trunk exactly when it carries the split.
         raise ValueError("a lineage that declares a trunk needs shared=(trunk, head), and only such a lineage")
+    declared_segments = len((contract.trunk_of(lineage) or {}).get("segments") or [])
+    if shared is not None and len(shared[2] if len(shared) > 2 else ()) != declared_segments:
+        raise ValueError(f"the lineage declares {declared_segments} trunk segment(s); shared=(trunk, head, "
+                         f"segments) must carry as many models")
     target_dir = model_repo.model_dir(repo, model_name)
 
     archive = keras.export.ExportArchive()
@@ -313,7 +347,8 @@ def export_version(
         contract.lineage_path(tmp).write_text(
             json.dumps(record, indent=2, default=_json_default), encoding="utf-8")
         if shared is not None:
-            write_shared_parts(tmp, *shared, class_names, height, width)
+            write_shared_parts(tmp, shared[0], shared[1], class_names, height, width,
+                               segments=shared[2] if len(shared) > 2 else ())
         if before_publish is not None:
             before_publish(Path(tmp))
         _, path = model_repo.publish_dir(tmp, target_dir)

@@ -155,7 +155,7 @@ def run(config: FitConfig) -> str | None:
         evaluations.append(_version_report(config, staged, lineage, result, val_set, skipped))
 
     path = _export(config, result, train_set, val_set, image_size, lineage, report_into_version,
-                   shared=(backbone.model, result.head) if declared else None)
+                   shared=(backbone.model, result.head, trunk.segments(backbone)) if declared else None)
     if path is None:
         _say(f"not the chief: the chief exports, evaluates and reports "
              f"(weights digest {result.metrics['distribution']['weights_digest']})")

@@ -55,12 +55,34 @@ def _assert_composes(version_dir, seed: int = 0, size: int = SIZE) -> None:
         scores = whole["scores"].numpy()
         # Inputs that give one answer could hide a part that ignores them.
         assert np.ptp(scores, axis=0).max() > 1e-3, name
+        _assert_segments_chain(version_dir, inputs, contract.SHARED_SIGNATURES[name],
+                               features[contract.FEATURES_KEY].numpy())
+
+
+def _assert_segments_chain(version_dir, inputs, trunk_signature: str, features: np.ndarray) -> None:
+    """The version's declared segments, each run on the one before's features, end in the trunk's features."""
+    segments = contract.trunk_segments(version_dir, contract.read_lineage(version_dir))
+    assert segments, "a frozen-trunk export carries its segments"
+    value = None
+    for index, (_, path) in enumerate(segments):
+        loaded = tf.saved_model.load(str(path))
+        served = set(contract.read_signature_defs(path))
+        if index == 0:
+            assert served == set(contract.SHARED_SIGNATURES.values())
+            value = loaded.signatures[trunk_signature](**inputs)[contract.FEATURES_KEY]
+        else:
+            assert served == {contract.SEGMENT_SIGNATURE}
+            value = loaded.signatures[contract.SEGMENT_SIGNATURE](**{contract.FEATURES_KEY: value})[
+                contract.FEATURES_KEY]
+        assert value.dtype == tf.float32
+    np.testing.assert_allclose(value.numpy(), features, rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
 def shared_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared")
     paths = {"a": export_shared_trunk_version(root, "a", trunk_seed=1, head_seed=10),
+             "a4": export_shared_trunk_version(root, "a4", trunk_seed=1, head_seed=10, cut_layer="tiny_pool"),
              "b": export_shared_trunk_version(root, "b", trunk_seed=1, head_seed=20),
              "c": export_shared_trunk_version(root, "c", trunk_seed=2, head_seed=10)}
     return root, {name: Path(path) for name, path in paths.items()}
@@ -101,6 +123,7 @@ def test_every_signature_equals_its_head_on_its_trunk(shared_repo):
 
 def test_heads_on_one_trunk_share_its_fingerprint_and_its_features(shared_repo):
     _, paths = shared_repo
+    paths = {name: path for name, path in paths.items() if name in "abc"}
     declared = {name: contract.trunk_of(contract.read_lineage(path)) for name, path in paths.items()}
     assert declared["a"] == declared["b"] and declared["a"] != declared["c"]
     inputs = _inputs(5)["serving_default"]
@@ -111,6 +134,21 @@ def test_heads_on_one_trunk_share_its_fingerprint_and_its_features(shared_repo):
     scores = {name: tf.saved_model.load(str(path)).signatures["serving_default"](**inputs)["scores"].numpy()
               for name, path in paths.items() if name != "c"}
     assert not np.allclose(scores["a"], scores["b"])  # different heads on the one trunk
+
+
+def test_a_shallower_cut_shares_the_deeper_ones_first_segment(shared_repo):
+    _, paths = shared_repo
+    _assert_composes(paths["a4"], seed=6)
+    whole, cut = (contract.trunk_of(contract.read_lineage(paths[name])) for name in ("a", "a4"))
+    assert [s["cut_layer"] for s in whole["segments"]] == ["tiny_pool", None]
+    assert cut["segments"] == [{"cut_layer": "tiny_pool", "fingerprint": cut["fingerprint"]}]
+    assert whole["segments"][0] == cut["segments"][0]
+    other = contract.trunk_of(contract.read_lineage(paths["c"]))
+    assert other["segments"][0]["fingerprint"] != cut["fingerprint"]
+    inputs = _inputs(7)["serving_default"]
+    first = {name: tf.saved_model.load(str(contract.segment_model_path(paths[name], 0))).signatures["images"](
+        **inputs)[contract.FEATURES_KEY].numpy() for name in ("a", "a4")}
+    np.testing.assert_array_equal(first["a"], first["a4"])
 
 
 def test_the_version_still_loads_standalone(shared_repo):
