@@ -147,11 +147,23 @@ def test_unreadable_saved_models_are_named(tmp_path):
     {"input_shape": [64, 64, 0]},
     {"base": ""},
     {"extra": 1},
+    {"segments": []},
+    # The last segment must be the trunk itself.
+    {"segments": [{"cut_layer": "block3_pool", "fingerprint": "1" * 64}]},
+    {"segments": [{"cut_layer": "block3_pool", "fingerprint": "0123456789abcdef" * 4}]},
+    {"segments": [{"cut_layer": "block4_pool", "fingerprint": "0123456789abcdef" * 4, "extra": 1}]},
+    {"segments": [{"cut_layer": "block3_pool", "fingerprint": "0123456789abcdef" * 4},
+                  {"cut_layer": "block4_pool", "fingerprint": "0123456789abcdef" * 4}]},   # twice
+    {"segments": [{"cut_layer": "block3_pool", "fingerprint": "x" * 64},
+                  {"cut_layer": "block4_pool", "fingerprint": "0123456789abcdef" * 4}]},
 ])
 def test_a_bad_trunk_declaration_is_refused(change):
     good = {"fingerprint": "0123456789abcdef" * 4, "base": "vgg16", "cut_layer": "block4_pool",
             "input_shape": [64, 64, 3]}
     assert contract.trunk_of(contract.new_lineage(trunk=good)) == good
+    segmented = {**good, "segments": [{"cut_layer": "block3_pool", "fingerprint": "1" * 64},
+                                      {"cut_layer": "block4_pool", "fingerprint": good["fingerprint"]}]}
+    assert contract.trunk_of(contract.new_lineage(trunk=segmented)) == segmented
     with pytest.raises(ValueError, match="'trunk' must be a trunk declaration"):
         contract.new_lineage(trunk={**good, **change})
 
