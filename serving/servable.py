@@ -169,24 +169,38 @@ class Servable:
         ``run``'s errors; None when either side is placed on several devices, has no such
         signature, or the two cannot be traced together (logged).
         """
-        pool, head_pool = self._pool, head._pool
-        if pool is None or head_pool is None or len(pool.replicas) != 1 or len(head_pool.replicas) != 1:
+        return self.chain(signature_name, [(head, head_signature)], key)
+
+    def chain(self, signature_name: str, steps: Sequence[tuple["Servable", str]],
+              key: str) -> Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None:
+        """:meth:`then` over several steps: this version's ``signature_name``, then each
+        (servable, signature) of ``steps`` on the output ``key`` of the one before, traced as one."""
+        pools = [self._pool, *(servable._pool for servable, _ in steps)]
+        if any(pool is None or len(pool.replicas) != 1 for pool in pools):
             return None
-        replica, head_replica = pool.replicas[0], head_pool.replicas[0]
-        if signature_name not in replica.functions or head_signature not in head_replica.functions \
-                or replica.device != head_replica.device:
+        replicas = [pool.replicas[0] for pool in pools]
+        names = [signature_name, *(name for _, name in steps)]
+        if any(name not in replica.functions for replica, name in zip(replicas, names)) \
+                or len({replica.device for replica in replicas}) != 1:
             return None
-        first, second = replica.calls[signature_name], head_replica.calls[head_signature]
+        replica = replicas[0]
+        first, *rest = (r.calls[name] for r, name in zip(replicas, names))
+
+        def traced(**inputs):
+            outputs = first(**inputs)
+            for call in rest:
+                outputs = call(**{key: outputs[key]})
+            return outputs
         _, input_specs = replica.functions[signature_name].structured_input_signature
         try:
             with _placement(replica.device):
-                composed = tf.function(lambda **inputs: second(**{key: first(**inputs)[key]})
-                                       ).get_concrete_function(**input_specs)
+                composed = tf.function(traced).get_concrete_function(**input_specs)
         except Exception as exc:
-            log.warning("%s %s then %s %s run as two calls: tracing them as one failed: %s", self.name,
-                        signature_name, head.name, head_signature, tf_error_message(exc))
+            log.warning("%s %s then %s run as %d calls: tracing them as one failed: %s", self.name,
+                        signature_name, ", ".join(f"{s.name} {n}" for s, n in steps), len(names),
+                        tf_error_message(exc))
             return None
-        # Two frozen calls compose without captures; unfrozen ones capture their variables.
+        # Frozen calls compose without captures; unfrozen ones capture their variables.
         call = composed if composed.captured_inputs else _FlatCall(composed)
 
         def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -428,7 +428,7 @@ class InferenceService:
         features = outputs.pop(TRUNK_FEATURES, None)
         try:
             group = servable.shared_trunk()
-            kept = None if features is None or group is None else (group.fingerprint, features)
+            kept = None if features is None or group is None else (servable.trunk_info()["fingerprint"], features)
             self._shadow.submit(claim, signature, inputs, outputs, time.perf_counter() - record.start, kept)
         except Exception:  # the mirror must never fail a primary request
             log.exception("shadow mirroring failed for %s", servable.name)

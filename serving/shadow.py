@@ -91,7 +91,7 @@ def run_signature(canary: Servable, signature: str, inputs: Mapping[str, np.ndar
     shares that trunk (serving.trunks), else the canary's signature of the same name on the inputs."""
     if features is not None:
         group = canary.shared_trunk()
-        if group is not None and group.fingerprint == features[0]:
+        if group is not None and canary.trunk_info()["fingerprint"] == features[0]:
             return canary.run_head(signature, features[1]), True
     return canary.run(signature, dict(inputs)), False
 

@@ -60,20 +60,34 @@ class FanOutTag(tuple):
 
 
 class TrunkGroup:
-    """One loaded trunk and the loaded versions that share it (thread-safe)."""
+    """One loaded trunk and the loaded versions that share it (thread-safe).
 
-    def __init__(self, fingerprint: str, trunk: Servable, *, batching: BatchingConfig | None,
+    The trunk is a path of segments, each a loaded SavedModel under its fingerprint
+    (``contract.trunk_segments``; one segment, the whole trunk, for a version that
+    declares none). A member runs the path up to its own depth: versions cut at
+    different blocks of the same weights share the segments up to the shallower cut.
+    ``fingerprint`` is the first segment's: the group's name in metrics and logs.
+    """
+
+    def __init__(self, path: Sequence[tuple[str, Servable]], *, batching: BatchingConfig | None,
                  metrics: Any | None, edf_default_s: float) -> None:
-        self.fingerprint = fingerprint
-        self.short = contract.short_fingerprint(fingerprint)
-        self.trunk = trunk
+        self.fingerprint = path[0][0]
+        self.short = contract.short_fingerprint(self.fingerprint)
+        self._path: tuple[tuple[str, Servable], ...] = tuple(path)
         self._batching = batching
         self._metrics = metrics
         self._edf_default_s = edf_default_s
         self._lock = threading.Lock()
         self._members: set[SharedServable] = set()
         self._batchers: dict[str, Batcher] = {}
+        # Segment runs traced as one, by (signature, first, last), for the path they were built on.
+        self._calls: dict[tuple[str, int, int], Any] = {}
         self._closed = False
+
+    @property
+    def trunk(self) -> Servable:
+        """The first segment (the whole trunk when the path has one)."""
+        return self._path[0][1]
 
     @property
     def size(self) -> int:
@@ -86,22 +100,99 @@ class TrunkGroup:
         with self._lock:
             return sorted((m.name, m.version) for m in self._members)
 
-    def run_trunk(self, trunk_signature: str, inputs: Mapping[str, np.ndarray], models: int = 1) -> np.ndarray:
-        """The trunk's features for ``inputs`` (one trunk run, timed and counted)."""
-        started = time.perf_counter()
-        try:
-            outputs = self.trunk.run(trunk_signature, inputs)
-        finally:
-            seconds = time.perf_counter() - started
-        if self._metrics is not None:
-            rows = len(next(iter(inputs.values()))) if inputs else 0
-            self._metrics.observe_inference("", "", trunk_signature, seconds, part=PART_TRUNK, trunk=self.short)
-            self._metrics.observe_trunk_batch(self.short, trunk_signature, rows, models)
-        features = outputs.get(contract.FEATURES_KEY)
-        if features is None:
-            raise Internal(f"trunk {self.short} signature {trunk_signature!r} returned no "
-                           f"{contract.FEATURES_KEY!r}")
-        return features
+    def fingerprints(self) -> list[str]:
+        """The fingerprints of the loaded segments, first to last."""
+        return [fingerprint for fingerprint, _ in self._path]
+
+    def depth_of(self, fingerprint: str) -> int | None:
+        """The index of the segment with ``fingerprint`` on the path, if loaded."""
+        for depth, (loaded, _) in enumerate(self._path):
+            if loaded == fingerprint:
+                return depth
+        return None
+
+    def extend(self, segments: Sequence[tuple[str, Servable]]) -> None:
+        """Add segments after the last (a member deeper than every other joins)."""
+        with self._lock:
+            self._path = self._path + tuple(segments)
+            self._calls.clear()
+
+    def segments(self, depth: int) -> list[tuple[str, Servable]]:
+        """The path up to and including ``depth``."""
+        return list(self._path[:depth + 1])
+
+    def run_trunk(self, trunk_signature: str, inputs: Mapping[str, np.ndarray], models: int = 1,
+                  depth: int = 0) -> np.ndarray:
+        """The features at segment ``depth`` for ``inputs`` (one trunk run, timed and counted)."""
+        return self._features(trunk_signature, inputs, [(0, None, depth)], models)[(0, depth)]
+
+    def _call(self, trunk_signature: str, first: int, last: int):
+        """Segments ``first``..``last`` as one callable: features in (``inputs`` for the first segment) and out."""
+        key = (trunk_signature, first, last)
+        with self._lock:
+            call = self._calls.get(key)
+            path = self._path
+        if call is not None:
+            return call
+        signature = trunk_signature if first == 0 else contract.SEGMENT_SIGNATURE
+        head, rest = path[first][1], [(servable, contract.SEGMENT_SIGNATURE) for _, servable in path[first + 1:last + 1]]
+        composed = head.chain(signature, rest, contract.FEATURES_KEY) if rest else None
+        if composed is None:
+            def composed(inputs, head=head, rest=rest, signature=signature):
+                outputs = head.run(signature, inputs)
+                for servable, name in rest:
+                    outputs = servable.run(name, {contract.FEATURES_KEY: outputs[contract.FEATURES_KEY]})
+                return outputs
+        with self._lock:
+            if self._path is path:
+                self._calls[key] = composed
+        return composed
+
+    def _features(self, trunk_signature: str, inputs: Mapping[str, np.ndarray],
+                  needs: Sequence[tuple[int, int | None, int]], models: int) -> dict[tuple[int, int], np.ndarray]:
+        """Run the path once over ``inputs``, as deep as the deepest need; ``needs`` are (first row,
+        end row or None: to the end, depth). Rows go on to a deeper segment only when some need wants
+        them there. Returns each need's rows' features at its depth, keyed (first row, depth)."""
+        rows_in = len(next(iter(inputs.values()))) if inputs else 0
+        needs = [(start, rows_in if end is None else end, depth) for start, end, depth in needs]
+        stops = sorted({depth for _, _, depth in needs})
+        at: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}   # depth -> (rows or None for all, features)
+        previous = None
+        for depth in stops:
+            wanted = [(start, end) for start, end, need in needs if need >= depth]
+            if previous is None:
+                rows, run_inputs = None, inputs
+            else:
+                before_rows, before = at[previous]
+                rows = np.unique(np.concatenate([np.arange(start, end) for start, end in wanted]))
+                if before_rows is None and len(rows) == rows_in or before_rows is not None \
+                        and len(rows) == len(before_rows):
+                    rows, selected = before_rows, before
+                else:
+                    selected = before[rows if before_rows is None else np.searchsorted(before_rows, rows)]
+                run_inputs = {contract.FEATURES_KEY: selected}
+            first = 0 if previous is None else previous + 1
+            started = time.perf_counter()
+            try:
+                outputs = self._call(trunk_signature, first, depth)(run_inputs)
+            finally:
+                seconds = time.perf_counter() - started
+            if self._metrics is not None:
+                self._metrics.observe_inference("", "", trunk_signature, seconds, part=PART_TRUNK, trunk=self.short)
+                if previous is None:
+                    self._metrics.observe_trunk_batch(self.short, trunk_signature, rows_in, models)
+            features = outputs.get(contract.FEATURES_KEY)
+            if features is None:
+                raise Internal(f"trunk {self.short} signature {trunk_signature!r} returned no "
+                               f"{contract.FEATURES_KEY!r}")
+            at[depth] = (rows, features)
+            previous = depth
+        result = {}
+        for start, end, depth in needs:
+            rows, features = at[depth]
+            offset = start if rows is None else int(np.searchsorted(rows, start))
+            result[(start, depth)] = features[offset:offset + end - start]
+        return result
 
     def batcher(self, trunk_signature: str) -> Batcher | None:
         """The group's batcher of one trunk signature (None with batching off or once closed)."""
@@ -124,8 +215,9 @@ class TrunkGroup:
 
         ``parts`` are (tag, rows) in row order; a tag is ``(member, version signature)``,
         or a :class:`FanOutTag` of several, whose rows every one of its heads answers.
-        Padding rows after the parts run through the trunk and go nowhere. A batch of
-        the one member of a group runs trunk and head as one composed call.
+        Padding rows after the parts run through the trunk and go nowhere. Rows of members
+        cut deeper go on through the segments past the shallower cuts. A batch of the one
+        member of a group runs trunk and head as one composed call.
         """
         runs: dict[Any, list[int]] = {}
         for index, (tag, _) in enumerate(parts):
@@ -140,13 +232,15 @@ class TrunkGroup:
                     member.executions.on_execution(sum(rows for _, rows in parts), 0.0,
                                                    time.perf_counter() - started, 0.0)
                 return _split(outputs, [rows for _, rows in parts])
-        started = time.perf_counter()
-        features = self.run_trunk(trunk_signature, inputs, models=len({run[0] for run in runs}))
-        trunk_s = time.perf_counter() - started
         starts = np.cumsum([0] + [rows for _, rows in parts])
+        needs = {(int(starts[i]), int(starts[i + 1]), member.depth)
+                 for (member, _), indices in runs.items() for i in indices}
+        started = time.perf_counter()
+        features = self._features(trunk_signature, inputs, sorted(needs), models=len({run[0] for run in runs}))
+        trunk_s = time.perf_counter() - started
         results: list[dict] = [{} for _ in parts]
         for (member, signature), indices in runs.items():
-            slices = [features[starts[i]:starts[i + 1]] for i in indices]
+            slices = [features[(int(starts[i]), member.depth)] for i in indices]
             own = slices[0] if len(slices) == 1 else np.concatenate(slices)
             head_started = time.perf_counter()
             outputs = member.run_head(signature, own)
@@ -165,7 +259,7 @@ class TrunkGroup:
                 pos += rows
         for i, (tag, _) in enumerate(parts):
             if isinstance(tag, FeaturesTag):
-                results[i][TRUNK_FEATURES] = features[starts[i]:starts[i + 1]]
+                results[i][TRUNK_FEATURES] = features[(int(starts[i]), tag[0].depth)]
         return results
 
     def fan_out(self, runs: Sequence[tuple[SharedServable, str]], inputs: Mapping[str, np.ndarray],
@@ -190,8 +284,9 @@ class TrunkGroup:
             for (index, name), value in merged.items():
                 answers[index][name] = value
             return answers
-        features = self.run_trunk(trunk_signature, inputs, models=len({id(m) for m, _ in runs}))
-        return [member.run_head(signature, features) for member, signature in runs]
+        features = self._features(trunk_signature, inputs, sorted({(0, None, m.depth) for m, _ in runs}),
+                                  models=len({id(m) for m, _ in runs}))
+        return [member.run_head(signature, features[(0, member.depth)]) for member, signature in runs]
 
     def queued_rows(self) -> int:
         """Rows waiting in the group's batchers, every member's requests together."""
@@ -216,15 +311,29 @@ class TrunkGroup:
             self._members.discard(member)
             return len(self._members)
 
+    def trim(self) -> None:
+        """Unload the segments past the deepest member's (kept: the first, until the group closes)."""
+        with self._lock:
+            keep = max((member.depth for member in self._members), default=0) + 1
+            dropped, self._path = self._path[keep:], self._path[:keep]
+            if dropped:
+                self._calls.clear()
+        for fingerprint, servable in dropped:
+            servable.unload()
+            log.info("trunk %s segment %s unloaded: no version runs that deep", self.short,
+                     contract.short_fingerprint(fingerprint))
+
     def close(self) -> None:
         """Close the batchers (their queues drained) and unload the trunk; the group is empty."""
         with self._lock:
             self._closed = True
             batchers = list(self._batchers.values())
             self._batchers.clear()
+            path, self._calls = self._path, {}
         for batcher in batchers:
             batcher.close(drain=True)
-        self.trunk.unload()
+        for _, servable in path:
+            servable.unload()
 
 
 class SharedServable(Servable):
@@ -235,7 +344,7 @@ class SharedServable(Servable):
     """
 
     def __init__(self, name: str, version: int, path: str, signature_defs: Mapping, head: Servable,
-                 group: TrunkGroup, lineage: dict | None, metrics: Any | None, release) -> None:
+                 group: TrunkGroup, lineage: dict | None, metrics: Any | None, release, depth: int = 0) -> None:
         # Servable's own __init__ builds replicas from loaded graphs: a shared version has none.
         self.name = name
         self.version = version
@@ -248,6 +357,8 @@ class SharedServable(Servable):
         self._pool = None
         self.head = head
         self.group: TrunkGroup | None = group
+        # The last segment of the group's path this version runs (its cut).
+        self.depth = depth
         # This version's statistics (an ExecutionObserver), given by the service with its batcher.
         self.executions = None
         self._metrics = metrics
@@ -265,7 +376,7 @@ class SharedServable(Servable):
         outputs = self.run_alone(signature_name, inputs)
         if outputs is not None:
             return outputs
-        features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs)
+        features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs, depth=self.depth)
         return self.run_head(signature_name, features)
 
     def run_alone(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
@@ -292,8 +403,11 @@ class SharedServable(Servable):
     def _composed_call(self, group: TrunkGroup, signature_name: str):
         with self._compose_lock:
             if signature_name not in self._composed:
-                self._composed[signature_name] = group.trunk.then(
-                    contract.SHARED_SIGNATURES[signature_name], self.head, signature_name, contract.FEATURES_KEY)
+                (_, first), *rest = group.segments(self.depth)
+                self._composed[signature_name] = first.chain(
+                    contract.SHARED_SIGNATURES[signature_name],
+                    [*((servable, contract.SEGMENT_SIGNATURE) for _, servable in rest), (self.head, signature_name)],
+                    contract.FEATURES_KEY)
             return self._composed[signature_name]
 
     def run_with_features(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -301,7 +415,7 @@ class SharedServable(Servable):
         group = self.group
         if group is None or signature_name not in self.signatures:
             raise NotFound(f'Serving signature name: "{signature_name}" not found in signature def')
-        features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs)
+        features = group.run_trunk(contract.SHARED_SIGNATURES[signature_name], inputs, depth=self.depth)
         return {**self.run_head(signature_name, features), TRUNK_FEATURES: features}
 
     def run_head(self, signature_name: str, features: np.ndarray) -> dict[str, np.ndarray]:
@@ -338,7 +452,8 @@ class SharedServable(Servable):
         group = self.group
         if group is None:
             return super().trunk_info()
-        return {"fingerprint": group.fingerprint, "shared": True, "group_size": group.size}
+        return {"fingerprint": contract.trunk_of(self._lineage)["fingerprint"], "shared": True,
+                "group_size": group.size}
 
     def variable_devices(self) -> dict[str | None, list[str]]:
         """The head's variable placement (the trunk's is the group's)."""
@@ -421,17 +536,18 @@ class TrunkRegistry:
         plan = self._shared_plan(path)
         if plan is None:
             return Servable.load(name, version, path, device=self._device, freeze=self._freeze)
-        signature_defs, fingerprint, trunk_path, head_path, lineage = plan
-        group = self._acquire(fingerprint, trunk_path)
+        signature_defs, segments, trunk_path, head_path, lineage = plan
+        group, depth = self._acquire(segments, trunk_path)
         try:
             head = Servable.load(name, version, head_path, device=self._device, freeze=self._freeze)
         except BaseException:
             self._release_empty(group)
             raise
         member = SharedServable(name, version, path, signature_defs, head, group, lineage, self._metrics,
-                                self._release)
+                                self._release, depth=depth)
         self._report(group, group._join(member))
-        log.info("model %s version %d joins trunk %s (%d loaded)", name, version, group.short, group.size)
+        log.info("model %s version %d joins trunk %s at segment %d of %d (%d loaded)", name, version, group.short,
+                 depth + 1, len(group.fingerprints()), group.size)
         return member
 
     def _shared_plan(self, path: str):
@@ -453,22 +569,71 @@ class TrunkRegistry:
         if unshareable or not signature_defs:
             log.info("%s loads standalone: signature(s) %s cannot share its trunk", path, unshareable)
             return None
-        fingerprint = contract.trunk_of(lineage)["fingerprint"]
-        return signature_defs, fingerprint, trunk_path, head_path, lineage
+        return signature_defs, self._segments(path, lineage, trunk_sigs), trunk_path, head_path, lineage
 
-    def _acquire(self, fingerprint: str, trunk_path) -> TrunkGroup:
+    @staticmethod
+    def _segments(path: str, lineage: dict, trunk_sigs: set[str]) -> list[tuple[str, str | None]]:
+        """(fingerprint, SavedModel directory) of each segment the version carries; without readable
+        segments, its whole trunk as its one segment, with no directory (graft-trunk)."""
+        whole = [(contract.trunk_of(lineage)["fingerprint"], None)]
+        segments = contract.trunk_segments(path, lineage)
+        try:
+            readable = segments and set(tf_signature_defs(segments[0][1])) >= trunk_sigs and all(
+                contract.SEGMENT_SIGNATURE in tf_signature_defs(p) for _, p in segments[1:])
+        except ValueError as exc:
+            log.warning("%s shares its trunk whole: its segments cannot be read: %s", path, exc)
+            return whole
+        return [(f, os.fspath(p)) for f, p in segments] if readable else whole
+
+    def _load_segment(self, fingerprint: str, path: str) -> Servable:
+        short = contract.short_fingerprint(fingerprint)
+        return Servable.load(f"trunk-{short}", 0, path, device=self._device, freeze=self._freeze)
+
+    def _acquire(self, segments: list[tuple[str, str | None]], trunk_path) -> tuple[TrunkGroup, int]:
+        """The group a version's trunk joins, and its depth there.
+
+        The deepest of the version's segments already loaded in some group decides: the
+        version joins there, adding its deeper segments after the group's last. When
+        that segment is not the group's last (the version branches off another path),
+        or none is loaded, the version starts a group of its own.
+        """
         # Loads run on the manager's one loader thread, so no two loads race for a group.
         with self._lock:
-            group = self._groups.get(fingerprint)
-        if group is not None:
-            return group
-        short = contract.short_fingerprint(fingerprint)
-        trunk = Servable.load(f"trunk-{short}", 0, trunk_path, device=self._device, freeze=self._freeze)
-        group = TrunkGroup(fingerprint, trunk, batching=self._batching, metrics=self._metrics,
+            groups = list(self._groups.values())
+        for index in reversed(range(len(segments))):
+            for group in groups:
+                depth = group.depth_of(segments[index][0])
+                if depth is None:
+                    continue
+                rest = segments[index + 1:]
+                if not rest:
+                    return group, depth
+                if depth == len(group.fingerprints()) - 1:
+                    group.extend(self._load_all(rest))
+                    return group, depth + len(rest)
+                # The paths part: the version's own trunk, whole, starts a group.
+                return self._new_group([(segments[-1][0], None)], trunk_path), 0
+        return self._new_group(segments, trunk_path), len(segments) - 1
+
+    def _load_all(self, segments: list[tuple[str, str]]) -> list[tuple[str, Servable]]:
+        loaded: list[tuple[str, Servable]] = []
+        try:
+            for fingerprint, path in segments:
+                loaded.append((fingerprint, self._load_segment(fingerprint, path)))
+        except BaseException:
+            for _, servable in loaded:
+                servable.unload()
+            raise
+        return loaded
+
+    def _new_group(self, segments: list[tuple[str, str | None]], trunk_path) -> TrunkGroup:
+        path = [(fingerprint, os.fspath(trunk_path) if where is None else where) for fingerprint, where in segments]
+        group = TrunkGroup(self._load_all(path), batching=self._batching, metrics=self._metrics,
                            edf_default_s=self._edf_default_s)
         with self._lock:
-            self._groups[fingerprint] = group
-        log.info("trunk %s loaded from %s", short, trunk_path)
+            self._groups[group.fingerprint] = group
+        log.info("trunk %s loaded from %s (%d segment(s))", group.short,
+                 trunk_path if len(path) == 1 else os.path.dirname(path[0][1]), len(path))
         return group
 
     def _release(self, group: TrunkGroup, member: SharedServable) -> None:
@@ -478,8 +643,13 @@ class TrunkRegistry:
     def _release_empty(self, group: TrunkGroup) -> None:
         with self._lock:
             if group.size or self._groups.get(group.fingerprint) is not group:
-                return
-            del self._groups[group.fingerprint]
+                empty = False
+            else:
+                del self._groups[group.fingerprint]
+                empty = True
+        if not empty:
+            group.trim()
+            return
         group.close()
         log.info("trunk %s unloaded: its last version left", group.short)
         self._report(group, 0)

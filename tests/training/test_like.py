@@ -154,7 +154,11 @@ def test_a_weights_file_that_changed_or_went_is_refused(world, capsys):
 
 
 def test_a_trunk_that_rebuilds_to_another_fingerprint_is_refused_before_training(world, capsys):
-    version = _copy_with_lineage(world, "drifted", lambda lineage: lineage["trunk"].update(fingerprint="ab" * 32))
+    def drift(lineage):
+        # The trunk's fingerprint is also its last segment's.
+        lineage["trunk"].update(fingerprint="ab" * 32)
+        lineage["trunk"]["segments"][-1].update(fingerprint="ab" * 32)
+    version = _copy_with_lineage(world, "drifted", drift)
     err = _refused(capsys, world, version)
     assert "has fingerprint" in err and "not the reference's abababababab" in err
 
