@@ -16,7 +16,11 @@ children, ``--shared_trunks=true`` and ``=false``, each with batching on, take:
 - one model alone (N = 1): C=1 and C=32, images/s and p50 / p99;
 - the ceiling (at the largest N, in the bench's own process, no server): N whole
   models each on C/N rows in turn against one trunk run over C rows and N heads,
-  images/s: what merging streams can give on this machine, whatever the server does.
+  images/s: what merging streams can give on this machine, whatever the server does;
+- prefix sharing (``--prefix base:cut``, default VGG16 at ``block4_pool``): N/2 more
+  models cut at that block (scenario 3) beside N/2 of the whole-trunk ones, so the
+  two halves share the blocks up to the cut: the mixed load, and RSS against the
+  N/2 whole-trunk models alone.
 
 Every figure and the issue's targets (each with its measurement) are printed and,
 with ``--out``, written to docs/benchmarks.md under "Shared trunks". ``--quick``
@@ -65,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--head-epochs", type=int, default=20, help="head epochs of each fit")
     p.add_argument("--max-batch", type=int, default=32, help="max_batch_size of both servers")
     p.add_argument("--batch-timeout-us", type=int, default=2000, help="batch_timeout_micros of both servers")
+    p.add_argument("--prefix", default="vgg16:block4_pool",
+                   help="base:cut_layer: the prefix-sharing load on that base ('' = none)")
     p.add_argument("--work", default="", help="working directory (default: a temporary one)")
     p.add_argument("--out", default=None, help="markdown file to write the section to ('' = none; "
                    "default docs/benchmarks.md, none with --quick)")
@@ -72,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.bases, args.models, args.duration = "mobilenet_v2:96:none", "1,2", 2.0
         args.per_class, args.head_epochs, args.concurrency = 3, 2, 8
+        args.prefix = "mobilenet_v2:block_12_add"
     if args.out is None:
         args.out = "" if args.quick else str(ROOT / "docs" / "benchmarks.md")
     return args
@@ -80,8 +87,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # -- models --------------------------------------------------------------------------------
 
 
-def train_models(base: str, size: int, weights: str, count: int, args, work: Path) -> tuple[Path, str]:
-    """Train ``count`` scenario-1 models on one trunk; (repository, the shared fingerprint)."""
+def train_models(base: str, size: int, weights: str, count: int, args, work: Path,
+                 cut_layer: str | None = None) -> tuple[Path, str]:
+    """Train ``count`` scenario-1 models on one trunk; (repository, the shared fingerprint).
+
+    With ``cut_layer``: scenario 3 cut there, named ``p0``, ``p1``, ... in the same repository."""
     # Heavy: TensorFlow and training load only in the parent process, once models are needed.
     import keras
 
@@ -94,14 +104,15 @@ def train_models(base: str, size: int, weights: str, count: int, args, work: Pat
         weights = str(random_weights(base, size, work))
     fingerprints = set()
     for index in range(count):
-        name = f"m{index}"
+        name = f"p{index}" if cut_layer else f"m{index}"
         if not (repo / name).exists():
             split = demo.write_digits(work / f"digits-{size}-{index}", image_size=size,
                                       small_per_class=args.per_class, large_per_class=args.per_class + 1,
                                       val_per_class=3, seed=index)
             config = pipeline.FitConfig(
                 data=split.small, val_data=split.val, repo=repo, model_name=name, base=base, weights=weights,
-                scenario="1", image_size=size, head_epochs=args.head_epochs, seed=0,
+                scenario="3" if cut_layer else "1", cut_layer=cut_layer, image_size=size,
+                head_epochs=args.head_epochs, seed=0,
                 run_dir=work / "runs" / f"{base}-{name}")
             keras.backend.clear_session()
             log = work / "logs" / f"fit-{base}-{name}.log"
@@ -299,6 +310,23 @@ def measure(base: str, repo: Path, names: list[str], args, work: Path) -> dict:
     return results
 
 
+def measure_prefix(repo: Path, whole: list[str], cut: list[str], args, work: Path) -> dict:
+    """The whole-trunk and cut models served together, sharing on and off: mixed load and RSS."""
+    names = [name for pair in zip(whole, cut) for name in pair]
+    bodies = request_bodies(int(repo.name.rsplit("-", 1)[1]), names)
+    results = {}
+    for shared in (True, False):
+        key = "on" if shared else "off"
+        with server(repo, names, shared, args, work) as child:
+            mixed = [(PREDICT_PATH, [bodies["predict"][names[k % len(names)]]]) for k in range(args.concurrency)]
+            closed_loop(child.grpc_port, mixed[:len(names)], 1.0)
+            results[("prefix mixed", len(names), key)] = closed_loop(child.grpc_port, mixed, args.duration)
+            results[("prefix rss_mb", len(names), key)] = rss_mb(child.proc.pid)
+        print(f"prefix: {len(whole)} whole + {len(cut)} cut, sharing {key}: mixed "
+              f"{results[('prefix mixed', len(names), key)]['per_s']:.1f} images/s", flush=True)
+    return results
+
+
 def ceiling(repo: Path, names: list[str], args) -> dict:
     """In this process, no server: what merging thin streams into one trunk batch can give here.
 
@@ -373,6 +401,18 @@ def report(by_base: dict, args, command: str) -> tuple[str, str]:
                          f"one trunk run of {limit['share'] * top} rows and {top} heads",
                          f"{limit['off']:.1f} / {limit['on']:.1f} images/s ({limit['on'] / max(limit['off'], 1e-9):.2f}x: "
                          "the most merging can give on this machine)"))
+        prefix = [k for k in results if k[0] == "prefix mixed"]
+        if prefix:
+            count = prefix[0][1]
+            half, cut = count // 2, results[("prefix cut", 0, "")]
+            for key in ("on", "off"):
+                r = results[("prefix mixed", count, key)]
+                rows.append((f"{base} prefix: {half} whole-trunk + {half} cut at {cut}, mixed "
+                             f"C={args.concurrency}, sharing {key}",
+                             f"{r['per_s']:.1f} images/s, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors"))
+                rows.append((f"{base} prefix: RSS of those {count} / the {half} whole-trunk models alone, sharing {key}",
+                             f"{results[('prefix rss_mb', count, key)]:.0f} / {results[('rss_mb', half, key)]:.0f} "
+                             f"MiB ({results[('prefix rss_mb', count, key)] / results[('rss_mb', half, key)]:.2f}x)"))
         on, off = results[("mixed", top, "on")], results[("mixed", top, "off")]
         speedup, p99 = on["per_s"] / max(off["per_s"], 1e-9), on["p99_ms"] / max(off["p99_ms"], 1e-9)
         targets.append((f"{base} mixed at {top} models: images/s on/off >= 2x, p99 on/off <= 0.6x",
@@ -408,7 +448,8 @@ def main(argv=None) -> int:
     with contextlib.ExitStack() as stack:
         work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         work.mkdir(parents=True, exist_ok=True)
-        top = max(int(n) for n in args.models.split(","))
+        counts = [int(n) for n in args.models.split(",")]
+        top = max(counts)
         by_base = {}
         for entry in args.bases.split(","):
             base, size, weights = entry.split(":")
@@ -416,6 +457,13 @@ def main(argv=None) -> int:
             print(f"{base} at {size} px: {top} models on trunk {fingerprint[:12]}", flush=True)
             by_base[f"{base} {size} px"] = measure(base, repo, [f"m{i}" for i in range(top)], args, work)
             by_base[f"{base} {size} px"][("ceiling", top, "")] = ceiling(repo, [f"m{i}" for i in range(top)], args)
+            prefix_base, _, cut = args.prefix.partition(":")
+            if prefix_base == base and cut and top >= 2 and top // 2 in counts:
+                half = top // 2
+                train_models(base, int(size), weights, half, args, work, cut_layer=cut)
+                by_base[f"{base} {size} px"].update(measure_prefix(
+                    repo, [f"m{i}" for i in range(half)], [f"p{i}" for i in range(half)], args, work))
+                by_base[f"{base} {size} px"][("prefix cut", 0, "")] = cut
         text, markdown = report(by_base, args, command)
     print(text)
     if args.out:
