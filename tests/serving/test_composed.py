@@ -1,4 +1,5 @@
-"""``Servable.then``: a trunk's signature and a head's, traced as one call, answer as the two in turn."""
+"""``Servable.then`` and ``chain``: a trunk's signature and a head's (or a trunk's segments), traced as
+one call, answer as the calls in turn."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ def parts(tmp_path_factory):
     version = export_shared_trunk_version(tmp_path_factory.mktemp("composed"), "m", trunk_seed=3, head_seed=4,
                                           size=SIZE)
     trunk_path, head_path = contract.shared_parts(version)
-    return str(trunk_path), str(head_path)
+    segments = contract.trunk_segments(version, contract.read_lineage(version))
+    return str(trunk_path), str(head_path), [str(path) for _, path in segments]
 
 
 def _images(n: int, seed: int) -> np.ndarray:
@@ -73,3 +75,18 @@ def test_nothing_composes_across_unknown_signatures_or_several_replicas(parts):
     assert trunk.then("no_such_signature", head, "serving_default", contract.FEATURES_KEY) is None
     doubled = Servable.load("trunk", 0, parts[0], device=["/cpu:0", "/cpu:0"])
     assert doubled.then("images", head, "serving_default", contract.FEATURES_KEY) is None
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "unfrozen"])
+def test_a_chain_of_segments_and_head_answers_as_the_whole_trunk_then_the_head(parts, freeze):
+    trunk = Servable.load("trunk", 0, parts[0], freeze=freeze)
+    head = Servable.load("head", 1, parts[1], freeze=freeze)
+    first, *rest = (Servable.load(f"segment-{i}", 0, path, freeze=freeze) for i, path in enumerate(parts[2]))
+    assert rest, "the tiny trunk has two segments"
+    steps = [(segment, contract.SEGMENT_SIGNATURE) for segment in rest]
+    images = {"images": _images(4, seed=5)}
+    features = first.chain("images", steps, contract.FEATURES_KEY)(images)[contract.FEATURES_KEY]
+    np.testing.assert_allclose(features, trunk.run("images", images)[contract.FEATURES_KEY], atol=1e-5)
+    scores = first.chain("images", [*steps, (head, "serving_default")], contract.FEATURES_KEY)(images)["scores"]
+    np.testing.assert_allclose(scores, _in_turn(trunk, head, "serving_default", images)["scores"], atol=1e-5)
+    assert first.chain("images", [*steps, (head, "no_such_signature")], contract.FEATURES_KEY) is None
