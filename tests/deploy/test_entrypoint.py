@@ -108,13 +108,14 @@ def test_an_unwritable_args_file_is_not_fatal(tmp_path):
     assert "cannot write" in stderr and "8501" in stderr
 
 
-def _wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+def _wait_available(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+    # The status answers 200 while the version still loads, too: wait for AVAILABLE.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, log.read_text()
         try:
             with urllib.request.urlopen(url, timeout=2) as answer:
-                if answer.status == 200:
+                if answer.status == 200 and b'"AVAILABLE"' in answer.read():
                     return
         except (urllib.error.URLError, OSError):
             pass
@@ -142,7 +143,7 @@ def test_the_entrypoint_serves_model_name_from_model_base_path_with_a_working_he
         proc = subprocess.Popen(["/bin/sh", str(SCRIPT), "--host=127.0.0.1", "--port=0", f"--rest_api_port={rest}"],
                                 env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        _wait_ready(f"http://127.0.0.1:{rest}/v1/models/two", proc, log)
+        _wait_available(f"http://127.0.0.1:{rest}/v1/models/two", proc, log)
         assert _probe(args_file) == 0
         # The script became graft-serve (exec): the signal tini forwards reaches it, and it drains.
         proc.send_signal(signal.SIGTERM)
