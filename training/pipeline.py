@@ -149,6 +149,10 @@ def run(config: FitConfig) -> str | None:
     declared = contract.trunk_of(lineage)
     _say(f"trunk: {declared['fingerprint']} (frozen: versions with this fingerprint run the same trunk)"
          if declared else "trunk: trained, so this version declares none")
+    if declared and len(declared["segments"]) > 1:
+        cuts = ", ".join(str(segment["cut_layer"]) for segment in declared["segments"][:-1])
+        _say(f"trunk segments: {len(declared['segments'])}, ending at {cuts} and the trunk's end (versions on "
+             "these weights cut at one of them share the segments up to there)")
     evaluations = []
 
     def report_into_version(staged: Path) -> None:

@@ -94,6 +94,8 @@ def test_fit_prints_decisions_and_ends_with_the_version_path(fitted):
     assert trunk["base"] == "vgg16" and trunk["input_shape"] == [SIZE, SIZE, 3]
     assert trunk["cut_layer"] == lineage["scenario"]["cut_layer"]
     assert f"trunk: {trunk['fingerprint']}" in out
+    if len(trunk["segments"]) > 1:
+        assert f"trunk segments: {len(trunk['segments'])}, ending at {trunk['segments'][0]['cut_layer']}" in out
 
 
 def test_fit_report_agrees_with_the_savedmodel(fitted):
