@@ -13,9 +13,10 @@ Layout (TF Serving's, plus Graft's own files)::
         assets/labels.txt                  class names, one per line, in score order
         assets.extra/graft.json            lineage (LINEAGE_SCHEMA_VERSION)
         assets.extra/tf_serving_warmup_requests
-        assets.extra/graft-trunk/          a frozen-trunk version's trunk alone (a SavedModel)
+        assets.extra/graft-segments/<i>/   a frozen-trunk version's trunk alone, cut at each block end:
+                                           segment i (i = 0, 1, ...), each a SavedModel
         assets.extra/graft-head/           and its head alone, on the trunk's features
-        assets.extra/graft-segments/<i>/   and its trunk cut at each block end, segment i (i = 0, 1, ...)
+        assets.extra/graft-trunk/          the trunk whole, in place of segments (older exports)
         assets.extra/graft-report/         the training run's report: curves and confusion PNGs, JSON
       labels.json                          {"stable": 3, "canary": 4}
       labels.history.jsonl                 one JSON line per label move
@@ -87,7 +88,7 @@ def warmup_path(version_dir: str | os.PathLike) -> Path:
 
 
 def trunk_model_path(version_dir: str | os.PathLike) -> Path:
-    """``<version>/assets.extra/graft-trunk``: the version's trunk as a SavedModel (see SHARED_SIGNATURES)."""
+    """``<version>/assets.extra/graft-trunk``: the trunk whole, as exports before segments carry it (see SHARED_SIGNATURES)."""
     return Path(version_dir) / ASSETS_EXTRA_DIR / TRUNK_MODEL_DIR
 
 
@@ -328,16 +329,17 @@ def trunk_of(lineage: Mapping[str, Any] | None) -> dict | None:
     return dict(trunk) if isinstance(trunk, dict) else None
 
 
-# -- shared trunks (assets.extra/graft-trunk, assets.extra/graft-head) ---------------------
+# -- shared trunks (assets.extra/graft-segments, graft-head, graft-trunk) ------------------
 #
-# A version that declares a trunk also carries it split in two, so that a server can
-# load the trunk once per fingerprint and each version's head alone. The version's
-# own SavedModel stays whole and standalone; these two are extra.
+# A version that declares a trunk also carries it apart from its head, so that a server
+# can load the trunk once per fingerprint and each version's head alone. The version's
+# own SavedModel stays whole and standalone; these are extra.
 #
-# The trunk SavedModel has one signature per version signature that can share it,
-# named in SHARED_SIGNATURES: the version signature's inputs, same names and specs,
-# in; FEATURES_KEY (float32, batch first) out. The head SavedModel has a signature of
-# the version signature's own name: FEATURES_KEY in, that signature's outputs out.
+# The trunk (its first segment, below, or the whole trunk of an older export) has one
+# signature per version signature that can share it, named in SHARED_SIGNATURES: the
+# version signature's inputs, same names and specs, in; FEATURES_KEY (float32, batch
+# first) out. The head SavedModel has a signature of the version signature's own name:
+# FEATURES_KEY in, that signature's outputs out.
 # So version signature S == head[S](trunk[SHARED_SIGNATURES[S]](inputs)).
 
 FEATURES_KEY = "features"
@@ -345,7 +347,7 @@ FEATURES_KEY = "features"
 SHARED_SIGNATURES = {"serving_default": "images", "predict_images": "image_bytes", "classify": "examples"}
 
 
-# A declaration with segments also carries the trunk cut into them (SEGMENTS_DIR):
+# A declaration with segments carries the trunk cut into them (SEGMENTS_DIR):
 # segment 0 has the trunk SavedModel's signatures (SHARED_SIGNATURES' values); every
 # later one has the one signature SEGMENT_SIGNATURE, FEATURES_KEY in (the segment
 # before's features) and FEATURES_KEY out. So trunk[T](x) == segment_k[SEGMENT_SIGNATURE](
@@ -365,16 +367,27 @@ def trunk_segments(version_dir: str | os.PathLike, lineage: Mapping[str, Any] | 
     return [(segment["fingerprint"], path) for segment, path in zip(declared, paths)]
 
 
-def shared_parts(version_dir: str | os.PathLike) -> tuple[Path, Path] | None:
-    """The (trunk, head) SavedModel directories of a version that carries both and declares its trunk, else None."""
-    trunk, head = trunk_model_path(version_dir), head_model_path(version_dir)
-    if not ((trunk / SAVED_MODEL_FILE).is_file() and (head / SAVED_MODEL_FILE).is_file()):
+def shared_parts(version_dir: str | os.PathLike) -> tuple[list[tuple[str, Path]], Path] | None:
+    """(trunk segments, head) of a version that declares its trunk and carries it apart, else None.
+
+    The segments are ``trunk_segments``'; a version exported before trunks were cut
+    into segments carries its trunk whole (``trunk_model_path``), its one segment.
+    """
+    head = head_model_path(version_dir)
+    if not (head / SAVED_MODEL_FILE).is_file():
         return None
     try:
         lineage = read_lineage(version_dir)
     except ValueError:
         return None
-    return (trunk, head) if trunk_of(lineage) else None
+    declared = trunk_of(lineage)
+    if declared is None:
+        return None
+    segments = trunk_segments(version_dir, lineage)
+    if segments:
+        return segments, head
+    whole = trunk_model_path(version_dir)
+    return ([(declared["fingerprint"], whole)], head) if (whole / SAVED_MODEL_FILE).is_file() else None
 
 
 def short_fingerprint(fingerprint: str) -> str:

@@ -1,7 +1,7 @@
 """Shared trunks: versions that declare the same frozen trunk run it once, as a group.
 
 A version that declares a trunk (``graft.contract.trunk_of``) and carries its parts
-(``contract.shared_parts``: ``assets.extra/graft-trunk`` and ``graft-head``) loads,
+(``contract.shared_parts``: its trunk's segments, or its whole trunk, and its head) loads,
 with ``--shared_trunks`` on, as a :class:`SharedServable`: its own head SavedModel
 plus a reference to its :class:`TrunkGroup`, the one loaded copy of the trunk for
 every loaded version with that fingerprint, across models and versions. The
@@ -66,12 +66,13 @@ class TrunkGroup:
     (``contract.trunk_segments``; one segment, the whole trunk, for a version that
     declares none). A member runs the path up to its own depth: versions cut at
     different blocks of the same weights share the segments up to the shallower cut.
-    ``fingerprint`` is the first segment's: the group's name in metrics and logs.
+    ``fingerprint`` names the group in metrics and logs: its first segment's, or (``key``)
+    the fingerprint of the version that started it when that one is taken.
     """
 
-    def __init__(self, path: Sequence[tuple[str, Servable]], *, batching: BatchingConfig | None,
-                 metrics: Any | None, edf_default_s: float) -> None:
-        self.fingerprint = path[0][0]
+    def __init__(self, path: Sequence[tuple[str, Servable]], *, key: str | None = None,
+                 batching: BatchingConfig | None, metrics: Any | None, edf_default_s: float) -> None:
+        self.fingerprint = key or path[0][0]
         self.short = contract.short_fingerprint(self.fingerprint)
         self._path: tuple[tuple[str, Servable], ...] = tuple(path)
         self._batching = batching
@@ -536,8 +537,8 @@ class TrunkRegistry:
         plan = self._shared_plan(path)
         if plan is None:
             return Servable.load(name, version, path, device=self._device, freeze=self._freeze)
-        signature_defs, segments, trunk_path, head_path, lineage = plan
-        group, depth = self._acquire(segments, trunk_path)
+        signature_defs, segments, head_path, lineage = plan
+        group, depth = self._acquire(segments)
         try:
             head = Servable.load(name, version, head_path, device=self._device, freeze=self._freeze)
         except BaseException:
@@ -555,41 +556,29 @@ class TrunkRegistry:
         parts = contract.shared_parts(path)
         if parts is None:
             return None
-        trunk_path, head_path = parts
+        segments, head_path = parts
         try:
             lineage = contract.read_lineage(path)
             signature_defs = tf_signature_defs(path)
-            trunk_sigs = set(tf_signature_defs(trunk_path))
+            trunk_sigs = set(tf_signature_defs(segments[0][1]))
             head_sigs = set(tf_signature_defs(head_path))
+            later = [set(tf_signature_defs(p)) for _, p in segments[1:]]
         except ValueError as exc:
             log.warning("%s loads standalone: its shared parts cannot be read: %s", path, exc)
             return None
         unshareable = sorted(s for s in signature_defs if s not in contract.SHARED_SIGNATURES
                              or s not in head_sigs or contract.SHARED_SIGNATURES[s] not in trunk_sigs)
-        if unshareable or not signature_defs:
-            log.info("%s loads standalone: signature(s) %s cannot share its trunk", path, unshareable)
+        if unshareable or not signature_defs or any(contract.SEGMENT_SIGNATURE not in sigs for sigs in later):
+            log.info("%s loads standalone: signature(s) %s cannot share its trunk", path,
+                     unshareable or [contract.SEGMENT_SIGNATURE])
             return None
-        return signature_defs, self._segments(path, lineage, trunk_sigs), trunk_path, head_path, lineage
-
-    @staticmethod
-    def _segments(path: str, lineage: dict, trunk_sigs: set[str]) -> list[tuple[str, str | None]]:
-        """(fingerprint, SavedModel directory) of each segment the version carries; without readable
-        segments, its whole trunk as its one segment, with no directory (graft-trunk)."""
-        whole = [(contract.trunk_of(lineage)["fingerprint"], None)]
-        segments = contract.trunk_segments(path, lineage)
-        try:
-            readable = segments and set(tf_signature_defs(segments[0][1])) >= trunk_sigs and all(
-                contract.SEGMENT_SIGNATURE in tf_signature_defs(p) for _, p in segments[1:])
-        except ValueError as exc:
-            log.warning("%s shares its trunk whole: its segments cannot be read: %s", path, exc)
-            return whole
-        return [(f, os.fspath(p)) for f, p in segments] if readable else whole
+        return signature_defs, [(f, os.fspath(p)) for f, p in segments], head_path, lineage
 
     def _load_segment(self, fingerprint: str, path: str) -> Servable:
         short = contract.short_fingerprint(fingerprint)
         return Servable.load(f"trunk-{short}", 0, path, device=self._device, freeze=self._freeze)
 
-    def _acquire(self, segments: list[tuple[str, str | None]], trunk_path) -> tuple[TrunkGroup, int]:
+    def _acquire(self, segments: list[tuple[str, str]]) -> tuple[TrunkGroup, int]:
         """The group a version's trunk joins, and its depth there.
 
         The deepest of the version's segments already loaded in some group decides: the
@@ -601,19 +590,20 @@ class TrunkRegistry:
         with self._lock:
             groups = list(self._groups.values())
         for index in reversed(range(len(segments))):
-            for group in groups:
-                depth = group.depth_of(segments[index][0])
-                if depth is None:
-                    continue
-                rest = segments[index + 1:]
-                if not rest:
-                    return group, depth
+            found = [(group, depth) for group in groups
+                     if (depth := group.depth_of(segments[index][0])) is not None]
+            rest = segments[index + 1:]
+            if found and not rest:
+                return found[0]
+            for group, depth in found:
                 if depth == len(group.fingerprints()) - 1:
                     group.extend(self._load_all(rest))
                     return group, depth + len(rest)
-                # The paths part: the version's own trunk, whole, starts a group.
-                return self._new_group([(segments[-1][0], None)], trunk_path), 0
-        return self._new_group(segments, trunk_path), len(segments) - 1
+            if found:
+                # The paths part: a group of its own, named by the version's own fingerprint,
+                # which no group holds (its first segments' names the other group).
+                return self._new_group(segments, key=segments[-1][0]), len(segments) - 1
+        return self._new_group(segments), len(segments) - 1
 
     def _load_all(self, segments: list[tuple[str, str]]) -> list[tuple[str, Servable]]:
         loaded: list[tuple[str, Servable]] = []
@@ -626,14 +616,13 @@ class TrunkRegistry:
             raise
         return loaded
 
-    def _new_group(self, segments: list[tuple[str, str | None]], trunk_path) -> TrunkGroup:
-        path = [(fingerprint, os.fspath(trunk_path) if where is None else where) for fingerprint, where in segments]
-        group = TrunkGroup(self._load_all(path), batching=self._batching, metrics=self._metrics,
+    def _new_group(self, segments: list[tuple[str, str]], key: str | None = None) -> TrunkGroup:
+        group = TrunkGroup(self._load_all(segments), key=key, batching=self._batching, metrics=self._metrics,
                            edf_default_s=self._edf_default_s)
         with self._lock:
             self._groups[group.fingerprint] = group
-        log.info("trunk %s loaded from %s (%d segment(s))", group.short,
-                 trunk_path if len(path) == 1 else os.path.dirname(path[0][1]), len(path))
+        log.info("trunk %s loaded from %s (%d segment(s))", group.short, os.path.dirname(segments[0][1]),
+                 len(segments))
         return group
 
     def _release(self, group: TrunkGroup, member: SharedServable) -> None:

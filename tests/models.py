@@ -243,8 +243,8 @@ def export_shared_trunk_version(repo: str | os.PathLike, model_name: str, *, tru
     """Export the next version of ``<repo>/<model_name>``: a tiny frozen trunk and a head, split for sharing.
 
     Goes through training.export with the trunk declaration training.trunk
-    computes, so the version carries ``assets.extra/graft-trunk`` and
-    ``graft-head`` (graft.contract's shared trunks). Versions exported with the
+    computes, so the version carries its trunk's segments
+    (``assets.extra/graft-segments``) and ``graft-head`` (graft.contract's shared trunks). Versions exported with the
     same ``trunk_seed`` and ``size`` share one trunk (equal weights, so equal
     fingerprints), whatever their ``head_seed``; another ``trunk_seed`` gives
     another trunk. Inputs are raw 0..255 RGB [N, size, size, 3]; classes are

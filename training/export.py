@@ -10,9 +10,9 @@ The SavedModel carries three signatures (docs/internals.md, "export contract"):
   ``image/encoded`` -> ``classes`` string [N,C], ``scores`` float32 [N,C].
 
 It also writes the class names, the lineage and the warmup requests where
-graft.contract puts them, and for a frozen-trunk version its trunk and head as
-two more SavedModels (graft.contract's shared trunks), so that a server can run
-one trunk for many heads. Everything is written into a hidden staging directory
+graft.contract puts them, and for a frozen-trunk version its trunk (cut into
+segments) and head as more SavedModels (graft.contract's shared trunks), so that
+a server can run one trunk for many heads. Everything is written into a hidden staging directory
 and renamed into place as one step (training.repo).
 """
 
@@ -179,25 +179,29 @@ def _output_shape(model: keras.Model, inputs: np.ndarray) -> tuple[int, ...]:
 
 def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head: keras.Model,
                        class_names: Sequence[str], height: int, width: int,
-                       segments: Sequence[keras.Model] = ()) -> tuple[Path, Path]:
-    """Write a frozen-trunk version's trunk and head as the two SavedModels graft.contract names; their paths.
+                       segments: Sequence[keras.Model] = ()) -> list[Path]:
+    """Write a frozen-trunk version's trunk and head apart, as graft.contract's SavedModels; their paths.
 
     ``trunk`` maps raw 0..255 RGB float32 [N,H,W,3] to features and ``head``
     features to class probabilities, so that the version's model is
     ``head(trunk(x))``. A server may load the trunk once for every version with
     the same fingerprint and each version's head alone. ``segments`` (from
-    ``training.trunk.segments``) chain to ``trunk``; each is written as
-    graft.contract's segment of its index.
+    ``training.trunk.segments``) chain to ``trunk``: given, the trunk is written as
+    them (graft.contract's segments), else whole (``contract.trunk_model_path``).
     """
     images = np.zeros((1, height, width, 3), np.float32)
     feature_shape = _output_shape(trunk, images)
-    paths = (contract.trunk_model_path(version_dir), contract.head_model_path(version_dir))
-    parts = [(paths[0], trunk, _Signatures(trunk, class_names, height, width).trunk_functions()),
-             (paths[1], head, _Signatures(head, class_names, height, width).head_functions(feature_shape))]
+    parts = [(contract.head_model_path(version_dir), head,
+              _Signatures(head, class_names, height, width).head_functions(feature_shape))]
+    trunks = []
+    if not segments:
+        trunks.append(contract.trunk_model_path(version_dir))
+        parts.append((trunks[0], trunk, _Signatures(trunk, class_names, height, width).trunk_functions()))
     features = images
     for index, segment in enumerate(segments):
         signatures = _Signatures(segment, class_names, height, width)
-        parts.append((contract.segment_model_path(version_dir, index), segment,
+        trunks.append(contract.segment_model_path(version_dir, index))
+        parts.append((trunks[-1], segment,
                       signatures.trunk_functions() if index == 0 else signatures.segment_functions(features.shape[1:])))
         features = np.asarray(segment(features, training=False), np.float32)
     if segments and features.shape[1:] != feature_shape:
@@ -209,12 +213,11 @@ def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head:
             archive.add_endpoint(name, fn)
         path.parent.mkdir(parents=True, exist_ok=True)
         archive.write_out(str(path), verbose=False)
-    _drop_default_alias(paths[0])
-    for index in range(len(segments)):
-        _drop_default_alias(contract.segment_model_path(version_dir, index))
-    contract.set_method_names(paths[1], {name: method for name, method in SIGNATURE_METHODS.items()
-                                         if method != contract.PREDICT_METHOD})
-    return paths
+    for path in trunks:
+        _drop_default_alias(path)
+    contract.set_method_names(parts[0][0], {name: method for name, method in SIGNATURE_METHODS.items()
+                                            if method != contract.PREDICT_METHOD})
+    return [parts[0][0], *trunks]
 
 
 def _drop_default_alias(saved_model_dir: Path) -> None:
@@ -296,7 +299,7 @@ def export_version(
     what it adds appears with the version, in the same rename.
     ``shared`` is ``(trunk, head)`` or ``(trunk, head, segments)`` with
     ``model(x) == head(trunk(x))``, ``segments`` as many as the declaration lists: given
-    exactly when ``lineage`` declares a trunk, it is also written as the two
+    exactly when ``lineage`` declares a trunk, it is also written as the
     SavedModels of graft.contract's shared trunks (:func:`write_shared_parts`),
     inside the same staging directory.
     """

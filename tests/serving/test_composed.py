@@ -16,11 +16,13 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    version = export_shared_trunk_version(tmp_path_factory.mktemp("composed"), "m", trunk_seed=3, head_seed=4,
-                                          size=SIZE)
-    trunk_path, head_path = contract.shared_parts(version)
-    segments = contract.trunk_segments(version, contract.read_lineage(version))
-    return str(trunk_path), str(head_path), [str(path) for _, path in segments]
+    # The same trunk exported whole and cut into its segments.
+    root = tmp_path_factory.mktemp("composed")
+    whole = export_shared_trunk_version(root, "whole", trunk_seed=3, head_seed=4, size=SIZE, segments=False)
+    cut = export_shared_trunk_version(root, "cut", trunk_seed=3, head_seed=4, size=SIZE)
+    (whole_segments, head_path), (cut_segments, _) = contract.shared_parts(whole), contract.shared_parts(cut)
+    (_, trunk_path), = whole_segments
+    return str(trunk_path), str(head_path), [str(path) for _, path in cut_segments]
 
 
 def _images(n: int, seed: int) -> np.ndarray:

@@ -160,9 +160,15 @@ def test_a_version_that_branches_off_a_loaded_path_starts_a_group_of_its_own(rep
     deep = registry.load("deep", 1, paths["deep"])
     forked = registry.load("branch", 1, str(branch))
     try:
-        assert forked.shared_trunk() is not deep.shared_trunk()
-        assert forked.shared_trunk().fingerprints() == ["f" * 64]
+        group = forked.shared_trunk()
+        assert group is not deep.shared_trunk() and group.fingerprint == "f" * 64
+        assert group.fingerprints() == [deep.shared_trunk().fingerprint, "f" * 64]
         _assert_answers(forked, standalone["deep"], 20)
+        # A version of the shared first segment alone joins one of the two, starting none.
+        cut = registry.load("cut", 1, paths["cut"])
+        assert cut.shared_trunk() in (group, deep.shared_trunk()) and len(registry.groups()) == 2
+        _assert_answers(cut, standalone["cut"], 21)
+        cut.unload()
     finally:
         forked.unload()
         deep.unload()

@@ -36,16 +36,33 @@ def _inputs(seed: int, size: int = SIZE) -> dict[str, dict[str, tf.Tensor]]:
             "classify": {"inputs": tf.constant([image_example(data).SerializeToString() for data in encoded])}}
 
 
+def _trunk_features(version_dir, trunk_signature: str, inputs) -> tf.Tensor:
+    """The version's trunk on ``inputs``: its segments, each on the one before's features, as
+    graft.contract says (or its whole trunk, for an export without segments)."""
+    segments, _ = contract.shared_parts(version_dir)
+    value = None
+    for index, (_, path) in enumerate(segments):
+        loaded = tf.saved_model.load(str(path))
+        served = set(contract.read_signature_defs(path))
+        if index == 0:
+            assert served == set(contract.SHARED_SIGNATURES.values())
+            outputs = loaded.signatures[trunk_signature](**inputs)
+        else:
+            assert served == {contract.SEGMENT_SIGNATURE}
+            outputs = loaded.signatures[contract.SEGMENT_SIGNATURE](**{contract.FEATURES_KEY: value})
+        assert set(outputs) == {contract.FEATURES_KEY}
+        value = outputs[contract.FEATURES_KEY]
+        assert value.dtype == tf.float32
+    return value
+
+
 def _assert_composes(version_dir, seed: int = 0, size: int = SIZE) -> None:
     """Every signature of the version equals its head on its trunk, within 1e-4, on varied inputs."""
-    trunk_dir, head_dir = contract.trunk_model_path(version_dir), contract.head_model_path(version_dir)
-    version, trunk, head = (tf.saved_model.load(str(path)) for path in (version_dir, trunk_dir, head_dir))
+    version, head = (tf.saved_model.load(str(path)) for path in (version_dir, contract.head_model_path(version_dir)))
     for name, inputs in _inputs(seed, size).items():
         whole = version.signatures[name](**inputs)
-        features = trunk.signatures[contract.SHARED_SIGNATURES[name]](**inputs)
-        assert set(features) == {contract.FEATURES_KEY}
-        assert features[contract.FEATURES_KEY].dtype == tf.float32
-        parts = head.signatures[name](**{contract.FEATURES_KEY: features[contract.FEATURES_KEY]})
+        features = _trunk_features(version_dir, contract.SHARED_SIGNATURES[name], inputs)
+        parts = head.signatures[name](**{contract.FEATURES_KEY: features})
         assert set(parts) == set(whole), name
         for key, value in whole.items():
             if value.dtype == tf.string or value.dtype.is_integer:
@@ -55,27 +72,6 @@ def _assert_composes(version_dir, seed: int = 0, size: int = SIZE) -> None:
         scores = whole["scores"].numpy()
         # Inputs that give one answer could hide a part that ignores them.
         assert np.ptp(scores, axis=0).max() > 1e-3, name
-        _assert_segments_chain(version_dir, inputs, contract.SHARED_SIGNATURES[name],
-                               features[contract.FEATURES_KEY].numpy())
-
-
-def _assert_segments_chain(version_dir, inputs, trunk_signature: str, features: np.ndarray) -> None:
-    """The version's declared segments, each run on the one before's features, end in the trunk's features."""
-    segments = contract.trunk_segments(version_dir, contract.read_lineage(version_dir))
-    assert segments, "a frozen-trunk export carries its segments"
-    value = None
-    for index, (_, path) in enumerate(segments):
-        loaded = tf.saved_model.load(str(path))
-        served = set(contract.read_signature_defs(path))
-        if index == 0:
-            assert served == set(contract.SHARED_SIGNATURES.values())
-            value = loaded.signatures[trunk_signature](**inputs)[contract.FEATURES_KEY]
-        else:
-            assert served == {contract.SEGMENT_SIGNATURE}
-            value = loaded.signatures[contract.SEGMENT_SIGNATURE](**{contract.FEATURES_KEY: value})[
-                contract.FEATURES_KEY]
-        assert value.dtype == tf.float32
-    np.testing.assert_allclose(value.numpy(), features, rtol=1e-5, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -83,17 +79,28 @@ def shared_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared")
     paths = {"a": export_shared_trunk_version(root, "a", trunk_seed=1, head_seed=10),
              "a4": export_shared_trunk_version(root, "a4", trunk_seed=1, head_seed=10, cut_layer="tiny_pool"),
+             "whole": export_shared_trunk_version(root, "whole", trunk_seed=1, head_seed=10, segments=False),
              "b": export_shared_trunk_version(root, "b", trunk_seed=1, head_seed=20),
              "c": export_shared_trunk_version(root, "c", trunk_seed=2, head_seed=10)}
     return root, {name: Path(path) for name, path in paths.items()}
 
 
-def test_a_frozen_trunk_version_carries_both_parts_with_the_contract_signatures(shared_repo):
+@pytest.mark.parametrize("name", ["a", "whole"])
+def test_a_frozen_trunk_version_carries_both_parts_with_the_contract_signatures(shared_repo, name):
     _, paths = shared_repo
-    version = paths["a"]
-    assert contract.shared_parts(version) == (contract.trunk_model_path(version), contract.head_model_path(version))
+    version = paths[name]
+    segments, head_path = contract.shared_parts(version)
+    declared = contract.trunk_of(contract.read_lineage(version))
+    assert head_path == contract.head_model_path(version)
+    if name == "whole":   # exported as before segments: the trunk whole, its one segment
+        assert segments == [(declared["fingerprint"], contract.trunk_model_path(version))]
+    else:
+        assert segments == [(s["fingerprint"], contract.segment_model_path(version, i))
+                            for i, s in enumerate(declared["segments"])]
+        assert len(segments) == 2 and not contract.trunk_model_path(version).exists()
     whole = contract.read_signature_defs(version)
-    trunk = contract.read_signature_defs(contract.trunk_model_path(version))
+    trunk = contract.read_signature_defs(segments[0][1])
+    last = contract.read_signature_defs(segments[-1][1])
     head = contract.read_signature_defs(contract.head_model_path(version))
     assert set(trunk) == set(contract.SHARED_SIGNATURES.values())
     assert set(head) == set(export.SIGNATURE_METHODS)
@@ -105,7 +112,8 @@ def test_a_frozen_trunk_version_carries_both_parts_with_the_contract_signatures(
         assert trunk[trunk_name].method_name == contract.PREDICT_METHOD
         # The head takes the trunk's features and gives the version's outputs.
         assert list(head[name].inputs) == [contract.FEATURES_KEY]
-        features = trunk[trunk_name].outputs[contract.FEATURES_KEY]
+        features = (last[contract.SEGMENT_SIGNATURE] if len(segments) > 1 else trunk[trunk_name]).outputs[
+            contract.FEATURES_KEY]
         assert head[name].inputs[contract.FEATURES_KEY].dtype == features.dtype
         assert [d.size for d in head[name].inputs[contract.FEATURES_KEY].tensor_shape.dim] == \
                [d.size for d in features.tensor_shape.dim]
@@ -123,12 +131,11 @@ def test_every_signature_equals_its_head_on_its_trunk(shared_repo):
 
 def test_heads_on_one_trunk_share_its_fingerprint_and_its_features(shared_repo):
     _, paths = shared_repo
-    paths = {name: path for name, path in paths.items() if name in "abc"}
+    paths = {name: path for name, path in paths.items() if name in ("a", "b", "c")}
     declared = {name: contract.trunk_of(contract.read_lineage(path)) for name, path in paths.items()}
     assert declared["a"] == declared["b"] and declared["a"] != declared["c"]
     inputs = _inputs(5)["serving_default"]
-    features = {name: tf.saved_model.load(str(contract.trunk_model_path(path))).signatures["images"](**inputs)
-                [contract.FEATURES_KEY].numpy() for name, path in paths.items()}
+    features = {name: _trunk_features(path, "images", inputs).numpy() for name, path in paths.items()}
     np.testing.assert_array_equal(features["a"], features["b"])
     assert not np.allclose(features["a"], features["c"])
     scores = {name: tf.saved_model.load(str(path)).signatures["serving_default"](**inputs)["scores"].numpy()
@@ -158,8 +165,7 @@ def test_the_version_still_loads_standalone(shared_repo):
         images = _inputs(6)["serving_default"]["images"].numpy()
         out = servable.run("serving_default", {"images": images})
         expected = tf.saved_model.load(str(contract.head_model_path(paths["a"]))).signatures["serving_default"](
-            features=tf.saved_model.load(str(contract.trunk_model_path(paths["a"]))).signatures["images"](
-                images=tf.constant(images))[contract.FEATURES_KEY])["scores"].numpy()
+            features=_trunk_features(paths["a"], "images", {"images": tf.constant(images)}))["scores"].numpy()
         np.testing.assert_allclose(out["scores"], expected, atol=1e-4)
         assert servable.signatures["classify"].method_name == contract.CLASSIFY_METHOD
     finally:
