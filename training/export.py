@@ -206,18 +206,28 @@ def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head:
         features = np.asarray(segment(features, training=False), np.float32)
     if segments and features.shape[1:] != feature_shape:
         raise ValueError(f"the segments end in features {features.shape[1:]}, the trunk in {feature_shape}")
-    for path, model, functions in parts:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        for name, fn in functions.items():
-            archive.add_endpoint(name, fn)
+    for path, _, functions in parts:
         path.parent.mkdir(parents=True, exist_ok=True)
-        archive.write_out(str(path), verbose=False)
+        _archive(functions).write_out(str(path), verbose=False)
     for path in trunks:
         _drop_default_alias(path)
     contract.set_method_names(parts[0][0], {name: method for name, method in SIGNATURE_METHODS.items()
                                             if method != contract.PREDICT_METHOD})
     return [parts[0][0], *trunks]
+
+
+def _archive(functions: Mapping[str, tf.types.experimental.GenericFunction]) -> keras.export.ExportArchive:
+    """An ExportArchive of ``functions`` as its endpoints.
+
+    The model is not ``track``ed: the archive already keeps the variables the endpoints
+    capture, and tracking the model as well stores every weight twice (Keras wraps each
+    ``tf.Variable``, and the two objects do not deduplicate; keras-team/keras#23553),
+    which doubles the files and every loaded copy's variables.
+    """
+    archive = keras.export.ExportArchive()
+    for name, fn in functions.items():
+        archive.add_endpoint(name, fn)
+    return archive
 
 
 def _drop_default_alias(saved_model_dir: Path) -> None:
@@ -315,10 +325,7 @@ def export_version(
                          f"segments) must carry as many models")
     target_dir = model_repo.model_dir(repo, model_name)
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    for name, fn in _Signatures(model, class_names, height, width).functions().items():
-        archive.add_endpoint(name, fn)
+    archive = _archive(_Signatures(model, class_names, height, width).functions())
 
     if warmup_images is None:
         warmup_images = np.full((max(WARMUP_BATCH_SIZES), height, width, 3), 128.0, np.float32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -79,6 +80,13 @@ def test_layout_and_lineage(exported):
     # Nothing but the version (and the hidden publish lock) is left in the model directory.
     assert [p.name for p in (repo_dir / "shapes").iterdir() if not p.name.startswith(".")] == ["1"]
     assert not [p for p in (repo_dir / "shapes").iterdir() if p.name.startswith(contract.TEMP_PREFIX)]
+
+
+def test_every_weight_is_stored_once(exported):
+    model, _, path = exported
+    stored = [shape for name, shape in tf.train.list_variables(str(Path(path) / "variables" / "variables"))
+              if name != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    assert sum(int(np.prod(shape)) for shape in stored) == model.count_params()
 
 
 def test_method_names_in_saved_model_pb(exported):
