@@ -156,7 +156,13 @@ class TrunkGroup:
         them there. Returns each need's rows' features at its depth, keyed (first row, depth)."""
         rows_in = len(next(iter(inputs.values()))) if inputs else 0
         needs = [(start, rows_in if end is None else end, depth) for start, end, depth in needs]
-        stops = sorted({depth for _, _, depth in needs})
+        # Runs end at every depth a member of the group has, not only at this batch's: each
+        # segment then belongs to one traced run (one copy of its constants), whichever
+        # depths a batch mixes.
+        deepest = max(depth for _, _, depth in needs)
+        with self._lock:
+            ends = {member.depth for member in self._members if member.depth <= deepest}
+        stops = sorted(ends | {depth for _, _, depth in needs})
         at: dict[int, tuple[np.ndarray | None, np.ndarray]] = {}   # depth -> (rows or None for all, features)
         previous = None
         for depth in stops:
@@ -305,11 +311,20 @@ class TrunkGroup:
     def _join(self, member: SharedServable) -> int:
         with self._lock:
             self._members.add(member)
-            return len(self._members)
+            members = list(self._members)
+        if len(members) == 2:
+            # Runs split into trunk and heads from now on: the lone member's traced
+            # trunk-and-head call (a copy of the trunk's constants) goes.
+            for other in members:
+                other.forget_composed()
+        return len(members)
 
     def _leave(self, member: SharedServable) -> int:
         with self._lock:
             self._members.discard(member)
+            if len(self._members) <= 1:
+                # A lone member runs as one composed call: the traced trunk runs go.
+                self._calls.clear()
             return len(self._members)
 
     def trim(self) -> None:
@@ -410,6 +425,11 @@ class SharedServable(Servable):
                     [*((servable, contract.SEGMENT_SIGNATURE) for _, servable in rest), (self.head, signature_name)],
                     contract.FEATURES_KEY)
             return self._composed[signature_name]
+
+    def forget_composed(self) -> None:
+        """Drop the traced trunk-and-head calls (the group has other members now)."""
+        with self._compose_lock:
+            self._composed.clear()
 
     def run_with_features(self, signature_name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``run``, with the trunk features it computed under ``TRUNK_FEATURES`` beside the outputs."""
