@@ -14,6 +14,10 @@ earliest-deadline-first ``Batcher`` of that trunk signature: one trunk run over 
 rows of several models, then each head once on its own rows (``TrunkGroup._run_parts``).
 A version whose signatures are not all shareable, or whose parts are missing, loads
 as a plain ``Servable``.
+
+A group's trunk is a path of segments (prefix sharing): versions cut at different
+blocks of the same weights join one group, each running the path to its own cut, so
+the blocks they have in common run once per batch and load once.
 """
 
 from __future__ import annotations
