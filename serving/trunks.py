@@ -90,11 +90,6 @@ class TrunkGroup:
         self._closed = False
 
     @property
-    def trunk(self) -> Servable:
-        """The first segment (the whole trunk when the path has one)."""
-        return self._path[0][1]
-
-    @property
     def size(self) -> int:
         """The loaded versions in the group."""
         with self._lock:

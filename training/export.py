@@ -191,22 +191,22 @@ def write_shared_parts(version_dir: str | os.PathLike, trunk: keras.Model, head:
     """
     images = np.zeros((1, height, width, 3), np.float32)
     feature_shape = _output_shape(trunk, images)
-    parts = [(contract.head_model_path(version_dir), head,
+    parts = [(contract.head_model_path(version_dir),
               _Signatures(head, class_names, height, width).head_functions(feature_shape))]
     trunks = []
     if not segments:
         trunks.append(contract.trunk_model_path(version_dir))
-        parts.append((trunks[0], trunk, _Signatures(trunk, class_names, height, width).trunk_functions()))
+        parts.append((trunks[0], _Signatures(trunk, class_names, height, width).trunk_functions()))
     features = images
     for index, segment in enumerate(segments):
         signatures = _Signatures(segment, class_names, height, width)
         trunks.append(contract.segment_model_path(version_dir, index))
-        parts.append((trunks[-1], segment,
+        parts.append((trunks[-1],
                       signatures.trunk_functions() if index == 0 else signatures.segment_functions(features.shape[1:])))
         features = np.asarray(segment(features, training=False), np.float32)
     if segments and features.shape[1:] != feature_shape:
         raise ValueError(f"the segments end in features {features.shape[1:]}, the trunk in {feature_shape}")
-    for path, _, functions in parts:
+    for path, functions in parts:
         path.parent.mkdir(parents=True, exist_ok=True)
         _archive(functions).write_out(str(path), verbose=False)
     for path in trunks:
