@@ -197,33 +197,51 @@ def native_tools() -> dict[str, str | None]:
 def h2load_grpc(h2load: str, port: int, message: bytes, concurrency: int, duration: float,
                 workdir: Path) -> tuple[float, int, int, list[float]]:
     """Replay one serialised PredictRequest for ``duration`` s; (seconds, ok, failed, latencies in ms)."""
-    body = workdir / "grpc_request.bin"
-    body.write_bytes(grpc_frame(message))
-    log_file = workdir / "h2load.log"
-    log_file.unlink(missing_ok=True)
-    command = [h2load, "-c", str(concurrency), "-m", "1", "-t", "1",
-               "-D", str(max(1, round(duration))), "-d", str(body),
-               "-H", "content-type: application/grpc", "-H", "te: trailers",
-               "--log-file", str(log_file),
-               f"http://127.0.0.1:{port}{GRPC_PREDICT_PATH}"]
-    out = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60).stdout
-    finished = re.search(r"finished in ([\d.]+)(m?s)", out)
-    if finished is None:
-        raise RuntimeError(f"unexpected h2load output:\n{out}")
-    seconds = float(finished[1]) / (1000.0 if finished[2] == "ms" else 1.0)
-    latencies, ok, failed = [], 0, 0
-    for line in log_file.read_text().splitlines():
-        parts = line.split("\t")
-        if len(parts) < 3:
-            continue
-        if parts[1].startswith("2"):
-            ok += 1
-            latencies.append(int(parts[2]) / 1000.0)
-        else:
-            failed += 1
-    requests_line = re.search(r"requests: .*?(\d+) failed, (\d+) errored, (\d+) timeout", out)
-    if requests_line:
-        failed = max(failed, int(requests_line[1]) + int(requests_line[3]))
+    return h2load_grpc_many(h2load, port, [(GRPC_PREDICT_PATH, message, concurrency)], duration, workdir)
+
+
+def h2load_grpc_many(h2load: str, port: int, streams: list[tuple[str, bytes, int]], duration: float,
+                     workdir: Path) -> tuple[float, int, int, list[float]]:
+    """One h2load per ``(gRPC method path, serialised request, clients)``, all at once, for ``duration`` s.
+
+    Each h2load replays its request from its own closed-loop clients (one
+    connection and one stream each). Returns (seconds of the longest, ok,
+    failed, latencies in ms) over all of them.
+    """
+    runs = []
+    for index, (path, message, clients) in enumerate(streams):
+        body = workdir / f"grpc_request-{index}.bin"
+        body.write_bytes(grpc_frame(message))
+        log_file = workdir / f"h2load-{index}.log"
+        log_file.unlink(missing_ok=True)
+        command = [h2load, "-c", str(clients), "-m", "1", "-t", "1",
+                   "-D", str(max(1, round(duration))), "-d", str(body),
+                   "-H", "content-type: application/grpc", "-H", "te: trailers",
+                   "--log-file", str(log_file),
+                   f"http://127.0.0.1:{port}{path}"]
+        runs.append((subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True),
+                     log_file))
+    seconds, latencies, ok, failed = 0.0, [], 0, 0
+    for proc, log_file in runs:
+        out = proc.communicate(timeout=duration + 60)[0]
+        finished = re.search(r"finished in ([\d.]+)(m?s)", out)
+        if finished is None:
+            raise RuntimeError(f"unexpected h2load output:\n{out}")
+        seconds = max(seconds, float(finished[1]) / (1000.0 if finished[2] == "ms" else 1.0))
+        run_failed = 0
+        for line in log_file.read_text().splitlines():
+            parts = line.split("\t")
+            if len(parts) < 3:
+                continue
+            if parts[1].startswith("2"):
+                ok += 1
+                latencies.append(int(parts[2]) / 1000.0)
+            else:
+                run_failed += 1
+        requests_line = re.search(r"requests: .*?(\d+) failed, (\d+) errored, (\d+) timeout", out)
+        if requests_line:
+            run_failed = max(run_failed, int(requests_line[1]) + int(requests_line[3]))
+        failed += run_failed
     return seconds, ok, failed, latencies
 
 

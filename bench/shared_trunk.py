@@ -6,7 +6,9 @@ asked for, scenario 1 (frozen trunk, so each version declares it), each head on
 its own random digits subset (sklearn's digits, ``training.demo.write_digits``,
 one seed per model) with the same trunk seed, so all of them share one trunk
 fingerprint (checked). Then, for 1, 2, 4 and 8 of those models, two graft-serve
-children, ``--shared_trunks=true`` and ``=false``, each with batching on, take:
+children, ``--shared_trunks=true`` and ``=false``, each with batching on, run at
+once, and take each load ``--rounds`` times, the two alternating (medians are
+reported, with each round's images/s):
 
 - mixed: C=32 closed-loop gRPC clients, one image per Predict, client k on model
   k mod N: images/s and p99 latency;
@@ -21,6 +23,11 @@ children, ``--shared_trunks=true`` and ``=false``, each with batching on, take:
   models cut at that block (scenario 3) beside N/2 of the whole-trunk ones, so the
   two halves share the blocks up to the cut: the mixed load, and RSS against the
   N/2 whole-trunk models alone.
+
+The clients are closed loops on the same machine: h2load when installed (one
+process per model, each with that model's share of the clients), which leaves
+the cores to the server, else the Python gRPC client; the fan-out's off side
+sends a sequence of calls per image, so the fan-out always uses the Python client.
 
 Every figure and the issue's targets (each with its measurement) are printed and,
 with ``--out``, written to docs/benchmarks.md under "Shared trunks". ``--quick``
@@ -38,6 +45,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -52,8 +60,10 @@ HEADING = "Shared trunks (bench/shared_trunk.py)"
 PREDICT_PATH = "/tensorflow.serving.PredictionService/Predict"
 CLASSIFY_PATH = "/tensorflow.serving.PredictionService/Classify"
 MULTI_PATH = "/tensorflow.serving.PredictionService/MultiInference"
+# num_batch_threads is left to the server's default (one per CPU, as TF Serving's): a group's
+# one batcher then runs as many batches at once as each model's own batcher does.
 BATCHING = ("max_batch_size {{ value: {max_batch} }}\nbatch_timeout_micros {{ value: {timeout_us} }}\n"
-            "num_batch_threads {{ value: {threads} }}\nmax_enqueued_batches {{ value: 1000 }}\n")
+            "max_enqueued_batches {{ value: 1000 }}\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,7 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bases", default="mobilenet_v2:96:none,vgg16:64:hed",
                    help="base:image_size:weights entries (default: the issue's two)")
     p.add_argument("--models", default="1,2,4,8", help="numbers of models on one trunk")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per load run")
+    p.add_argument("--duration", type=float, default=6.0, help="seconds per load run")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="runs of each load per server, sharing on and off alternating; medians are reported")
+    p.add_argument("--client", choices=("auto", "python"), default="auto",
+                   help="load generator: h2load when installed (auto), or the Python client")
     p.add_argument("--concurrency", type=int, default=32, help="closed-loop clients of the mixed load")
     p.add_argument("--per-class", type=int, default=10, help="training images per digit for each head")
     p.add_argument("--head-epochs", type=int, default=20, help="head epochs of each fit")
@@ -77,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.bases, args.models, args.duration = "mobilenet_v2:96:none", "1,2", 2.0
-        args.per_class, args.head_epochs, args.concurrency = 3, 2, 8
+        args.per_class, args.head_epochs, args.concurrency, args.rounds = 3, 2, 8, 1
         args.prefix = "mobilenet_v2:block_12_add"
     if args.out is None:
         args.out = "" if args.quick else str(ROOT / "docs" / "benchmarks.md")
@@ -245,6 +259,56 @@ def closed_loop(port: int, calls: list[tuple[str, list[bytes]]], duration: float
             "p50_ms": common.percentile(latencies, 50), "p99_ms": common.percentile(latencies, 99)}
 
 
+def run_load(child, calls: list[tuple[str, list[bytes]]], duration: float, h2load: str | None,
+             workdir: Path) -> dict:
+    """One run of the closed-loop clients ``calls``: h2load when given and each client sends one body.
+
+    h2load costs the shared cores far less per request than the Python client, so
+    the server's own work sets the figures. Its gRPC errors arrive as HTTP 200: the
+    server's ``graft_requests_total`` counts them (calls abandoned when the time ran
+    out end CANCELLED, and are no error).
+    """
+    if h2load is None or any(len(bodies) != 1 for _, bodies in calls):
+        return closed_loop(child.grpc_port, calls, duration)
+    clients: dict[tuple[str, bytes], int] = {}
+    for path, bodies in calls:
+        clients[(path, bodies[0])] = clients.get((path, bodies[0]), 0) + 1
+    before = child.request_counts()
+    seconds, ok, failed, latencies = common.h2load_grpc_many(
+        h2load, child.grpc_port, [(path, body, n) for (path, body), n in clients.items()], duration, workdir)
+    after = child.request_counts()
+    errors = int(sum(v - before.get(k, 0.0) for k, v in after.items() if k[1] not in ("OK", "CANCELLED")))
+    ok = max(0, ok - errors)
+    return {"per_s": ok / seconds if seconds else 0.0, "errors": max(failed, errors),
+            "p50_ms": common.percentile(latencies, 50), "p99_ms": common.percentile(latencies, 99)}
+
+
+def in_rounds(children: dict, loads: dict, args, workdir: Path) -> dict:
+    """Each load on each server, ``args.rounds`` times, sharing on and off alternating.
+
+    ``loads`` maps a load's name to its clients, the same for both servers, or to a
+    dict of each server's own clients (keyed as ``children``).
+
+    Returns, per (load, sharing), the medians of images/s, p50 and p99 over the
+    rounds, the errors of all rounds, and each round's images/s.
+    """
+    h2load = common.native_tools()["h2load"] if args.client == "auto" else None
+    runs: dict = {}
+    for round_index in range(args.rounds):
+        # Which server goes first alternates too, so a drift of the machine favours neither.
+        order = list(children) if round_index % 2 == 0 else list(children)[::-1]
+        for load, calls in loads.items():
+            for key in order:
+                own = calls[key] if isinstance(calls, dict) else calls
+                runs.setdefault((load, key), []).append(run_load(children[key], own, args.duration, h2load, workdir))
+    return {key: {"per_s": statistics.median(r["per_s"] for r in results),
+                  "p50_ms": statistics.median(r["p50_ms"] for r in results),
+                  "p99_ms": statistics.median(r["p99_ms"] for r in results),
+                  "errors": sum(r["errors"] for r in results),
+                  "rounds": [r["per_s"] for r in results]}
+            for key, results in runs.items()}
+
+
 # -- servers -----------------------------------------------------------------------------------
 
 
@@ -265,8 +329,7 @@ def server(repo: Path, models: list[str], shared: bool, args, work: Path):
                       for m in models)
     config.write_text(f"model_config_list {{\n{entries}}}\n")
     params = work / "batching.pbtxt"
-    params.write_text(BATCHING.format(max_batch=args.max_batch, timeout_us=args.batch_timeout_us,
-                                      threads=max(1, (os.cpu_count() or 1) // 2)))
+    params.write_text(BATCHING.format(max_batch=args.max_batch, timeout_us=args.batch_timeout_us))
     grpc_port, rest_port = common.free_ports(2)
     child = common.ServerProcess(
         ["--model_config_file", str(config), "--batching_parameters_file", str(params),
@@ -279,49 +342,78 @@ def server(repo: Path, models: list[str], shared: bool, args, work: Path):
         child.stop()
 
 
+@contextlib.contextmanager
+def server_pair(repo: Path, models: list[str], bodies: dict, args, work: Path):
+    """Both servers of ``models`` at once, {"on": sharing on, "off": sharing off}, warmed up on every model
+    (``bodies``: ``request_bodies``'s)."""
+    with contextlib.ExitStack() as stack:
+        children = {key: stack.enter_context(server(repo, models, key == "on", args, work)) for key in ("on", "off")}
+        for child in children.values():
+            # The first runs trace and allocate; every model's path is warmed before a measured run.
+            closed_loop(child.grpc_port, [(PREDICT_PATH, [bodies["predict"][m]]) for m in models], 1.0)
+        yield children
+
+
+def image_size(repo: Path) -> int:
+    """The input size a bench repository's models take (its name ends in it)."""
+    return int(repo.name.rsplit("-", 1)[1])
+
+
 def measure(base: str, repo: Path, names: list[str], args, work: Path) -> dict:
     """Every load on one base: results keyed by (load, models, sharing)."""
-    bodies = request_bodies(int(repo.name.rsplit("-", 1)[1]), names)
+    bodies = request_bodies(image_size(repo), names)
     results: dict = {}
     counts = [int(n) for n in args.models.split(",")]
     for count in counts:
         models = names[:count]
-        for shared in (True, False):
-            key = "on" if shared else "off"
-            with server(repo, models, shared, args, work) as child:
-                mixed = [(PREDICT_PATH, [bodies["predict"][models[k % count]]]) for k in range(args.concurrency)]
-                closed_loop(child.grpc_port, mixed[:count], 1.0)  # warm every model's path first
-                results[("mixed", count, key)] = closed_loop(child.grpc_port, mixed, args.duration)
+        with server_pair(repo, models, bodies, args, work) as children:
+            mixed = [(PREDICT_PATH, [bodies["predict"][models[k % count]]]) for k in range(args.concurrency)]
+            for (load, key), summary in in_rounds(children, {"mixed": mixed}, args, work).items():
+                results[(load, count, key)] = summary
+            for key, child in children.items():
                 results[("rss_mb", count, key)] = rss_mb(child.proc.pid)
-                if count == 1:
-                    for c in (1, args.concurrency):
-                        results[(f"alone C={c}", 1, key)] = closed_loop(
-                            child.grpc_port, [(PREDICT_PATH, [bodies["predict"][models[0]]])] * c, args.duration)
-                if count == counts[-1]:
-                    clients = max(1, args.concurrency // 4)
-                    calls = ([(MULTI_PATH, [bodies["multi"]["all"]])] if shared else
-                             [(CLASSIFY_PATH, [bodies["classify"][m] for m in models])])
-                    closed_loop(child.grpc_port, calls, 1.0)  # the examples path's first run is slow
-                    fan = closed_loop(child.grpc_port, calls * clients, args.duration)
-                    fan["answers_s"] = fan["per_s"] * count
-                    results[("fanout", count, key)] = fan
+            loads = {}
+            if count == 1:
+                for c in (1, args.concurrency):
+                    loads[f"alone C={c}"] = [(PREDICT_PATH, [bodies["predict"][models[0]]])] * c
+            if count == counts[-1]:
+                for key, child in children.items():
+                    closed_loop(child.grpc_port, fan_out(bodies, models, key == "on", 1), 1.0)  # examples path: first run slow
+                clients = max(1, args.concurrency // 4)
+                loads["fanout"] = {key: fan_out(bodies, models, key == "on", clients) for key in children}
+            for (load, key), summary in in_rounds(children, loads, args, work).items():
+                if load == "fanout":
+                    summary["answers_s"] = summary["per_s"] * count
+                results[(load, count, key)] = summary
+        for key in ("on", "off"):
             print(f"{base}: {count} model(s), sharing {key}: mixed "
                   f"{results[('mixed', count, key)]['per_s']:.1f} images/s", flush=True)
     return results
 
 
+def fan_out(bodies: dict, models: list[str], shared: bool, clients: int) -> list[tuple[str, list[bytes]]]:
+    """The fan-out load: each client asks every model about one image per call.
+
+    Sharing on: one MultiInference with a classify task per model. Sharing off: a
+    Classify call per model, one after another (each client's calls are its image).
+    """
+    calls = ([(MULTI_PATH, [bodies["multi"]["all"]])] if shared else
+             [(CLASSIFY_PATH, [bodies["classify"][m] for m in models])])
+    return calls * clients
+
+
 def measure_prefix(repo: Path, whole: list[str], cut: list[str], args, work: Path) -> dict:
     """The whole-trunk and cut models served together, sharing on and off: mixed load and RSS."""
     names = [name for pair in zip(whole, cut) for name in pair]
-    bodies = request_bodies(int(repo.name.rsplit("-", 1)[1]), names)
+    bodies = request_bodies(image_size(repo), names)
     results = {}
-    for shared in (True, False):
-        key = "on" if shared else "off"
-        with server(repo, names, shared, args, work) as child:
-            mixed = [(PREDICT_PATH, [bodies["predict"][names[k % len(names)]]]) for k in range(args.concurrency)]
-            closed_loop(child.grpc_port, mixed[:len(names)], 1.0)
-            results[("prefix mixed", len(names), key)] = closed_loop(child.grpc_port, mixed, args.duration)
+    with server_pair(repo, names, bodies, args, work) as children:
+        mixed = [(PREDICT_PATH, [bodies["predict"][names[k % len(names)]]]) for k in range(args.concurrency)]
+        for (_, key), summary in in_rounds(children, {"mixed": mixed}, args, work).items():
+            results[("prefix mixed", len(names), key)] = summary
+        for key, child in children.items():
             results[("prefix rss_mb", len(names), key)] = rss_mb(child.proc.pid)
+    for key in ("on", "off"):
         print(f"prefix: {len(whole)} whole + {len(cut)} cut, sharing {key}: mixed "
               f"{results[('prefix mixed', len(names), key)]['per_s']:.1f} images/s", flush=True)
     return results
@@ -341,7 +433,7 @@ def ceiling(repo: Path, names: list[str], args) -> dict:
     from serving.servable import Servable
     from serving.trunks import TrunkRegistry
 
-    size = int(repo.name.rsplit("-", 1)[1])
+    size = image_size(repo)
     share = max(1, args.concurrency // len(names))
     rng = np.random.default_rng(0)
     whole = [Servable.load(name, 1, repo / name / "1") for name in names]
@@ -385,13 +477,13 @@ def report(by_base: dict, args, command: str) -> tuple[str, str]:
             for key in ("on", "off"):
                 r = results[("mixed", count, key)]
                 rows.append((f"{base} mixed C={args.concurrency}, {count} model(s), sharing {key}",
-                             f"{r['per_s']:.1f} images/s, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors"))
+                             f"{r['per_s']:.1f} images/s{_rounds(r)}, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors"))
                 rows.append((f"{base} RSS, {count} model(s), sharing {key}", f"{results[('rss_mb', count, key)]:.0f} MiB"))
         for key in ("on", "off"):
             for c in (1, args.concurrency):
                 r = results[(f"alone C={c}", 1, key)]
-                rows.append((f"{base} one model C={c}, sharing {key}",
-                             f"{r['per_s']:.1f} images/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"))
+                figures = f"{r['per_s']:.1f} images/s{_rounds(r)}, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms"
+                rows.append((f"{base} one model C={c}, sharing {key}", figures))
         fan_on, fan_off = results[("fanout", top, "on")], results[("fanout", top, "off")]
         rows.append((f"{base} {top} heads per image: MultiInference fan-out (on) / {top} Classify calls (off)",
                      f"{fan_on['answers_s']:.1f} / {fan_off['answers_s']:.1f} answers/s"))
@@ -409,7 +501,7 @@ def report(by_base: dict, args, command: str) -> tuple[str, str]:
                 r = results[("prefix mixed", count, key)]
                 rows.append((f"{base} prefix: {half} whole-trunk + {half} cut at {cut}, mixed "
                              f"C={args.concurrency}, sharing {key}",
-                             f"{r['per_s']:.1f} images/s, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors"))
+                             f"{r['per_s']:.1f} images/s{_rounds(r)}, p99 {r['p99_ms']:.1f} ms, {r['errors']} errors"))
                 rows.append((f"{base} prefix: RSS of those {count} / the {half} whole-trunk models alone, sharing {key}",
                              f"{results[('prefix rss_mb', count, key)]:.0f} / {results[('rss_mb', half, key)]:.0f} "
                              f"MiB ({results[('prefix rss_mb', count, key)] / results[('rss_mb', half, key)]:.2f}x)"))
@@ -429,12 +521,23 @@ def report(by_base: dict, args, command: str) -> tuple[str, str]:
         extra = c1_on["p50_ms"] - c1_off["p50_ms"]
         targets.append((f"{base} one model: throughput cost <= 3 %, C=1 p50 <= +0.3 ms",
                         f"{cost * 100:.1f} %, {extra:+.2f} ms", _met(cost <= 0.03 and extra <= 0.3)))
+    h2load = args.client == "auto" and common.native_tools()["h2load"] is not None
+    generator = ("h2load (one process per model, its share of the clients each)" if h2load else
+                 f"the Python gRPC client in {os.cpu_count()} processes")
     setup = (f"Heads trained by `training.pipeline.run` (scenario 1, {args.head_epochs} head epochs, "
              f"{args.per_class} digits per class, one subset per model); both servers batch "
-             f"(max_batch_size {args.max_batch}, batch_timeout_micros {args.batch_timeout_us}); "
-             f"{args.duration:g} s per load; gRPC closed-loop clients in {os.cpu_count()} processes on the same "
-             "machine.")
+             f"(max_batch_size {args.max_batch}, batch_timeout_micros {args.batch_timeout_us}, num_batch_threads "
+             f"the default, one per CPU: {os.cpu_count()}). Both servers of a row run at once, and each load runs "
+             f"{args.rounds} time(s) on each, {args.duration:g} s a run, sharing on and off alternating; images/s, "
+             f"p50 and p99 are medians over those runs. Closed-loop gRPC clients on the same machine: {generator}; "
+             "the fan-out, whose off side sends a sequence of calls per image, always uses the Python client.")
     return common.render_report(command, setup, rows, targets)
+
+
+def _rounds(result: dict) -> str:
+    """Each round's images/s, in brackets, when there was more than one."""
+    rounds = result.get("rounds", [])
+    return f" (rounds: {', '.join(f'{v:.1f}' for v in rounds)})" if len(rounds) > 1 else ""
 
 
 def _met(ok: bool) -> str:
