@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for graft, in one short run (under 8 minutes on one GPU; --quick under 5):
+# GPU check for graft, in one short run (under 9 minutes on one GPU; --quick under 6):
 #
 #   0. preflight (seconds): a Python that imports TensorFlow and graft's dependencies,
 #      and, on a GPU run, a TensorFlow that sees the GPU; else one clear line, exit 3/4/5;
@@ -10,22 +10,24 @@
 #      synthetic PNG folders, and its export;
 #   4. graft-serve on that trained version on the GPU and one request (its scores, and
 #      graft_device_memory_bytes for GPU:0);
-#   5. the serving benchmark (bench/serve.py) on the model of step 1, with short loads.
+#   5. shared trunks (bench/shared_trunk.py, short): 1 and 8 heads on one MobileNetV2
+#      trunk, sharing on against off, the mixed load whose target needs an accelerator;
+#   6. the serving benchmark (bench/serve.py) on the model of step 1, with short loads.
 # The most important checks run first; the benchmark gets the time that is left.
 # Every step runs even if an earlier one failed (except one whose input is missing),
 # and a final table gives each step's exit code and seconds.
 #
 # Time budget (BUDGET_S, seconds for the whole run; each step also has its own cap):
-#   full 450 s, --quick 270 s; --cpu 900 s and twice the step caps (no device time at
+#   full 540 s, --quick 360 s; --cpu 1200 s and twice the step caps (no device time at
 #   stake, and a small CPU is slow). Step caps: preflight 90 (+20 per interpreter
-#   probed), export 90, placement 90, train 150, serve_trained 90, benchmark 300
-#   (--quick 180); a step never runs past the budget, and one that would get under
-#   30 s is skipped. A timeout stops the step's whole process group (SIGKILL 10 s later).
+#   probed), export 90, placement 90, train 150, serve_trained 90, shared_trunks 240
+#   (--quick 120), benchmark 300 (--quick 180); a step never runs past the budget, and
+#   one that would get under 30 s is skipped. A timeout stops the step's whole process group (SIGKILL 10 s later).
 #
 # Outputs, all directly under $OUT when set (else a temporary folder, printed at the
 # end), at most 8 files, big logs cut to a few MiB: preflight.txt, summary.txt,
-# gpu_check.log, placement.log, train.log, serve_trained.log, benchmarks_gpu.md,
-# serve_gpu.json.
+# gpu_check.log, placement.log, train.log, serve_trained.log, benchmarks_gpu.md (both
+# benchmarks' sections), serve_gpu.json.
 #
 # Exit codes: 0 every step passed; 1 a step failed, timed out or was skipped;
 # 2 bad option; 3 no Python here imports TensorFlow (install graft with its [gpu]
@@ -34,7 +36,8 @@
 # Options:
 #   --cpu    run everything on a machine without a GPU, expecting CPU placement
 #            instead (to try the script itself; no GPU assertion is made)
-#   --quick  smaller benchmark (MobileNetV3Small 96x96, C=1,8, 2 s loads)
+#   --quick  smaller benchmarks (serving: MobileNetV3Small 96x96, C=1,8, 2 s loads;
+#            shared trunks: bench/shared_trunk.py --quick)
 # Environment: PYTHON (interpreter; default .venv/bin/python if it has TensorFlow,
 # else python3), OUT, BUDGET_S.
 set -euo pipefail
@@ -54,13 +57,16 @@ done
 
 if [[ "$QUICK" == 1 ]]; then
   BASE=mobilenet_v3_small; SIZE=96; BENCH=(--duration 2 --warmup 0.5 --ceiling-seconds 1 --concurrency 1,8)
-  BUDGET_DEFAULT=270; BENCH_CAP=180
+  SHARED=(--quick)
+  BUDGET_DEFAULT=360; BENCH_CAP=180; SHARED_CAP=120
 else
   BASE=mobilenet_v2; SIZE=224; BENCH=(--duration 2 --warmup 1 --ceiling-seconds 1.5 --concurrency 1,8,32)
-  BUDGET_DEFAULT=450; BENCH_CAP=300
+  # Heads trained on 3 digits per class for 2 epochs: the loads' figures do not depend on their accuracy.
+  SHARED=(--bases mobilenet_v2:96:none --models 1,8 --rounds 1 --duration 5 --per-class 3 --head-epochs 2 --prefix '')
+  BUDGET_DEFAULT=540; BENCH_CAP=300; SHARED_CAP=240
 fi
 SCALE=1  # step caps x SCALE
-if [[ "$MODE" == cpu ]]; then BUDGET_DEFAULT=900; SCALE=2; fi
+if [[ "$MODE" == cpu ]]; then BUDGET_DEFAULT=1200; SCALE=2; fi
 BUDGET="${BUDGET_S:-$BUDGET_DEFAULT}"
 MIN_STEP_S=30
 LOG_CAP=8000000        # bytes of gpu_check.log
@@ -379,6 +385,16 @@ EOF
   return "$rc"
 }
 
+step_shared_trunks() {
+  local rc=0
+  t "$PY" bench/shared_trunk.py "${SHARED[@]}" --work "$WORK/shared" --out "$OUT/benchmarks_gpu.md" \
+    > "$WORK/shared_trunk.log" 2>&1 || rc=$?
+  # Its figures and targets (the log's end); TensorFlow's start-up noise stays out.
+  grep -vE '^(I0000|W0000|WARNING|E0000)' "$WORK/shared_trunk.log" | tail -n 40 || true
+  [[ $rc -eq 0 ]] || echo "FAIL: bench/shared_trunk.py exited $rc"
+  return "$rc"
+}
+
 step_benchmark() {
   cat > "$WORK/gpu_batching.txt" <<'EOF'
 max_batch_size { value: 64 }
@@ -401,6 +417,7 @@ run_step export 90 step_export
 if needs export placement; then run_step placement 90 step_placement; fi
 run_step train 150 step_train
 if needs train serve_trained; then run_step serve_trained 90 step_serve_trained; fi
+run_step shared_trunks "$SHARED_CAP" step_shared_trunks
 if needs export benchmark; then run_step benchmark "$BENCH_CAP" step_benchmark; fi
 
 banner "done in $((SECONDS - START))s (budget ${BUDGET}s); outputs in $OUT"
