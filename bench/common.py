@@ -148,6 +148,17 @@ class ServerProcess(ServeProcess):
         return counts
 
     @staticmethod
+    def failed_between(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float],
+                       protocol: str | None = None) -> float:
+        """Requests that failed between two ``request_counts`` (of ``protocol``, or of all).
+
+        CANCELLED is no failure: those are calls the load generator abandoned when its
+        time ran out (the asyncio gRPC server notices them); the client never counted them.
+        """
+        return sum(v - before.get(k, 0.0) for k, v in after.items()
+                   if (protocol is None or k[0] == protocol) and k[1] not in ("OK", "CANCELLED"))
+
+    @staticmethod
     def batches(samples) -> tuple[float, float]:
         """(batches run, rows in them) so far, from graft_batch_size."""
         count = sum(v for n, _, v in samples if n == "graft_batch_size_count")

@@ -390,11 +390,7 @@ def run_load(server: common.ServerProcess, protocol: str, concurrency: int, dura
     server_cpu = server.cpu_s() - server0
     samples1 = server.scrape()
     counts0, counts1 = server.request_counts(samples0), server.request_counts(samples1)
-    wire = METRIC_PROTOCOLS[protocol]
-    # CANCELLED: calls the load generator abandoned when its time ran out (the asyncio
-    # gRPC server notices those); the client never counted them, as success or failure.
-    server_errors = sum(v - counts0.get(k, 0.0) for k, v in counts1.items()
-                        if k[0] == wire and k[1] not in ("OK", "CANCELLED"))
+    server_errors = server.failed_between(counts0, counts1, METRIC_PROTOCOLS[protocol])
     (batches0, rows0), (batches1, rows1) = server.batches(samples0), server.batches(samples1)
     mean_batch = (rows1 - rows0) / (batches1 - batches0) if batches1 > batches0 else None
     if grpc_kind:

@@ -265,8 +265,7 @@ def run_load(child, calls: list[tuple[str, list[bytes]]], duration: float, h2loa
 
     h2load costs the shared cores far less per request than the Python client, so
     the server's own work sets the figures. Its gRPC errors arrive as HTTP 200: the
-    server's ``graft_requests_total`` counts them (calls abandoned when the time ran
-    out end CANCELLED, and are no error).
+    server's ``graft_requests_total`` counts them.
     """
     if h2load is None or any(len(bodies) != 1 for _, bodies in calls):
         return closed_loop(child.grpc_port, calls, duration)
@@ -277,7 +276,7 @@ def run_load(child, calls: list[tuple[str, list[bytes]]], duration: float, h2loa
     seconds, ok, failed, latencies = common.h2load_grpc_many(
         h2load, child.grpc_port, [(path, body, n) for (path, body), n in clients.items()], duration, workdir)
     after = child.request_counts()
-    errors = int(sum(v - before.get(k, 0.0) for k, v in after.items() if k[1] not in ("OK", "CANCELLED")))
+    errors = int(child.failed_between(before, after))
     ok = max(0, ok - errors)
     return {"per_s": ok / seconds if seconds else 0.0, "errors": max(failed, errors),
             "p50_ms": common.percentile(latencies, 50), "p99_ms": common.percentile(latencies, 99)}
